@@ -1,0 +1,96 @@
+"""Backends: a small table of primitives plus an array module.
+
+A layer never knows which backend it runs on: it calls ``self.ops.<primitive>(...)``, and the
+backend decides how that primitive is computed. The ``numpy`` backend is the reference; its
+primitives are the plain functions written beside each layer in ``unet_np/nn/*.py`` (each family file
+lists them in its ``OPS`` tuple). Faster backends start from that table and replace entries with
+kernels from ``unet_np.kernels``.
+
+    get("numpy")      -> Backend
+    available()       -> names of the backends that run on this machine
+"""
+import importlib
+
+NAMES = ("numpy", "numba", "cupy", "numba-cuda")
+
+# The extra that brings each backend's dependencies, for error messages.
+EXTRAS = {"numba": "numba", "cupy": "cuda12", "numba-cuda": "numba-cuda"}
+
+_MODULES = {"numpy": "numpy_backend", "numba": "numba_backend", "cupy": "cupy_backend",
+            "numba-cuda": "numba_cuda_backend"}
+
+_cache = {}
+
+
+class Backend:
+    """A named table of primitives. ``xp`` is its array module (numpy or cupy)."""
+
+    def __init__(self, name, xp, ops):
+        self.name = name
+        self.xp = xp
+        self.ops = dict(ops)
+        for key, fn in self.ops.items():
+            setattr(self, key, fn)
+
+    def asarray(self, a, dtype=None):
+        """Bring any array (NumPy or this backend's) onto this backend."""
+        return self.xp.asarray(a, dtype=dtype)
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a backend is named that cannot run on this machine."""
+
+
+def _load(name):
+    module = importlib.import_module(f"unet_np.backends.{_MODULES[name]}")
+    return module.make_backend()
+
+
+def get(name="numpy"):
+    """The backend called ``name``; a Backend passes through unchanged."""
+    if isinstance(name, Backend):
+        return name
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(NAMES)}")
+    if name not in _cache:
+        try:
+            _cache[name] = _load(name)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # missing package, no GPU, old driver ...
+            here = ", ".join(available()) or "none"
+            hint = f" Install it with: pip install 'unet-np[{EXTRAS[name]}]'." if name in EXTRAS else ""
+            raise BackendUnavailable(
+                f"backend {name!r} cannot run here: {type(exc).__name__}: {exc}.{hint} "
+                f"Backends available here: {here}.") from exc
+    return _cache[name]
+
+
+def available():
+    """Names of the backends that load and run on this machine."""
+    names = []
+    for name in NAMES:
+        if name in _cache:
+            names.append(name)
+            continue
+        try:
+            _cache[name] = _load(name)
+            names.append(name)
+        except Exception:
+            pass
+    return names
+
+
+def to_numpy(a):
+    """Any backend's array (or a Python number) as a NumPy array."""
+    import numpy as np
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+        return a.get()
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    return np.asarray(a)

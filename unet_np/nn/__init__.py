@@ -1,0 +1,11 @@
+"""Layers and losses, each with a hand-written forward and backward.
+
+One file per family; each file begins with its plain NumPy primitives (the reference every backend
+is checked against) and ends with the Module classes that call them through their backend.
+"""
+from . import activation, concat, conv, init, loss, norm, pool, upsample
+from .module import Module, Parameter, Sequential, no_grad, is_grad_enabled
+from .activation import ReLU, Sigmoid
+
+# The families whose OPS tuples make up the numpy backend's table of primitives.
+FAMILIES = (activation, conv, pool, upsample, concat, norm, loss)

@@ -1,0 +1,62 @@
+"""Activations: ReLU and Sigmoid.
+
+Each primitive is a pair: ``<op>_forward(x) -> (y, cache)`` and ``<op>_backward(dy, cache) -> dx``.
+The layer classes at the bottom call them through ``self.ops`` so another backend can replace them.
+Derivations in long form: docs/backprop.md#activations.
+"""
+import numpy as np
+
+from .module import Module, check_input
+
+OPS = ("relu_forward", "relu_backward", "sigmoid_forward", "sigmoid_backward")
+
+
+def relu_forward(x):
+    """y = max(x, 0).   x: any shape -> y: same shape.  cache: y (y > 0 exactly where x > 0)."""
+    y = np.maximum(x, 0)
+    return y, y
+
+
+def relu_backward(dy, y):
+    """dL/dx = dL/dy * 1[x > 0].  The derivative at x = 0 is taken as 0, as PyTorch does.
+    dy, y: same shape -> dx: same shape."""
+    return dy * (y > 0)
+
+
+def sigmoid_forward(x):
+    """y = 1 / (1 + exp(-x)), computed without overflow for |x| up to 1e4.   cache: y."""
+    # For x >= 0 use 1/(1+e^-x); for x < 0 the equal form e^x/(1+e^x): exp never sees a large argument.
+    e = np.exp(-np.abs(x))
+    y = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    return y, y
+
+
+def sigmoid_backward(dy, y):
+    """dy/dx = y (1 - y), so dL/dx = dL/dy * y * (1 - y)."""
+    return dy * y * (1 - y)
+
+
+class ReLU(Module):
+    """Rectified linear unit, elementwise. Any input rank."""
+
+    def forward(self, x):
+        x = check_input("ReLU", x, ndim=None, xp=self.xp)
+        y, cache = self.ops.relu_forward(x)
+        self._keep(cache)
+        return y
+
+    def backward(self, dy):
+        return self.ops.relu_backward(dy, self._take())
+
+
+class Sigmoid(Module):
+    """Logistic sigmoid, elementwise. Any input rank."""
+
+    def forward(self, x):
+        x = check_input("Sigmoid", x, ndim=None, xp=self.xp)
+        y, cache = self.ops.sigmoid_forward(x)
+        self._keep(cache)
+        return y
+
+    def backward(self, dy):
+        return self.ops.sigmoid_backward(dy, self._take())
