@@ -1,0 +1,199 @@
+"""Synthetic segmentation data, small and deterministic, for tests, demos and benchmarks.
+
+touching_cells(n, size, seed)
+    Microscopy-like images of cells that often touch: perturbed ellipses grown as clusters, with a
+    one-pixel line of background between touching cells (as in the U-Net paper's data), darker
+    cell rims, a textured interior, an uneven illumination field and noise. Returns the binary
+    masks and the instance labels, from which the paper's weight map follows
+    (weightmap.weight_map). It tests what the weight map is for: separating touching objects.
+
+shapes(n, size, seed)
+    Three classes: background (0), discs (1) and squares (2), all of one grey level and texture,
+    large (diameters up to about a third of the image). A pixel inside a shape looks the same
+    whether the shape is a disc or a square, so its class can only be told from the shape's
+    outline, up to a radius away: it needs context. A network whose receptive field is smaller
+    than the shapes can find the shapes but has to guess the class of their interiors; a deeper
+    one can see the whole outline. It tests depth / receptive field.
+
+write_folder(out_dir, images, masks)
+    Writes images/ and masks/ of PNG files for end-to-end tests of the command line.
+
+Every generator gives image i from its own seed (seed, i): the first k images of a set do not
+depend on n.
+"""
+from pathlib import Path
+
+import numpy as np
+
+from .io import write_image, write_mask
+
+__all__ = ["touching_cells", "shapes", "write_folder"]
+
+
+def _size(size):
+    if np.isscalar(size):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def _smooth_field(rng, h, w, grid=4):
+    """A low-frequency random field in roughly [-1, 1], bilinear from a coarse grid."""
+    coarse = rng.uniform(-1.0, 1.0, size=(grid, grid))
+    ty = np.linspace(0, grid - 1, h)
+    tx = np.linspace(0, grid - 1, w)
+    iy = np.clip(np.floor(ty).astype(int), 0, grid - 2)
+    ix = np.clip(np.floor(tx).astype(int), 0, grid - 2)
+    fy = (ty - iy)[:, None]
+    fx = (tx - ix)[None, :]
+    c00 = coarse[iy][:, ix]
+    c01 = coarse[iy][:, ix + 1]
+    c10 = coarse[iy + 1][:, ix]
+    c11 = coarse[iy + 1][:, ix + 1]
+    return (c00 * (1 - fy) * (1 - fx) + c01 * (1 - fy) * fx + c10 * fy * (1 - fx)
+            + c11 * fy * fx)
+
+
+def _one_cells(rng, h, w, cells, radius):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    scale = min(h, w) / 128.0
+    r_lo, r_hi = radius if radius is not None else (7.0 * scale + 2.0, 13.0 * scale + 3.0)
+    n_cells = int(rng.integers(cells[0], cells[1] + 1))
+    centres, radii = [], []
+    for c in range(n_cells):
+        r = rng.uniform(r_lo, r_hi)
+        if c > 0 and rng.random() < 0.7:
+            # grow a cluster: the new cell overlaps an existing one a little, so they touch
+            j = int(rng.integers(len(centres)))
+            ang = rng.uniform(0, 2 * np.pi)
+            dist = (radii[j] + r) * rng.uniform(0.7, 0.95)
+            cy, cx = centres[j][0] + dist * np.sin(ang), centres[j][1] + dist * np.cos(ang)
+        else:
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        centres.append((cy, cx))
+        radii.append(r)
+    # normalised radius rho < 1 inside a cell; a pixel claimed by several goes to the smallest rho
+    best = np.full((h, w), np.inf)
+    inst = np.zeros((h, w), dtype=np.int32)
+    shade = np.zeros((h, w))
+    for k, ((cy, cx), r) in enumerate(zip(centres, radii), start=1):
+        # work in the cell's bounding window (stretch <= 1.4, wobble <= 1.24)
+        reach = r * 1.4 * 1.25 + 1
+        y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, h)
+        x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, w)
+        win = (slice(y0, max(y0, y1)), slice(x0, max(x0, x1)))
+        dy, dx = yy[win] - cy, xx[win] - cx
+        theta = rng.uniform(0, np.pi)
+        ca, sa = np.cos(theta), np.sin(theta)
+        u = (dx * ca + dy * sa) / rng.uniform(1.0, 1.4)       # ellipse: stretch one axis
+        v = (-dx * sa + dy * ca)
+        ang = np.arctan2(v, u)
+        wobble = 1.0
+        for harmonic in (2, 3, 5):                             # perturbed outline
+            wobble = wobble + rng.uniform(0, 0.08) * np.cos(harmonic * ang + rng.uniform(0, 6.3))
+        rho = np.hypot(u, v) / (r * wobble)
+        bw, iw, sw = best[win], inst[win], shade[win]
+        claim = (rho < 1.0) & (rho < bw)
+        bw[claim] = rho[claim]
+        iw[claim] = k
+        sw[claim] = rng.uniform(0.45, 0.75)
+    # a one-pixel background line wherever two cells meet (8-neighbourhood): a pixel goes to
+    # background when a neighbour belongs to a different cell with a larger id
+    pad = np.pad(inst, 1)
+    cut = np.zeros((h, w), dtype=bool)
+    for sy in (-1, 0, 1):
+        for sx in (-1, 0, 1):
+            nb = pad[1 + sy:1 + sy + h, 1 + sx:1 + sx + w]
+            cut |= (nb > inst) & (inst > 0)
+    inst[cut] = 0
+    # renumber 1..K in order of appearance (cells fully covered by others vanish)
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    lut = np.zeros(max(int(inst.max()), 0) + 1, dtype=np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    inst = lut[inst]
+    # the image: darker rims (so touching borders show), texture, illumination, noise
+    fg = inst > 0
+    rim = np.where(fg, 1.0 - 0.45 * np.clip(best, 0, 1) ** 6, 0.0)
+    texture = 1.0 + 0.08 * _smooth_field(rng, h, w, grid=max(4, int(12 * scale)))
+    img = 0.12 + np.where(fg, shade * rim * texture, 0.0)
+    img[cut] = 0.12 + 0.15 * shade[cut]  # the separating line: dark, but not as dark as outside
+    illum = 1.0 + 0.35 * _smooth_field(rng, h, w, grid=3) + 0.2 * (
+        (xx / max(w - 1, 1)) - 0.5) * rng.choice([-1.0, 1.0])
+    img = img * illum + rng.normal(0.0, 0.04, size=(h, w))
+    img = np.clip(img, 0.0, 1.0)
+    return img.astype(np.float32), fg.astype(np.int64), inst
+
+
+def touching_cells(n, size=128, seed=0, cells=(6, 14), radius=None):
+    """n synthetic cell images (see the module docstring).
+
+    size: int or (H, W). cells: (min, max) number of cells drawn per image (some may end up
+    hidden). radius: (min, max) cell radius in pixels (default scales with the size).
+    Returns images float32 (n, 1, H, W) in [0, 1], masks int64 (n, H, W) in {0, 1} and
+    instances int32 (n, H, W) (0 = background, 1..K the cells; masks == instances > 0)."""
+    h, w = _size(size)
+    if n < 0 or h < 1 or w < 1:
+        raise ValueError(f"need n >= 0 and a positive size, got n={n}, size={size}")
+    images = np.zeros((n, 1, h, w), dtype=np.float32)
+    masks = np.zeros((n, h, w), dtype=np.int64)
+    instances = np.zeros((n, h, w), dtype=np.int32)
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), i])
+        images[i, 0], masks[i], instances[i] = _one_cells(rng, h, w, cells, radius)
+    return images, masks, instances
+
+
+def shapes(n, size=128, seed=0, per_image=(2, 5), noise=0.1):
+    """n images with discs (class 1) and axis-aligned squares (class 2) on background (0).
+
+    Both kinds have one grey level and the same noise, so only their outlines tell them apart (see
+    the module docstring). Shapes may overlap; a later shape covers an earlier one.
+    Returns images float32 (n, 1, H, W) and masks int64 (n, H, W) with labels in {0, 1, 2}."""
+    h, w = _size(size)
+    if n < 0 or h < 1 or w < 1:
+        raise ValueError(f"need n >= 0 and a positive size, got n={n}, size={size}")
+    images = np.zeros((n, 1, h, w), dtype=np.float32)
+    masks = np.zeros((n, h, w), dtype=np.int64)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    m = min(h, w)
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), i])
+        lab = np.zeros((h, w), dtype=np.int64)
+        for _ in range(int(rng.integers(per_image[0], per_image[1] + 1))):
+            r = rng.uniform(0.08, 0.18) * m + 1.0                   # half-size
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            if rng.random() < 0.5:
+                inside = np.hypot(yy - cy, xx - cx) <= r
+                lab[inside] = 1
+            else:
+                inside = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+                lab[inside] = 2
+        img = np.where(lab > 0, 0.7, 0.25) + rng.normal(0.0, noise, size=(h, w))
+        images[i, 0] = np.clip(img, 0.0, 1.0)
+        masks[i] = lab
+    return images, masks
+
+
+def write_folder(out_dir, images, masks, convention=None, mask_suffix="", names=None):
+    """Write images (N, C, H, W) in [0, 1] as 8-bit PNGs into out_dir/images and masks (N, H, W)
+    into out_dir/masks (binary masks as 0/255 unless convention says otherwise, labels as they are).
+
+    mask_suffix: appended to each mask's stem (e.g. '_mask') to exercise the name matching.
+    Returns (images_dir, masks_dir) as Paths."""
+    out = Path(out_dir)
+    idir, mdir = out / "images", out / "masks"
+    images = np.asarray(images)
+    masks = np.asarray(masks)
+    if images.ndim != 4 or masks.ndim != 3 or len(images) != len(masks):
+        raise ValueError(f"need images (N, C, H, W) and masks (N, H, W), got {images.shape} and "
+                         f"{masks.shape}")
+    if convention is None:
+        convention = "binary255" if masks.size == 0 or masks.max() <= 1 else "labels"
+    names = names if names is not None else [f"img_{i:04d}" for i in range(len(images))]
+    idir.mkdir(parents=True, exist_ok=True)
+    mdir.mkdir(parents=True, exist_ok=True)
+    for name, x, m in zip(names, images, masks):
+        write_image(idir / f"{name}.png", x)
+        write_mask(mdir / f"{name}{mask_suffix}.png", m, convention)
+    return idir, mdir
