@@ -1,0 +1,187 @@
+"""Whole models against PyTorch references in float64: logits, loss, every gradient, SGD trajectories.
+
+Tolerance: relative error (tests.helpers.rel_err) below 1e-8 for logits, loss and gradients of whole
+networks (many layers of float64 round-off compound; each layer alone is held to 1e-10)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unet_np
+from unet_np import AttentionUNet, UNet, UNetPlusPlus
+from unet_np.nn import CrossEntropyLoss
+from unet_np.optim import SGD
+from tests.helpers import n, rel_err, t
+from tests.models.torch_reference import (ArticleUNet, TorchAttentionUNet, TorchUNet,
+                                          TorchUNetPlusPlus)
+
+TOL = 1e-8
+
+
+def _pair(ours, theirs):
+    """Copy the torch model's weights into ours by order; both in float64."""
+    theirs.double()
+    ours.load_torch_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _compare(ours, theirs, x, target, train=True):
+    ours.train(train)
+    theirs.train(train)
+    logits = ours.forward(x)
+    loss_fn = CrossEntropyLoss()
+    outs = logits if isinstance(logits, list) else [logits]
+    loss = sum(loss_fn.forward(o, target) for o in outs) / len(outs)
+    grads = []
+    for o in outs:
+        loss_fn.forward(o, target)
+        grads.append(loss_fn.backward() / len(outs))
+    ours.zero_grad()
+    dx = ours.backward(grads if isinstance(logits, list) else grads[0])
+
+    xt = t(x, requires_grad=True)
+    out_t = theirs(xt)
+    outs_t = out_t if isinstance(out_t, list) else [out_t]
+    loss_t = sum(F.cross_entropy(o, t(target)) for o in outs_t) / len(outs_t)
+    theirs.zero_grad()
+    loss_t.backward()
+
+    for o, ot in zip(outs, outs_t):
+        assert rel_err(o, n(ot)) < TOL
+    assert abs(loss - loss_t.item()) / abs(loss_t.item()) < TOL
+    assert rel_err(dx, n(xt.grad)) < TOL
+    ours_p = list(ours.named_parameters())
+    theirs_p = list(theirs.named_parameters())
+    assert len(ours_p) == len(theirs_p)
+    worst = 0.0
+    # A conv bias followed by batch-norm in training has an exactly-zero gradient (BN subtracts the
+    # mean); both sides then hold round-off only, so those entries are measured against the largest
+    # gradient of the whole model instead of their own (tiny) size.
+    floor = max(float(np.abs(n(tp.grad)).max()) for _, tp in theirs_p)
+    for (name, p), (tname, tp) in zip(ours_p, theirs_p):
+        assert name == tname
+        ref = n(tp.grad)
+        if np.abs(ref).max() < 1e-9 * floor:
+            err = float(np.abs(p.grad - ref).max()) / floor
+        else:
+            err = rel_err(p.grad, ref)
+        worst = max(worst, err)
+        assert err < TOL, (name, err)
+    return worst
+
+
+def test_article_network_parameters_match_reference_order_and_shapes():
+    ours = UNet(1, 2, depth=2, base_channels=64)
+    theirs = ArticleUNet()
+    ts = [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+    us = [(k, tuple(v.shape)) for k, v in ours.state_dict().items()]
+    assert us == ts
+    assert sum(p.data.size for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+def test_article_network_float64_and_sgd_trajectory():
+    torch.manual_seed(0)
+    ours, theirs = _pair(UNet(1, 2, depth=2, base_channels=64, dtype=np.float64), ArticleUNet())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 1, 16, 16))
+    target = rng.integers(0, 2, (2, 16, 16))
+    _compare(ours, theirs, x, target)
+
+    opt = SGD(ours.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    loss_fn = CrossEntropyLoss()
+    for step in range(10):
+        opt.zero_grad()
+        loss_fn.forward(ours.forward(x), target)
+        ours.backward(loss_fn.backward())
+        opt.step()
+        opt_t.zero_grad()
+        F.cross_entropy(theirs(t(x)), t(target)).backward()
+        opt_t.step()
+    for (name, p), (_, tp) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert rel_err(p.data, n(tp)) < TOL, name
+
+
+@pytest.mark.parametrize("kw", [
+    dict(depth=3, base_channels=4, batchnorm=True),
+    dict(depth=1, base_channels=4, skip=False),
+    dict(depth=2, base_channels=4, upsample="bilinear"),
+    dict(depth=2, base_channels=4, padding="valid"),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_unet_variants_against_torch(kw, train):
+    torch.manual_seed(1)
+    ours = UNet(2, 3, dtype=np.float64, **kw)
+    theirs = TorchUNet(2, 3, depth=kw["depth"], base=kw["base_channels"], skip=kw.get("skip", True),
+                       padding=kw.get("padding", "same"), batchnorm=kw.get("batchnorm", False),
+                       upsample=kw.get("upsample", "transpose"))
+    ours, theirs = _pair(ours, theirs)
+    rng = np.random.default_rng(2)
+    hw = ours.valid_input_shape((16, 16)) if kw.get("padding") == "valid" else (16, 16)
+    x = rng.standard_normal((2, 2) + hw)
+    out_hw = ours.output_shape(hw)
+    target = rng.integers(0, 3, (2,) + out_hw)
+    if kw.get("batchnorm") and not train:
+        # give the running statistics something other than their initial values, on both sides
+        ours.train(); theirs.train()
+        ours.forward(x); theirs(t(x))
+    _compare(ours, theirs, x, target, train=train)
+    if kw.get("batchnorm"):
+        for (k, v), (tk, tv) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            assert rel_err(v, n(tv)) < TOL, k
+
+
+@pytest.mark.parametrize("ds", [False, True])
+def test_unet_plus_plus_against_torch(ds):
+    torch.manual_seed(3)
+    ours, theirs = _pair(UNetPlusPlus(1, 2, depth=3, base_channels=4, deep_supervision=ds,
+                                      dtype=np.float64),
+                         TorchUNetPlusPlus(1, 2, depth=3, base=4, deep_supervision=ds))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 1, 16, 16))
+    target = rng.integers(0, 2, (2, 16, 16))
+    _compare(ours, theirs, x, target)
+
+
+def test_unet_plus_plus_pruned_inference_matches_torch_subnetwork():
+    torch.manual_seed(5)
+    ours, theirs = _pair(UNetPlusPlus(1, 2, depth=3, base_channels=4, deep_supervision=True,
+                                      dtype=np.float64),
+                         TorchUNetPlusPlus(1, 2, depth=3, base=4, deep_supervision=True))
+    x = np.random.default_rng(6).standard_normal((1, 1, 16, 16))
+    ours.eval().prune(2)
+    theirs.eval()
+    assert rel_err(ours.predict(x), n(theirs(t(x), level=2))) < TOL
+    with pytest.raises(ValueError, match="deep_supervision"):
+        UNetPlusPlus(1, 2, depth=3, base_channels=4).prune(2)
+
+
+def test_attention_unet_against_torch():
+    torch.manual_seed(7)
+    ours, theirs = _pair(AttentionUNet(1, 2, depth=3, base_channels=4, dtype=np.float64),
+                         TorchAttentionUNet(1, 2, depth=3, base=4))
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 1, 16, 16))
+    target = rng.integers(0, 2, (2, 16, 16))
+    _compare(ours, theirs, x, target)
+
+
+def test_export_loads_into_torch():
+    ours = UNet(1, 2, depth=2, base_channels=8, batchnorm=True)
+    theirs = TorchUNet(1, 2, depth=2, base=8, batchnorm=True).float()
+    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.torch_state_dict().items()})
+    x = np.random.default_rng(0).standard_normal((1, 1, 16, 16)).astype(np.float32)
+    ours.eval(); theirs.eval()
+    with torch.no_grad():
+        assert rel_err(ours.predict(x), theirs(torch.from_numpy(x)).numpy()) < 1e-5
+
+
+def test_load_torch_state_dict_mismatch_names_both_sides():
+    ours = UNet(1, 2, depth=2, base_channels=8)
+    theirs = TorchUNet(1, 2, depth=2, base=4)
+    with pytest.raises(ValueError, match=r"enc1\.conv\.0\.weight.*enc1\.conv\.0\.weight"):
+        ours.load_torch_state_dict(theirs.state_dict())
+    sd = TorchUNet(1, 2, depth=2, base=8).state_dict()
+    sd.pop("final.bias")
+    with pytest.raises(ValueError, match="final.bias"):
+        ours.load_torch_state_dict(sd)
