@@ -6,6 +6,12 @@ is checked against) and ends with the Module classes that call them through thei
 from . import activation, concat, conv, init, loss, norm, pool, upsample
 from .module import Module, Parameter, Sequential, no_grad, is_grad_enabled
 from .activation import ReLU, Sigmoid
+from .loss import BCEWithLogitsLoss, CrossEntropyLoss, DiceLoss
+from .conv import Conv2d, ConvTranspose2d
+from .pool import MaxPool2d
+from .upsample import Upsample
+from .concat import Concat, CenterCrop, Pad2d
+from .norm import BatchNorm2d
 
 # The families whose OPS tuples make up the numpy backend's table of primitives.
 FAMILIES = (activation, conv, pool, upsample, concat, norm, loss)
