@@ -1,0 +1,261 @@
+"""Elementwise and data-movement kernels for Numba-CUDA: activations, bias + ReLU, bilinear and
+nearest upsampling, concat / crop / pad copies.
+
+NumPy references, to read side by side:
+  relu_forward_kernel, relu_backward_kernel        unet_np/nn/activation.py relu_forward / relu_backward
+  sigmoid_forward_kernel, sigmoid_backward_kernel  unet_np/nn/activation.py sigmoid_forward / _backward
+  bias_relu_kernel                                 conv.py's bias add (``_batch_first``) followed by ReLU
+                                                   (the GEMM kernels in cuda_gemm.py fuse the same
+                                                   epilogue into their output pass)
+  upsample_bilinear_*_kernel                       unet_np/nn/upsample.py upsample_bilinear2d_forward /
+                                                   _backward (align_corners=False, integer scale)
+  upsample_nearest_*_kernel                        unet_np/nn/upsample.py upsample_nearest2d_*
+  copy_box_kernel, fill_kernel                     unet_np/nn/concat.py concat_*, center_crop_*,
+                                                   pad2d_* (constant mode)
+  reflect_pad_*_kernel                             unet_np/nn/concat.py pad2d_forward / pad2d_backward
+                                                   (mode 'reflect')
+
+Every kernel walks a flat index with a grid-stride loop (launch shapes: cuda_launch.grid_1d) and
+takes flat arrays. Backward passes are gathers (each output element sums what reaches it), so there
+are no atomics and the sums are deterministic.
+"""
+import math
+
+from numba import cuda
+
+
+# -- activations ------------------------------------------------------------------------------------
+@cuda.jit
+def relu_forward_kernel(x, y):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        v = x[i]
+        y[i] = v if (v > 0 or v != v) else 0        # a NaN stays NaN, as with np.maximum
+
+
+@cuda.jit
+def relu_backward_kernel(dy, y, dx):
+    """dx = dy * 1[y > 0] (the derivative at 0 is 0, as PyTorch)."""
+    for i in range(cuda.grid(1), dy.size, cuda.gridsize(1)):
+        dx[i] = dy[i] if y[i] > 0 else 0
+
+
+@cuda.jit
+def sigmoid_forward_kernel(x, y):
+    """y = 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) otherwise: exp never sees a large argument."""
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        v = x[i]
+        e = math.exp(-abs(v))
+        y[i] = 1 / (1 + e) if v >= 0 else e / (1 + e)
+
+
+@cuda.jit
+def sigmoid_backward_kernel(dy, y, dx):
+    for i in range(cuda.grid(1), dy.size, cuda.gridsize(1)):
+        s = y[i]
+        dx[i] = dy[i] * s * (1 - s)
+
+
+@cuda.jit
+def bias_relu_kernel(x, bias, C, plane, relu, y):
+    """y[n, c, p] = max(x[n, c, p] + bias[c], 0) (no max when relu is False); x, y flat NCHW."""
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        c = (i // plane) % C
+        v = x[i] + bias[c]
+        if relu and v < 0:
+            v = 0
+        y[i] = v
+
+
+# -- upsampling --------------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _bilinear_src(o, s, L):
+    """Output o of an axis upsampled by s from length L reads inputs i0, i1 with weights (1 - lam, lam):
+    src = max((o + 0.5) / s - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1, L - 1) (PyTorch's rule)."""
+    src = (o + 0.5) / s - 0.5
+    if src < 0:
+        src = 0.0
+    i0 = int(src)
+    if i0 > L - 1:
+        i0 = L - 1
+    i1 = i0 + 1 if i0 < L - 1 else L - 1
+    return i0, i1, src - i0
+
+
+@cuda.jit
+def upsample_bilinear_forward_kernel(x, y, g):
+    """y (N, C, sh*H, sw*W) from x (N, C, H, W); g = (N, C, H, W, sh, sw). One thread per output."""
+    N, C, H, W, sh, sw = g
+    Ho, Wo = H * sh, W * sw
+    for idx in range(cuda.grid(1), N * C * Ho * Wo, cuda.gridsize(1)):
+        ow = idx % Wo
+        t = idx // Wo
+        oh = t % Ho
+        nc = t // Ho
+        h0, h1, lh = _bilinear_src(oh, sh, H)
+        w0, w1, lw = _bilinear_src(ow, sw, W)
+        base = nc * H * W
+        top = (1 - lw) * x[base + h0 * W + w0] + lw * x[base + h0 * W + w1]
+        bot = (1 - lw) * x[base + h1 * W + w0] + lw * x[base + h1 * W + w1]
+        y[idx] = (1 - lh) * top + lh * bot
+
+
+@cuda.jit
+def upsample_bilinear_backward_kernel(dy, dx, g):
+    """dx = A_h^T dy A_w as a gather: input row i is read only by output rows in [s(i-1), s(i+2)),
+    with weight (1 - lam) where i0 == i plus lam where i1 == i (both at a clamped edge)."""
+    N, C, H, W, sh, sw = g
+    Ho, Wo = H * sh, W * sw
+    for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
+        j = idx % W
+        t = idx // W
+        i = t % H
+        nc = t // H
+        acc = 0.0
+        for oh in range(max(0, sh * (i - 1)), min(Ho, sh * (i + 2))):
+            h0, h1, lh = _bilinear_src(oh, sh, H)
+            wh = 0.0
+            if h0 == i:
+                wh += 1 - lh
+            if h1 == i:
+                wh += lh
+            if wh == 0:
+                continue
+            for ow in range(max(0, sw * (j - 1)), min(Wo, sw * (j + 2))):
+                w0, w1, lw = _bilinear_src(ow, sw, W)
+                ww = 0.0
+                if w0 == j:
+                    ww += 1 - lw
+                if w1 == j:
+                    ww += lw
+                if ww != 0:
+                    acc += wh * ww * dy[(nc * Ho + oh) * Wo + ow]
+        dx[idx] = acc
+
+
+@cuda.jit
+def upsample_nearest_forward_kernel(x, y, g):
+    N, C, H, W, sh, sw = g
+    Ho, Wo = H * sh, W * sw
+    for idx in range(cuda.grid(1), N * C * Ho * Wo, cuda.gridsize(1)):
+        ow = idx % Wo
+        t = idx // Wo
+        oh = t % Ho
+        nc = t // Ho
+        y[idx] = x[(nc * H + oh // sh) * W + ow // sw]
+
+
+@cuda.jit
+def upsample_nearest_backward_kernel(dy, dx, g):
+    """dx[i, j] = sum of dy over the sh x sw block that copied it."""
+    N, C, H, W, sh, sw = g
+    Ho, Wo = H * sh, W * sw
+    for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
+        j = idx % W
+        t = idx // W
+        i = t % H
+        nc = t // H
+        acc = 0.0
+        for a in range(sh):
+            for b in range(sw):
+                acc += dy[(nc * Ho + i * sh + a) * Wo + j * sw + b]
+        dx[idx] = acc
+
+
+# -- copies: concatenation, crop, constant padding ---------------------------------------------------
+@cuda.jit
+def copy_box_kernel(src, dst, box, s_shape, s_off, d_shape, d_off):
+    """dst[n, d_off + (c, h, w)] = src[n, s_off + (c, h, w)] for (n, c, h, w) in the box (N, C, H, W).
+
+    s_shape, d_shape: (C, H, W) of the two NCHW arrays; s_off, d_off: (c, h, w) corners. Concat writes
+    each input at a channel offset, its backward reads slabs back; a centre crop reads a window; its
+    backward and constant padding write one."""
+    N, C, H, W = box
+    sC, sH, sW = s_shape
+    sc, shh, sww = s_off
+    dC, dH, dW = d_shape
+    dc, dhh, dww = d_off
+    for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
+        w = idx % W
+        t = idx // W
+        h = t % H
+        t = t // H
+        c = t % C
+        n = t // C
+        dst[((n * dC + c + dc) * dH + h + dhh) * dW + w + dww] = \
+            src[((n * sC + c + sc) * sH + h + shh) * sW + w + sww]
+
+
+@cuda.jit
+def scale_kernel(a, f, out):
+    """out = a * f (also a dtype cast when out's dtype differs)."""
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = a[i] * f
+
+
+@cuda.jit
+def fill_kernel(a, value):
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        a[i] = value
+
+
+# -- reflect padding ---------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _reflect(k, L):
+    """Index k in [-(L-1), 2L-2] mirrored into [0, L) without repeating the edge (torch's 'reflect')."""
+    if k < 0:
+        return -k
+    if k >= L:
+        return 2 * (L - 1) - k
+    return k
+
+
+@cuda.jit
+def reflect_pad_forward_kernel(x, y, g):
+    """y[n, c, r, q] = x[n, c, reflect(r - t), reflect(q - l)]; g = (N, C, H, W, l, r, t, b)."""
+    N, C, H, W, l, r, t, b = g
+    Hp, Wp = H + t + b, W + l + r
+    for idx in range(cuda.grid(1), N * C * Hp * Wp, cuda.gridsize(1)):
+        q = idx % Wp
+        tt = idx // Wp
+        p = tt % Hp
+        nc = tt // Hp
+        y[idx] = x[(nc * H + _reflect(p - t, H)) * W + _reflect(q - l, W)]
+
+
+@cuda.jit
+def reflect_pad_backward_kernel(dy, dx, g):
+    """dx[h, w] = sum of dy over the padded pixels (p, q) that copied (h, w): along rows p = t + h, and
+    the mirror images p = t - h (when 1 <= h <= t) and p = t + 2(H-1) - h (when it lies in the bottom
+    pad); likewise columns. At most 3 x 3 terms."""
+    N, C, H, W, l, r, t, b = g
+    Hp, Wp = H + t + b, W + l + r
+    for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
+        w = idx % W
+        tt = idx // W
+        h = tt % H
+        nc = tt // H
+        acc = 0.0
+        for kr in range(3):
+            if kr == 0:
+                p = t + h
+            elif kr == 1:
+                p = t - h
+                if h < 1 or p < 0:
+                    continue
+            else:
+                p = t + 2 * (H - 1) - h
+                if p < t + H or p >= Hp:
+                    continue
+            for kc in range(3):
+                if kc == 0:
+                    q = l + w
+                elif kc == 1:
+                    q = l - w
+                    if w < 1 or q < 0:
+                        continue
+                else:
+                    q = l + 2 * (W - 1) - w
+                    if q < l + W or q >= Wp:
+                        continue
+                acc += dy[(nc * Hp + p) * Wp + q]
+        dx[idx] = acc

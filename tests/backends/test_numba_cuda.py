@@ -1,0 +1,78 @@
+"""The numba-cuda backend against the numpy reference.
+
+The checks themselves live in numba_cuda_check.py, a script run in a SUBPROCESS: under Numba's CUDA
+simulator (NUMBA_ENABLE_CUDASIM=1 must be set before numba is imported, and would then hold for the
+whole process) without a GPU, and on the real device when one is present. The rest of the test
+session keeps normal numba. Tolerances (stated in the script): relative error < 1e-4 in float32,
+< 1e-10 in float64, for every primitive and for a whole UNet's logits, loss, gradients and SGD step.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+numba = pytest.importorskip("numba")
+pytest.importorskip("numba.cuda")
+
+SCRIPT = Path(__file__).with_name("numba_cuda_check.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(simulator, timeout):
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    if simulator:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert proc.returncode == 0, "numba-cuda checks failed:\n" + ("\n".join(failed) or out[-4000:])
+    return out
+
+
+def test_numba_cuda_kernels_under_the_simulator():
+    out = _run(simulator=True, timeout=300)
+    assert "simulator=True" in out and "0 failures" in out
+
+
+def _gpu_present():
+    code = "from numba import cuda; print(cuda.is_available())"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired:
+        return False
+    return r.stdout.strip().endswith("True")
+
+
+@pytest.mark.skipif(not _gpu_present(), reason="no CUDA GPU for numba")
+def test_numba_cuda_kernels_on_the_gpu():
+    out = _run(simulator=False, timeout=600)
+    assert "simulator=False" in out and "0 failures" in out
+
+
+def test_clear_error_without_gpu_or_simulator():
+    """Without a GPU and without the simulator, asking for the backend names what is missing."""
+    code = (
+        "from numba import cuda\n"
+        "from unet_np import backends\n"
+        "if cuda.is_available():\n"
+        "    print('GPU'); raise SystemExit\n"
+        "assert 'numba-cuda' not in backends.available()\n"
+        "try:\n"
+        "    backends.get('numba-cuda')\n"
+        "except backends.BackendUnavailable as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if r.stdout.strip() == "GPU":
+        pytest.skip("a GPU is present")
+    msg = r.stdout
+    assert "numba-cuda" in msg and "NUMBA_ENABLE_CUDASIM" in msg and "unet-np[numba-cuda]" in msg

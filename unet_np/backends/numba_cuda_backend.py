@@ -1,0 +1,530 @@
+"""The ``numba-cuda`` backend: every primitive the models use runs as a hand-written numba.cuda.jit
+kernel from unet_np.kernels.cuda_* (GEMM included: cuda_gemm's shared-memory tiled kernels).
+
+Array module (``backend.xp``):
+  * CuPy, when it imports and a GPU is present: the arrays live on the GPU and go to the kernels
+    through the CUDA Array Interface without a copy. The fast path.
+  * NumPy otherwise, i.e. under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, what the tests use)
+    or on a GPU without CuPy. Each primitive then copies its NumPy inputs to the device once, runs
+    its kernels on device arrays, and copies its outputs back: correct, but slow on a real GPU (a
+    host round trip per primitive), and very slow under the simulator (tiny shapes only). What a
+    primitive keeps for its backward (column buffers, argmax, xhat, ...) stays on the device.
+
+make_backend() raises RuntimeError when neither a CUDA GPU (numba.cuda.is_available()) nor the
+simulator is there; unet_np.backends.get turns that into BackendUnavailable naming the extra.
+
+The table starts from the NumPy reference (unet_np.backends.numpy_backend.reference_ops) and replaces
+every primitive the models and CrossEntropyLoss use: convolution and transposed convolution
+(forward / backward), max-pool, ReLU, sigmoid, bilinear and nearest upsampling, concat, centre crop,
+padding, batch-norm and softmax cross-entropy. BCEWithLogits and the Dice losses keep the reference
+functions, which are written against the array module of their input (NumPy or CuPy). The
+optimizers keep their array-operator updates. Caches are private to this backend.
+"""
+
+import numpy as np
+
+from . import Backend
+
+# -- device arrays ---------------------------------------------------------------------------------
+
+
+class _Device:
+    """Moves arrays between ``xp`` and the device, and allocates device arrays."""
+
+    def __init__(self, cuda, cupy):
+        self.cuda = cuda
+        self.cupy = cupy
+
+    def is_dev(self, a):
+        return not isinstance(a, np.ndarray) and (hasattr(a, "__cuda_array_interface__")
+                                                   or hasattr(a, "copy_to_host"))
+
+    def put(self, a, dtype=None):
+        """A contiguous device array holding ``a`` (no copy when it already is one)."""
+        if self.cupy is not None:
+            return self.cupy.ascontiguousarray(self.cupy.asarray(a, dtype=dtype))
+        if self.is_dev(a):
+            if dtype is not None and np.dtype(a.dtype) != np.dtype(dtype):
+                a = a.copy_to_host()
+            else:
+                return a
+        return self.cuda.to_device(np.ascontiguousarray(a, dtype=dtype))
+
+    def empty(self, shape, dtype):
+        if self.cupy is not None:
+            return self.cupy.empty(shape, dtype=dtype)
+        return self.cuda.device_array(shape, dtype=dtype)
+
+    def get(self, d):
+        """A device array as an ``xp`` array."""
+        if self.cupy is not None:
+            return d
+        return d.copy_to_host()
+
+
+def _flat(d):
+    return d.reshape(-1)
+
+
+def _pair(v):
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _pads(p):
+    """int | (ph, pw) | ((top, bottom), (left, right)) -> ((top, bottom), (left, right))."""
+    if isinstance(p, (tuple, list)):
+        ph, pw = p
+        ph = (int(ph[0]), int(ph[1])) if isinstance(ph, (tuple, list)) else (int(ph), int(ph))
+        pw = (int(pw[0]), int(pw[1])) if isinstance(pw, (tuple, list)) else (int(pw), int(pw))
+        return ph, pw
+    return (int(p), int(p)), (int(p), int(p))
+
+
+def make_backend():
+    import numba
+    from numba import cuda
+
+    simulated = bool(numba.config.ENABLE_CUDASIM)
+    if not simulated and not cuda.is_available():
+        raise RuntimeError("numba-cuda found no CUDA GPU (numba.cuda.is_available() is False) and "
+                           "Numba's CUDA simulator is off (set NUMBA_ENABLE_CUDASIM=1 before numba is "
+                           "imported to run the kernels on the CPU, slowly)")
+    cupy = None
+    if not simulated:
+        try:
+            import cupy  # noqa: F811
+        except Exception:
+            cupy = None
+    xp = cupy if cupy is not None else np
+
+    from ..kernels import (cuda_conv, cuda_elementwise as ew, cuda_gemm, cuda_launch, cuda_loss,
+                           cuda_norm, cuda_pool, cuda_reduce)
+    from .numpy_backend import reference_ops
+
+    dev = _Device(cuda, cupy)
+    grid = cuda_launch.grid_1d
+
+    def launch(kernel, n, *args):
+        blocks, threads = grid(n)
+        kernel[blocks, threads](*args)
+
+    # -- reductions --------------------------------------------------------------------------------
+    def channel_reduce(a, N, C, plane, mode=cuda_reduce.SUM, b=None, shift=None, dtype=None):
+        out = dev.empty((C,), dtype or a.dtype)
+        T = cuda_launch.reduce_threads()
+        kern = cuda_reduce.channel_reduce_kernel(T)
+        fa = _flat(a)
+        blocks = C if not cuda_launch.simulated() else 1
+        kern[blocks, T](fa, _flat(b) if b is not None else fa, shift if shift is not None else out,
+                        N, C, plane, mode, out)
+        return out
+
+    # -- convolution -------------------------------------------------------------------------------
+    lay = cuda_gemm
+
+    def gemm(A, B, C, M, N, K, la, lb, lc, bias=None):
+        cuda_gemm.gemm(_flat(A), _flat(B), _flat(C), M, N, K, la, lb, lc, bias=bias)
+        return C
+
+    def im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation):
+        cols = dev.empty((C * kh * kw, N * Ho * Wo), x_d.dtype)
+        g = (N, C, H, W, kh, kw, Ho, Wo, stride[0], stride[1], lead[0], lead[1], dilation[0],
+             dilation[1])
+        launch(cuda_conv.im2col_kernel, cols.size, _flat(x_d), _flat(cols), g)
+        return cols
+
+    def col2im(dcols, shape, kh, kw, Ho, Wo, stride, lead, dilation, bias=None):
+        N, C, H, W = shape
+        out = dev.empty(shape, dcols.dtype)
+        g = (N, C, H, W, kh, kw, Ho, Wo, stride[0], stride[1], lead[0], lead[1], dilation[0],
+             dilation[1])
+        launch(cuda_conv.col2im_kernel, N * C * H * W, _flat(dcols), _flat(out), g,
+               bias if bias is not None else _flat(out), bias is not None)
+        return out
+
+    def pointwise(kh, kw, stride, pads):
+        return (kh, kw) == (1, 1) and stride == (1, 1) and pads == ((0, 0), (0, 0))
+
+    def conv2d_forward(x, w, b, stride=1, padding=0, dilation=1):
+        stride, dilation, pads = _pair(stride), _pair(dilation), _pads(padding)
+        N, C, H, W = x.shape
+        O, C2, kh, kw = w.shape
+        if C2 != C:
+            raise ValueError(f"conv2d_forward: weight expects {C2} input channels, got {C}")
+        Ho = (H + sum(pads[0]) - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        Wo = (W + sum(pads[1]) - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if Ho < 1 or Wo < 1:
+            raise ValueError(f"conv2d_forward: kernel {kh}x{kw} (dilation {dilation}) is larger than "
+                             f"the padded input {H + sum(pads[0])}x{W + sum(pads[1])}")
+        x_d, w_d = dev.put(x), dev.put(w, dtype=x.dtype)
+        b_d = dev.put(b, dtype=x.dtype) if b is not None else None
+        lead = (pads[0][0], pads[1][0])
+        K = C * kh * kw
+        y = dev.empty((N, O, Ho, Wo), x_d.dtype)
+        if pointwise(kh, kw, stride, pads):                 # no column buffer: x is B as it is
+            gemm(w_d, x_d, y, O, N * H * W, C, lay.dense(C), lay.nchw(C, H * W), lay.nchw(O, H * W), b_d)
+            cols = None
+        else:
+            cols = im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation)
+            gemm(w_d, cols, y, O, N * Ho * Wo, K, lay.dense(K), lay.dense(N * Ho * Wo),
+                 lay.nchw(O, Ho * Wo), b_d)
+        cache = (cols, x_d if cols is None else None, w_d, (N, C, H, W), (Ho, Wo), stride, lead,
+                 dilation, b is not None)
+        return dev.get(y), cache
+
+    def conv2d_backward(dy, cache):
+        cols, x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, has_bias = cache
+        O, _, kh, kw = w_d.shape
+        K, P = C * kh * kw, N * Ho * Wo
+        dy_d = dev.put(dy, dtype=w_d.dtype)
+        db = dev.get(channel_reduce(dy_d, N, O, Ho * Wo)) if has_bias else None
+        dw = dev.empty((O, C, kh, kw), w_d.dtype)
+        if cols is None:                                   # 1x1: dW = dY X^T, dX = W^T dY
+            gemm(dy_d, x_d, dw, O, C, P, lay.nchw(O, Ho * Wo), lay.nchw(C, H * W, trans=True),
+                 lay.dense(C))
+            dx = dev.empty((N, C, H, W), w_d.dtype)
+            gemm(w_d, dy_d, dx, C, P, O, lay.dense(C, trans=True), lay.nchw(O, Ho * Wo),
+                 lay.nchw(C, H * W))
+            return dev.get(dx), dev.get(dw), db
+        gemm(dy_d, cols, dw, O, K, P, lay.nchw(O, Ho * Wo), lay.dense(P, trans=True), lay.dense(K))
+        dcols = dev.empty((K, P), w_d.dtype)
+        gemm(w_d, dy_d, dcols, K, P, O, lay.dense(K, trans=True), lay.nchw(O, Ho * Wo), lay.dense(P))
+        dx = col2im(dcols, (N, C, H, W), kh, kw, Ho, Wo, stride, lead, dilation)
+        return dev.get(dx), dev.get(dw), db
+
+    def conv_transpose2d_forward(x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
+        stride, dilation, pads = _pair(stride), _pair(dilation), _pads(padding)
+        op = _pair(output_padding)
+        N, Cin, H, W = x.shape
+        Cin2, Cout, kh, kw = w.shape
+        if Cin2 != Cin:
+            raise ValueError(f"conv_transpose2d_forward: weight expects {Cin2} input channels, got {Cin}")
+        Hy = (H - 1) * stride[0] - sum(pads[0]) + dilation[0] * (kh - 1) + op[0] + 1
+        Wy = (W - 1) * stride[1] - sum(pads[1]) + dilation[1] * (kw - 1) + op[1] + 1
+        if Hy < 1 or Wy < 1:
+            raise ValueError(f"conv_transpose2d_forward: the output would be {Hy}x{Wy}; the padding "
+                             f"{pads} removes more than the {Hy + sum(pads[0])}x{Wy + sum(pads[1])} "
+                             f"full output")
+        x_d, w_d = dev.put(x), dev.put(w, dtype=x.dtype)
+        b_d = dev.put(b, dtype=x.dtype) if b is not None else None
+        lead = (pads[0][0], pads[1][0])
+        R = Cout * kh * kw
+        if pointwise(kh, kw, stride, pads) and (Hy, Wy) == (H, W):
+            y = dev.empty((N, Cout, H, W), x_d.dtype)
+            gemm(w_d, x_d, y, Cout, N * H * W, Cin, lay.dense(Cout, trans=True), lay.nchw(Cin, H * W),
+                 lay.nchw(Cout, H * W), b_d)
+            pw = True
+        else:                                              # y = col2im(W^T X) + b
+            dcols = dev.empty((R, N * H * W), x_d.dtype)
+            gemm(w_d, x_d, dcols, R, N * H * W, Cin, lay.dense(R, trans=True), lay.nchw(Cin, H * W),
+                 lay.dense(N * H * W))
+            y = col2im(dcols, (N, Cout, Hy, Wy), kh, kw, H, W, stride, lead, dilation, bias=b_d)
+            pw = False
+        return dev.get(y), (x_d, w_d, (N, Cin, H, W), (Hy, Wy), stride, lead, dilation,
+                            b is not None, pw)
+
+    def conv_transpose2d_backward(dy, cache):
+        x_d, w_d, (N, Cin, H, W), (Hy, Wy), stride, lead, dilation, has_bias, pw = cache
+        _, Cout, kh, kw = w_d.shape
+        R, P = Cout * kh * kw, N * H * W
+        dy_d = dev.put(dy, dtype=w_d.dtype)
+        db = dev.get(channel_reduce(dy_d, N, Cout, Hy * Wy)) if has_bias else None
+        dx = dev.empty((N, Cin, H, W), w_d.dtype)
+        dw = dev.empty((Cin, Cout, kh, kw), w_d.dtype)
+        if pw:                                             # dX = W dY, dW = X dY^T
+            gemm(w_d, dy_d, dx, Cin, P, Cout, lay.dense(Cout), lay.nchw(Cout, H * W), lay.nchw(Cin, H * W))
+            gemm(x_d, dy_d, dw, Cin, Cout, P, lay.nchw(Cin, H * W), lay.nchw(Cout, H * W, trans=True),
+                 lay.dense(Cout))
+            return dev.get(dx), dev.get(dw), db
+        cols = im2col(dy_d, N, Cout, Hy, Wy, kh, kw, H, W, stride, lead, dilation)   # (R, N*H*W)
+        gemm(w_d, cols, dx, Cin, P, R, lay.dense(R), lay.dense(P), lay.nchw(Cin, H * W))
+        gemm(x_d, cols, dw, Cin, R, P, lay.nchw(Cin, H * W), lay.dense(P, trans=True), lay.dense(R))
+        return dev.get(dx), dev.get(dw), db
+
+    # -- pooling -----------------------------------------------------------------------------------
+    def maxpool2d_forward(x, kernel, stride, padding):
+        (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(padding)
+        N, C, H, W = x.shape
+        Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+        x_d = dev.put(x)
+        y = dev.empty((N, C, Ho, Wo), x_d.dtype)
+        arg = dev.empty((N, C, Ho, Wo), np.int32)
+        g = (N, C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw)
+        launch(cuda_pool.maxpool_forward_kernel, y.size, _flat(x_d), _flat(y), _flat(arg), g)
+        return dev.get(y), (arg, g)
+
+    def maxpool2d_backward(dy, cache):
+        arg, g = cache
+        N, C, H, W = g[:4]
+        dy_d = dev.put(dy)
+        dx = dev.empty((N, C, H, W), dy_d.dtype)
+        launch(cuda_pool.maxpool_backward_kernel, dx.size, _flat(dy_d), _flat(arg), _flat(dx), g)
+        return dev.get(dx)
+
+    # -- activations -------------------------------------------------------------------------------
+    def _unary(kernel, x):
+        x_d = dev.put(x)
+        y = dev.empty(x_d.shape, x_d.dtype)
+        launch(kernel, y.size, _flat(x_d), _flat(y))
+        return y
+
+    def _binary(kernel, dy, cache):
+        dy_d = dev.put(dy, dtype=cache.dtype)
+        dx = dev.empty(dy_d.shape, dy_d.dtype)
+        launch(kernel, dx.size, _flat(dy_d), _flat(cache), _flat(dx))
+        return dev.get(dx)
+
+    def relu_forward(x):
+        y = _unary(ew.relu_forward_kernel, x)
+        return dev.get(y), y
+
+    def relu_backward(dy, y):
+        return _binary(ew.relu_backward_kernel, dy, y)
+
+    def sigmoid_forward(x):
+        y = _unary(ew.sigmoid_forward_kernel, x)
+        return dev.get(y), y
+
+    def sigmoid_backward(dy, y):
+        return _binary(ew.sigmoid_backward_kernel, dy, y)
+
+    # -- upsampling --------------------------------------------------------------------------------
+    from ..nn.upsample import _scale_pair as scale_pair
+
+    def _upsample(kernel, x, scale):
+        sh, sw = scale_pair(scale)
+        N, C, H, W = x.shape
+        x_d = dev.put(x)
+        y = dev.empty((N, C, H * sh, W * sw), x_d.dtype)
+        launch(kernel, y.size, _flat(x_d), _flat(y), (N, C, H, W, sh, sw))
+        return dev.get(y), (sh, sw)
+
+    def _upsample_back(kernel, dy, cache):
+        sh, sw = cache
+        N, C, Ho, Wo = dy.shape
+        H, W = Ho // sh, Wo // sw
+        dy_d = dev.put(dy)
+        dx = dev.empty((N, C, H, W), dy_d.dtype)
+        launch(kernel, dx.size, _flat(dy_d), _flat(dx), (N, C, H, W, sh, sw))
+        return dev.get(dx)
+
+    def upsample_bilinear2d_forward(x, scale):
+        return _upsample(ew.upsample_bilinear_forward_kernel, x, scale)
+
+    def upsample_bilinear2d_backward(dy, cache):
+        return _upsample_back(ew.upsample_bilinear_backward_kernel, dy, cache)
+
+    def upsample_nearest2d_forward(x, scale):
+        return _upsample(ew.upsample_nearest_forward_kernel, x, scale)
+
+    def upsample_nearest2d_backward(dy, cache):
+        return _upsample_back(ew.upsample_nearest_backward_kernel, dy, cache)
+
+    # -- concat / crop / pad -------------------------------------------------------------------------
+    def copy_box(src, dst, box, s_off, d_off):
+        launch(ew.copy_box_kernel, int(np.prod(box)), _flat(src), _flat(dst), box,
+               tuple(src.shape[1:]), s_off, tuple(dst.shape[1:]), d_off)
+
+    def _nchw_view(shape, axis):
+        """shape, axis -> (outer, size_along_axis, inner, 1): a 4-D view whose channel axis is ``axis``."""
+        outer = int(np.prod(shape[:axis], dtype=np.int64))
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        return (outer, int(shape[axis]), inner, 1)
+
+    def concat_forward(xs, axis):
+        ref = xs[0]
+        axis = axis % ref.ndim
+        sizes = tuple(int(x.shape[axis]) for x in xs)
+        shape = list(ref.shape)
+        shape[axis] = sum(sizes)
+        y = dev.empty(tuple(shape), ref.dtype)
+        y4 = y.reshape(_nchw_view(shape, axis))
+        off = 0
+        for x in xs:
+            x_d = dev.put(x, dtype=ref.dtype)
+            x4 = x_d.reshape(_nchw_view(x.shape, axis))
+            copy_box(x4, y4, x4.shape, (0, 0, 0), (off, 0, 0))
+            off += x4.shape[1]
+        return dev.get(y), (axis, sizes)
+
+    def concat_backward(dy, cache):
+        axis, sizes = cache
+        dy_d = dev.put(dy)
+        dy4 = dy_d.reshape(_nchw_view(dy.shape, axis))
+        out, off = [], 0
+        for s in sizes:
+            shape = list(dy.shape)
+            shape[axis] = s
+            dx = dev.empty(tuple(shape), dy_d.dtype)
+            dx4 = dx.reshape(_nchw_view(shape, axis))
+            copy_box(dy4, dx4, dx4.shape, (off, 0, 0), (0, 0, 0))
+            off += s
+            out.append(dev.get(dx))
+        return tuple(out)
+
+    def center_crop_forward(x, size):
+        h, w = size
+        N, C, H, W = x.shape
+        t, l = (H - h) // 2, (W - w) // 2
+        x_d = dev.put(x)
+        y = dev.empty((N, C, h, w), x_d.dtype)
+        copy_box(x_d, y, (N, C, h, w), (0, t, l), (0, 0, 0))
+        return dev.get(y), (tuple(x.shape), t, l)
+
+    def center_crop_backward(dy, cache):
+        shape, t, l = cache
+        dy_d = dev.put(dy)
+        dx = dev.empty(shape, dy_d.dtype)
+        launch(ew.fill_kernel, dx.size, _flat(dx), 0.0)
+        copy_box(dy_d, dx, tuple(dy.shape), (0, 0, 0), (0, t, l))
+        return dev.get(dx)
+
+    def pad2d_forward(x, pads, mode, value=0.0):
+        l, r, t, b = (int(p) for p in pads)
+        N, C, H, W = x.shape
+        x_d = dev.put(x)
+        y = dev.empty((N, C, t + H + b, l + W + r), x_d.dtype)
+        if mode == "constant":
+            launch(ew.fill_kernel, y.size, _flat(y), float(value))
+            copy_box(x_d, y, (N, C, H, W), (0, 0, 0), (0, t, l))
+        elif mode == "reflect":
+            launch(ew.reflect_pad_forward_kernel, y.size, _flat(x_d), _flat(y), (N, C, H, W, l, r, t, b))
+        else:
+            raise ValueError(f"pad2d_forward: mode must be one of reflect, constant, got {mode!r}")
+        return dev.get(y), ((l, r, t, b), mode)
+
+    def pad2d_backward(dy, cache):
+        (l, r, t, b), mode = cache
+        N, C, Hp, Wp = dy.shape
+        H, W = Hp - t - b, Wp - l - r
+        dy_d = dev.put(dy)
+        dx = dev.empty((N, C, H, W), dy_d.dtype)
+        if mode == "constant":
+            copy_box(dy_d, dx, (N, C, H, W), (0, t, l), (0, 0, 0))
+        else:
+            launch(ew.reflect_pad_backward_kernel, dx.size, _flat(dy_d), _flat(dx), (N, C, H, W, l, r, t, b))
+        return dev.get(dx)
+
+    # -- batch normalisation -------------------------------------------------------------------------
+    def batchnorm2d_forward(x, gamma, beta, mean, var, eps, training):
+        N, C = x.shape[:2]
+        plane = int(np.prod(x.shape[2:], dtype=np.int64))
+        M = N * plane
+        x_d = dev.put(x)
+        g_d = dev.put(gamma, dtype=x.dtype) if gamma is not None else None
+        b_d = dev.put(beta, dtype=x.dtype) if beta is not None else None
+        y = dev.empty(x_d.shape, x_d.dtype)
+        dummy = _flat(y)
+        if training:
+            s = channel_reduce(x_d, N, C, plane, cuda_reduce.SUM, dtype=np.float64)
+            mu = _scale(s, 1.0 / M)                    # two passes: mean, then squared deviations
+            v = _scale(channel_reduce(x_d, N, C, plane, cuda_reduce.SQDEV, shift=mu,
+                                      dtype=np.float64), 1.0 / M)
+            xhat = dev.empty(x_d.shape, x_d.dtype)
+            launch(cuda_norm.bn_forward_kernel, y.size, _flat(x_d), mu, v,
+                   g_d if g_d is not None else dummy, b_d if b_d is not None else dummy,
+                   g_d is not None, b_d is not None, float(eps), C, plane, True, _flat(xhat), _flat(y))
+            mu_x = dev.get(_cast(mu, x.dtype))
+            v_x = dev.get(_cast(v, x.dtype))
+            return dev.get(y), (True, xhat, g_d, v, float(eps)), mu_x, v_x
+        m_d = dev.put(mean, dtype=np.float64)
+        v_d = dev.put(var, dtype=np.float64)
+        launch(cuda_norm.bn_forward_kernel, y.size, _flat(x_d), m_d, v_d,
+               g_d if g_d is not None else dummy, b_d if b_d is not None else dummy,
+               g_d is not None, b_d is not None, float(eps), C, plane, False, dummy, _flat(y))
+        return dev.get(y), (False, x_d, g_d, v_d, float(eps), m_d), None, None
+
+    def _scale(a, f):
+        out = dev.empty(a.shape, a.dtype)
+        launch(ew.scale_kernel, a.size, a, float(f), out)
+        return out
+
+    def _cast(a, dtype):
+        out = dev.empty(a.shape, dtype)
+        launch(ew.scale_kernel, a.size, a, 1.0, out)
+        return out
+
+    def batchnorm2d_backward(dy, cache):
+        training = cache[0]
+        if training:
+            _, xhat, g_d, v, eps = cache
+        else:
+            _, x_d, g_d, v, eps, m_d = cache
+        shape = tuple(cache[1].shape)
+        N, C = shape[:2]
+        plane = int(np.prod(shape[2:], dtype=np.int64))
+        M = N * plane
+        dtype = cache[1].dtype
+        dy_d = dev.put(dy, dtype=dtype)
+        if not training:                                   # xhat from the running statistics
+            xhat = dev.empty(shape, dtype)
+            tmp = dev.empty(shape, dtype)
+            launch(cuda_norm.bn_forward_kernel, tmp.size, _flat(x_d), m_d, v, _flat(tmp), _flat(tmp),
+                   False, False, eps, C, plane, True, _flat(xhat), _flat(tmp))
+        dbeta = channel_reduce(dy_d, N, C, plane, cuda_reduce.SUM)
+        dgamma = channel_reduce(dy_d, N, C, plane, cuda_reduce.DOT, b=xhat)
+        dx = dev.empty(shape, dtype)
+        launch(cuda_norm.bn_backward_kernel, dx.size, _flat(dy_d), _flat(xhat), v,
+               g_d if g_d is not None else _flat(dx), g_d is not None, eps, dbeta, dgamma, M, C, plane,
+               training, _flat(dx))
+        return dev.get(dx), dev.get(dgamma), dev.get(dbeta)
+
+    # -- softmax cross-entropy -------------------------------------------------------------------------
+    def softmax_cross_entropy_forward(logits, target, class_weight=None, ignore_index=-100,
+                                      pixel_weight=None):
+        N, C = logits.shape[:2]
+        M = int(np.prod(logits.shape[2:], dtype=np.int64))
+        x_d = dev.put(logits)
+        t_d = dev.put(target, dtype=np.int64)
+        cw = dev.put(class_weight, dtype=logits.dtype) if class_weight is not None else None
+        pw = dev.put(pixel_weight, dtype=logits.dtype) if pixel_weight is not None else None
+        num = dev.empty((N * M,), np.float64)
+        den = dev.empty((N * M,), np.float64)
+        args = (_flat(x_d), _flat(t_d), cw if cw is not None else num, cw is not None,
+                _flat(pw) if pw is not None else num, pw is not None, int(ignore_index), N, C, M)
+        launch(cuda_loss.ce_forward_kernel, N * M, *args, num, den)
+        sums = dev.empty((2,), np.float64)
+        cuda_reduce.sum_pair_kernel(cuda_launch.reduce_threads())[1, cuda_launch.reduce_threads()](
+            num, den, sums)
+        total, denom = (float(v) for v in np.asarray(_to_host(sums)))
+        dtype = np.dtype(logits.dtype)
+        if denom == 0:
+            loss, inv = float("nan"), 0.0
+        else:
+            loss, inv = total / denom, 1.0 / denom
+        return xp.asarray(loss, dtype=dtype), (args, inv, tuple(logits.shape))
+
+    def softmax_cross_entropy_backward(cache):
+        args, inv, shape = cache
+        dx = dev.empty(shape, args[0].dtype)
+        N, C, M = args[-3:]
+        launch(cuda_loss.ce_backward_kernel, N * M, *args, float(inv), _flat(dx))
+        return dev.get(dx)
+
+    def _to_host(d):
+        return d.get() if cupy is not None else d.copy_to_host()
+
+    ops = reference_ops()
+    ops.update(
+        conv2d_forward=conv2d_forward, conv2d_backward=conv2d_backward,
+        conv_transpose2d_forward=conv_transpose2d_forward,
+        conv_transpose2d_backward=conv_transpose2d_backward,
+        maxpool2d_forward=maxpool2d_forward, maxpool2d_backward=maxpool2d_backward,
+        relu_forward=relu_forward, relu_backward=relu_backward,
+        sigmoid_forward=sigmoid_forward, sigmoid_backward=sigmoid_backward,
+        upsample_bilinear2d_forward=upsample_bilinear2d_forward,
+        upsample_bilinear2d_backward=upsample_bilinear2d_backward,
+        upsample_nearest2d_forward=upsample_nearest2d_forward,
+        upsample_nearest2d_backward=upsample_nearest2d_backward,
+        concat_forward=concat_forward, concat_backward=concat_backward,
+        center_crop_forward=center_crop_forward, center_crop_backward=center_crop_backward,
+        pad2d_forward=pad2d_forward, pad2d_backward=pad2d_backward,
+        batchnorm2d_forward=batchnorm2d_forward, batchnorm2d_backward=batchnorm2d_backward,
+        softmax_cross_entropy_forward=softmax_cross_entropy_forward,
+        softmax_cross_entropy_backward=softmax_cross_entropy_backward,
+    )
+    backend = Backend("numba-cuda", xp, ops)
+    backend.simulated = simulated
+    return backend
