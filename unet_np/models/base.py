@@ -202,6 +202,11 @@ class SegmentationModel(Module):
         self.load_state_dict({mk: tv for (mk, _), (_, tv) in zip(ours, theirs)})
         return self
 
+    def to_onnx(self, path, opset=17, dtype=None):
+        """Export for inference as an ONNX file (needs the [onnx] extra); see unet_np.onnx_export."""
+        from ..onnx_export import export_onnx
+        return export_onnx(self, path, opset=opset, dtype=dtype)
+
     def torch_state_dict(self):
         """name -> NumPy array, with the names of the matching PyTorch module (wrap each with
         torch.from_numpy to call ``load_state_dict`` on it)."""

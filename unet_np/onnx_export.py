@@ -1,0 +1,342 @@
+"""ONNX export of the segmentation models: ``export_onnx(model, path, opset=17)``.
+
+The graph is built with the ``onnx`` package's helper API, walking the model's own modules in the
+order its ``_forward`` visits them (nothing is traced, nothing is run):
+
+    Conv2d           -> Conv (pads from the layer, so 'same' with an odd total and 'valid' both fit)
+    ConvTranspose2d  -> ConvTranspose (PyTorch's weight layout is ONNX's: (C_in, C_out, kh, kw))
+    MaxPool2d        -> MaxPool (floor mode; padding counts as -inf in both)
+    ReLU / Sigmoid   -> Relu / Sigmoid
+    BatchNorm2d      -> BatchNormalization with the running statistics (inference)
+    Upsample         -> Resize (linear, half_pixel: align_corners=False; or nearest, asymmetric, floor)
+    Concat           -> Concat
+    CenterCrop       -> Shape / Sub / Div / Add / Slice: the crop offsets follow the tensor sizes
+    AttentionGate    -> its convolutions, Resize, Add, Relu, Sigmoid, Mul
+    pad_input        -> Shape / Mod arithmetic, Pad(mode=reflect), and a Slice of the logits
+
+The batch and spatial dimensions are symbolic ('N', 'H', 'W'), so one file takes any batch size and
+any input size the model itself accepts. The tensors have the model's dtype (float32 or float64; pass
+``dtype=`` to export a float64 model as float32: ONNX Runtime's CPU kernels for Conv, ConvTranspose
+and Resize exist for float32 only). UNet++ exports its inference output, X[0][L] with L the pruned
+level (``model.prune(L)``); the graph is always the evaluation-mode network.
+
+``onnx`` is needed only here, as the ``[onnx]`` extra (``pip install unet-np[onnx]``).
+"""
+import os
+import tempfile
+
+import numpy as np
+
+from . import backends
+
+__all__ = ["export_onnx", "build_onnx"]
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 13
+
+
+def _require_onnx():
+    try:
+        import onnx
+        import onnx.checker  # noqa: F401 -- the submodules used below
+        import onnx.helper  # noqa: F401
+        import onnx.numpy_helper  # noqa: F401
+    except ImportError:
+        raise ImportError("ONNX export needs the 'onnx' package: pip install 'unet-np[onnx]' "
+                          "(or pip install onnx)") from None
+    return onnx
+
+
+class _Graph:
+    """Collects nodes and initializers; hands out unique tensor names."""
+
+    def __init__(self, onnx, dtype, opset):
+        self.onnx = onnx
+        self.helper = onnx.helper
+        self.dtype = np.dtype(dtype)
+        self.opset = opset
+        self.nodes, self.inits = [], []
+        self._names = set()
+        self._consts = {}
+
+    def name(self, base):
+        base = base.replace("/", ".")
+        n, k = base, 1
+        while n in self._names:
+            k += 1
+            n = f"{base}_{k}"
+        self._names.add(n)
+        return n
+
+    def node(self, op, inputs, base, **attrs):
+        out = self.name(base)
+        self.nodes.append(self.helper.make_node(op, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def init(self, array, base, dtype=None):
+        array = np.asarray(backends.to_numpy(array))
+        array = array.astype(dtype if dtype is not None else self.dtype)
+        n = self.name(base)
+        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), n))
+        return n
+
+    def const_i64(self, values):
+        """An int64 1-D constant (shared between the nodes that use the same values)."""
+        key = tuple(int(v) for v in values)
+        if key not in self._consts:
+            self._consts[key] = self.init(np.array(key, dtype=np.int64),
+                                          "const_" + "_".join(str(v).replace("-", "m") for v in key),
+                                          dtype=np.int64)
+        return self._consts[key]
+
+    def spatial_shape(self, x, base):
+        """int64 (2,): the (H, W) of tensor x, computed in the graph."""
+        if self.opset >= 15:
+            return self.node("Shape", [x], base + ".hw", start=2, end=4)
+        shape = self.node("Shape", [x], base + ".shape")
+        return self.node("Slice", [shape, self.const_i64([2]), self.const_i64([4]), self.const_i64([0])],
+                         base + ".hw")
+
+
+# -- leaf modules ---------------------------------------------------------------------------------
+def _emit(g, m, x, name):
+    """Emit the nodes of module m (named ``name`` in the model) applied to tensor x; returns the
+    output tensor's name."""
+    from .nn import (BatchNorm2d, Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sequential, Sigmoid,
+                     Upsample)
+    from .models.base import Block
+    if isinstance(m, (Sequential,)):
+        for child_name, child in m._modules.items():
+            x = _emit(g, child, x, f"{name}.{child_name}")
+        return x
+    if isinstance(m, Block):
+        return _emit(g, m.conv, x, f"{name}.conv")
+    if isinstance(m, Conv2d):
+        (pt, pb), (pl, pr) = m._pads
+        ins = [x, g.init(m.weight.data, f"{name}.weight")]
+        if m.bias is not None:
+            ins.append(g.init(m.bias.data, f"{name}.bias"))
+        return g.node("Conv", ins, name, kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                      dilations=list(m.dilation), pads=[pt, pl, pb, pr], group=1)
+    if isinstance(m, ConvTranspose2d):
+        ph, pw = m.padding
+        ins = [x, g.init(m.weight.data, f"{name}.weight")]
+        if m.bias is not None:
+            ins.append(g.init(m.bias.data, f"{name}.bias"))
+        return g.node("ConvTranspose", ins, name, kernel_shape=list(m.kernel_size),
+                      strides=list(m.stride), dilations=list(m.dilation), pads=[ph, pw, ph, pw],
+                      output_padding=list(m.output_padding), group=1)
+    if isinstance(m, MaxPool2d):
+        ph, pw = m.padding
+        return g.node("MaxPool", [x], name, kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                      pads=[ph, pw, ph, pw], ceil_mode=0)
+    if isinstance(m, ReLU):
+        return g.node("Relu", [x], name)
+    if isinstance(m, Sigmoid):
+        return g.node("Sigmoid", [x], name)
+    if isinstance(m, BatchNorm2d):
+        return _emit_batchnorm(g, m, x, name)
+    if isinstance(m, Upsample):
+        return _resize(g, x, m.scale_factor, m.mode, name)
+    raise NotImplementedError(f"ONNX export: no rule for module {type(m).__name__} ({name!r})")
+
+
+def _resize(g, x, scale, mode, name):
+    sh, sw = scale
+    scales = g.init(np.array([1.0, 1.0, sh, sw], dtype=np.float32), f"{name}.scales", dtype=np.float32)
+    if mode == "bilinear":
+        # align_corners=False is ONNX's half_pixel (pytorch_half_pixel differs only for an output
+        # of size 1, which an integer factor >= 1 on a non-empty input never makes unless s = 1).
+        return g.node("Resize", [x, "", scales], name, mode="linear",
+                      coordinate_transformation_mode="half_pixel")
+    return g.node("Resize", [x, "", scales], name, mode="nearest",
+                  coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+
+def _emit_batchnorm(g, m, x, name):
+    C = m.num_features
+    gamma = m.weight.data if m.affine else np.ones(C)
+    beta = m.bias.data if m.affine else np.zeros(C)
+    if m.track_running_stats:
+        ins = [x, g.init(gamma, f"{name}.weight"), g.init(beta, f"{name}.bias"),
+               g.init(m.running_mean, f"{name}.running_mean"),
+               g.init(m.running_var, f"{name}.running_var")]
+        return g.node("BatchNormalization", ins, name, epsilon=float(m.eps))
+    # No running statistics: even at inference the layer normalises with the batch's own
+    # (biased) statistics over (N, H, W).
+    def reduce_mean(t, base):
+        if g.opset >= 18:
+            return g.node("ReduceMean", [t, g.const_i64([0, 2, 3])], base, keepdims=1)
+        return g.node("ReduceMean", [t], base, axes=[0, 2, 3], keepdims=1)
+    mu = reduce_mean(x, f"{name}.mean")
+    xc = g.node("Sub", [x, mu], f"{name}.centred")
+    var = reduce_mean(g.node("Mul", [xc, xc], f"{name}.sq"), f"{name}.var")
+    eps = g.init(np.array(m.eps), f"{name}.eps")
+    std = g.node("Sqrt", [g.node("Add", [var, eps], f"{name}.var_eps")], f"{name}.std")
+    xhat = g.node("Div", [xc, std], f"{name}.xhat")
+    y = g.node("Mul", [xhat, g.init(np.asarray(backends.to_numpy(gamma)).reshape(1, C, 1, 1),
+                                    f"{name}.weight")], f"{name}.scaled")
+    return g.node("Add", [y, g.init(np.asarray(backends.to_numpy(beta)).reshape(1, C, 1, 1),
+                                    f"{name}.bias")], name)
+
+
+def _center_crop(g, x, like, name):
+    """Crop x (N, C, H, W) to the spatial size of tensor ``like``, offsets ((H - h)//2, (W - w)//2)."""
+    big = g.spatial_shape(x, f"{name}.in")
+    small = g.spatial_shape(like, f"{name}.to")
+    diff = g.node("Sub", [big, small], f"{name}.diff")
+    start = g.node("Div", [diff, g.const_i64([2, 2])], f"{name}.start")  # non-negative: floor
+    end = g.node("Add", [start, small], f"{name}.end")
+    return g.node("Slice", [x, start, end, g.const_i64([2, 3])], name)
+
+
+def _gate(g, gate, x, gsig, name):
+    """AttentionGate: alpha = sigmoid(psi(relu(theta(x) + up(phi(g))))), out = alpha * x."""
+    t = _emit(g, gate.theta, x, f"{name}.theta")
+    p = _emit(g, gate.up, _emit(g, gate.phi, gsig, f"{name}.phi"), f"{name}.up")
+    q = g.node("Relu", [g.node("Add", [t, p], f"{name}.sum")], f"{name}.relu")
+    alpha = g.node("Sigmoid", [_emit(g, gate.psi, q, f"{name}.psi")], f"{name}.alpha")
+    return g.node("Mul", [alpha, x], name)
+
+
+# -- pad_input -------------------------------------------------------------------------------------
+def _pad_input(g, model, x):
+    """Reflect-pad H and W up to a multiple of 2**depth (top/left get the smaller half), computed
+    from the input's shape in the graph. Returns (padded tensor, (top-left offsets, (H, W)))."""
+    m = 2 ** model.depth
+    hw = g.spatial_shape(x, "pad_input")
+    rem = g.node("Mod", [hw, g.const_i64([m, m])], "pad_input.rem")
+    total = g.node("Mod", [g.node("Sub", [g.const_i64([m, m]), rem], "pad_input.short"),
+                           g.const_i64([m, m])], "pad_input.total")
+    first = g.node("Div", [total, g.const_i64([2, 2])], "pad_input.first")
+    second = g.node("Sub", [total, first], "pad_input.second")
+    zeros = g.const_i64([0, 0])
+    pads = g.node("Concat", [zeros, first, zeros, second], "pad_input.pads", axis=0)
+    y = g.node("Pad", [x, pads], "pad_input", mode="reflect")
+    return y, (first, hw)
+
+
+def _unpad_output(g, logits, crop):
+    first, hw = crop
+    end = g.node("Add", [first, hw], "crop_output.end")
+    return g.node("Slice", [logits, first, end, g.const_i64([2, 3])], "crop_output")
+
+
+# -- the models ------------------------------------------------------------------------------------
+def _unet(g, model, h):
+    skips = []
+    for i in range(1, model.depth + 1):
+        h = _emit(g, getattr(model, f"enc{i}"), h, f"enc{i}")
+        skips.append(h)
+        h = _emit(g, getattr(model, f"pool{i}"), h, f"pool{i}")
+    h = _emit(g, model.bottleneck, h, "bottleneck")
+    for i in range(model.depth, 0, -1):
+        h = _emit(g, getattr(model, f"up{i}"), h, f"up{i}")
+        if model.skip:
+            s = skips[i - 1]
+            if model.padding == "valid":
+                s = _center_crop(g, s, h, f"crop{i}")
+            h = g.node("Concat", [h, s], f"cat{i}", axis=1)
+        h = _emit(g, getattr(model, f"dec{i}"), h, f"dec{i}")
+    return _emit(g, model.final, h, "final")
+
+
+def _unet_plus_plus(g, model, h):
+    X = {}
+    L = model.level
+    for j in range(L + 1):
+        for i in range(L + 1 - j):
+            if j == 0:
+                src = h if i == 0 else _emit(g, getattr(model, f"pool{i - 1}"), X[i - 1, 0], f"pool{i - 1}")
+                X[i, 0] = _emit(g, getattr(model, f"x{i}_0"), src, f"x{i}_0")
+            else:
+                up = _emit(g, getattr(model, f"up{i}_{j}"), X[i + 1, j - 1], f"up{i}_{j}")
+                cat = g.node("Concat", [up] + [X[i, k] for k in range(j)], f"cat{i}_{j}", axis=1)
+                X[i, j] = _emit(g, getattr(model, f"x{i}_{j}"), cat, f"x{i}_{j}")
+    return _emit(g, getattr(model, f"final{L}"), X[0, L], f"final{L}")
+
+
+def _attention_unet(g, model, h):
+    skips = []
+    for i in range(1, model.depth + 1):
+        h = _emit(g, getattr(model, f"enc{i}"), h, f"enc{i}")
+        skips.append(h)
+        h = _emit(g, getattr(model, f"pool{i}"), h, f"pool{i}")
+    h = _emit(g, model.bottleneck, h, "bottleneck")
+    for i in range(model.depth, 0, -1):
+        gated = _gate(g, getattr(model, f"gate{i}"), skips[i - 1], h, f"gate{i}")
+        u = _emit(g, getattr(model, f"up{i}"), h, f"up{i}")
+        h = g.node("Concat", [u, gated], f"cat{i}", axis=1)
+        h = _emit(g, getattr(model, f"dec{i}"), h, f"dec{i}")
+    return _emit(g, model.final, h, "final")
+
+
+def _body(model):
+    from .models import AttentionUNet, UNet, UNetPlusPlus
+    if isinstance(model, UNetPlusPlus):
+        return _unet_plus_plus
+    if isinstance(model, AttentionUNet):
+        return _attention_unet
+    if isinstance(model, UNet):
+        return _unet
+    raise TypeError(f"export_onnx: expected a UNet, UNetPlusPlus or AttentionUNet, got "
+                    f"{type(model).__name__}")
+
+
+def build_onnx(model, opset=DEFAULT_OPSET, dtype=None, input_name="input", output_name="logits"):
+    """The ONNX ModelProto of ``model`` in evaluation mode (checked with onnx.checker)."""
+    onnx = _require_onnx()
+    body = _body(model)
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or opset < MIN_OPSET:
+        raise ValueError(f"export_onnx: opset must be an integer >= {MIN_OPSET}, got {opset!r}")
+    opset = int(opset)
+    dt = np.dtype(model.dtype if dtype is None else dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"export_onnx: dtype must be float32 or float64, got {dt}")
+    g = _Graph(onnx, dt, opset)
+    g._names.update({input_name, output_name})
+    h = input_name
+    crop = None
+    if getattr(model, "pad_input", False):
+        h, crop = _pad_input(g, model, h)
+    logits = body(g, model, h)
+    if crop is not None:
+        logits = _unpad_output(g, logits, crop)
+    g.nodes.append(g.helper.make_node("Identity", [logits], [output_name], name=output_name))
+    elem = onnx.helper.np_dtype_to_tensor_dtype(dt)
+    out_hw = ("H", "W") if getattr(model, "padding", "same") == "same" else ("H_out", "W_out")
+    inp = onnx.helper.make_tensor_value_info(input_name, elem, ["N", model.in_channels, "H", "W"])
+    out = onnx.helper.make_tensor_value_info(output_name, elem, ["N", model.num_classes, *out_hw])
+    graph = onnx.helper.make_graph(g.nodes, f"unet_np.{type(model).__name__}", [inp], [out],
+                                   initializer=g.inits)
+    opsets = [onnx.helper.make_opsetid("", opset)]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets, producer_name="unet_np",
+                                   doc_string=f"unet_np {type(model).__name__} config: "
+                                              f"{model.config() if hasattr(model, 'config') else {}}")
+    proto.ir_version = onnx.helper.find_min_ir_version_for(opsets)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def export_onnx(model, path, opset=DEFAULT_OPSET, dtype=None):
+    """Write ``model`` (UNet, UNetPlusPlus or AttentionUNet) as an ONNX file at ``path``, atomically
+    (a temporary file in the same folder, then os.replace). Batch and spatial dims are dynamic.
+    Returns the path. See the module docstring for the operator mapping."""
+    proto = build_onnx(model, opset=opset, dtype=dtype)
+    data = proto.SerializeToString()
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
