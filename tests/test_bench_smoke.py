@@ -1,0 +1,80 @@
+"""Smoke test of the CPU benchmark harness (benchmarks/cpu.py): it runs end to end on a tiny network
+and writes what it promises. No speed is asserted anywhere (speed is measured, never tested)."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks import cpu  # noqa: E402
+from unet_np import UNet  # noqa: E402
+from unet_np.nn import Conv2d, ConvTranspose2d  # noqa: E402
+
+TINY = {"tiny": dict(desc="tiny: UNet(1, 2, depth=1, base_channels=4)",
+                     kwargs=dict(in_channels=1, num_classes=2, depth=1, base_channels=4), torch="generic")}
+
+
+def test_flops_of_one_conv_match_a_hand_count():
+    # Conv2d 3 -> 5, 3x3, padding 1 on (2, 3, 8, 8): every one of 2*5*8*8 outputs takes 3*3*3 MACs.
+    assert cpu.unet_flops(Conv2d(3, 5, 3, padding=1), (2, 3, 8, 8)) == 2 * (2 * 5 * 8 * 8) * (3 * 3 * 3)
+    # no padding, stride 2: output 3x3 from 8x8
+    assert cpu.unet_flops(Conv2d(3, 5, 3, stride=2), (1, 3, 8, 8)) == 2 * (5 * 3 * 3) * 27
+    # ConvTranspose2d 3 -> 5, 2x2 stride 2 on (2, 3, 8, 8): every input pixel scatters 5*2*2 MACs per channel
+    assert cpu.unet_flops(ConvTranspose2d(3, 5, 2, stride=2), (2, 3, 8, 8)) == 2 * (2 * 3 * 8 * 8) * (5 * 4)
+
+
+def test_flops_of_a_tiny_unet_match_a_hand_count():
+    m = UNet(1, 2, depth=1, base_channels=4)
+    hw, hw2 = 16 * 16, 8 * 8
+    macs = (hw * 4 * 9 * 1 + hw * 4 * 9 * 4          # enc1: 1->4, 4->4 at 16x16
+            + hw2 * 8 * 9 * 4 + hw2 * 8 * 9 * 8      # bottleneck: 4->8, 8->8 at 8x8
+            + hw2 * 8 * 4 * 4                        # up1: 8->4, 2x2 stride 2, from 8x8
+            + hw * 4 * 9 * 8 + hw * 4 * 9 * 4        # dec1: 8->4, 4->4 at 16x16
+            + hw * 2 * 4)                            # final 1x1: 4->2
+    assert cpu.unet_flops(m, (1, 1, 16, 16)) == 2 * macs
+    assert cpu.unet_flops(m, (3, 1, 16, 16)) == 3 * 2 * macs
+    # the article network: 12.64 GFLOP per 128x128 image (DESIGN.md); with 'same' padding the count
+    # scales with the pixels, so a 32x32 image (cheaper to trace) is 1/16 of it
+    assert abs(16 * cpu.unet_flops(UNet(1, 2, depth=2, base_channels=64), (1, 1, 32, 32)) / 1e9 - 12.64) < 0.01
+
+
+def test_harness_runs_on_a_tiny_network_and_writes_its_outputs(tmp_path):
+    threads_before = torch.get_num_threads()
+    try:
+        cases = cpu.plan_cases(["tiny"], ["train", "forward"], [1], [16])
+        res = cpu.run_benchmark(TINY, cases, threads=1, peak_gflops=cpu.sgemm_peak(n=64, repeats=1)["gflops"],
+                                target_s=0, min_repeats=1, max_repeats=1, warmup=1, memory=True,
+                                memory_sides=("unet_np",),  # a torch child costs seconds of import
+                                log=lambda *a: None)
+        prof = cpu.run_profile(TINY["tiny"], 1, 16, steps=1, warmup=0)
+    finally:
+        torch.set_num_threads(threads_before)
+    res.update(schema="unet_np-cpu-bench/1", date="2000-01-01T00:00:00", mode="smoke", argv=[], threads=1,
+               backend="numpy", env=dict(unset=None), machine=cpu.machine_info(1), versions=cpu.versions(),
+               blas=cpu.blas_info(), sgemm=cpu.sgemm_peak(n=64, repeats=1), torch_sgemm=cpu.torch_sgemm(64, 1),
+               profile=prof)
+    paths = cpu.write_outputs(res, str(tmp_path), stamp="smoke")
+    for p in paths.values():
+        assert (tmp_path / p.split("/")[-1]).stat().st_size > 0
+
+    data = json.loads((tmp_path / "cpu-latest.json").read_text())
+    assert data == json.loads((tmp_path / "cpu-smoke.json").read_text())
+    for key in ("machine", "versions", "blas", "sgemm", "nets", "cases", "skipped", "memory_method", "profile"):
+        assert key in data
+    assert data["nets"]["tiny"]["logits_rel_diff"] < 1e-4          # same weights on both sides
+    assert [(c["mode"], c["batch"], c["size"]) for c in data["cases"]] == [("train", 1, 16), ("forward", 1, 16)]
+    flops = cpu.unet_flops(UNet(1, 2, depth=1, base_channels=4), (1, 1, 16, 16))
+    for c in data["cases"]:
+        assert c["flops"] == (3 * flops if c["mode"] == "train" else flops)
+        assert c["repeats"] == 1 and c["ratio"] > 0
+        for side in ("unet_np", "torch"):
+            s = c[side]
+            assert len(s["times_s"]) == 1 and s["median_s"] > 0 and s["gflops"] > 0 and s["pct_peak"] > 0
+        mem = c["unet_np"]["memory"]
+        assert np.isfinite(mem["peak_rss_growth_mib"]) and mem["tracemalloc_peak_mib"] > 0
+    kinds = {e["type"] for e in data["profile"]["by_type"]}
+    assert {"Conv2d", "ConvTranspose2d", "ReLU", "MaxPool2d", "loss", "optimizer"} <= kinds
+    assert abs(sum(e["percent"] for e in data["profile"]["by_type"]) - 100) < 1.0
+    md = (tmp_path / "cpu-latest.md").read_text()
+    assert "| tiny | train | 1 | 16 |" in md and "How memory was measured" in md
