@@ -1,0 +1,781 @@
+"""GPU benchmark: unet_np's GPU backends against PyTorch + cuDNN on the same networks and weights.
+
+    python -m benchmarks.gpu [--nets article,depth4] [--batch 16] [--size 256] [--budget-s 330]
+    python -m benchmarks.gpu --smoke        # the plumbing on the CPU (numpy backend, torch CPU, tiny)
+
+What it measures (float32, batch 16, 256x256 by default):
+  * a training step (forward, cross-entropy, backward, SGD momentum 0.9) and a forward alone (eval
+    mode, no activations kept) of the article's network UNet(1, 2, depth=2, base_channels=64) and a
+    depth-4 UNet(1, 2, depth=4, base_channels=64), on
+      - PyTorch with cuDNN, cudnn.benchmark on, TF32 OFF (the reference: both sides in true float32)
+        and TF32 ON (a second figure: what PyTorch does by default for convolutions),
+      - the unet_np backends cupy (CUDA C kernels + cuBLAS) and numba-cuda (when it loads here);
+    the median of --repeats runs after --warmup runs, each run bracketed by a device synchronize,
+    and each backend's ratio to cuDNN (TF32 off);
+  * peak GPU memory of each training step: for CuPy, the high-water mark of its memory pool
+    (total_bytes after one step that starts from an emptied pool: an upper bound of the bytes in use,
+    the weights included); for PyTorch, torch.cuda.max_memory_allocated;
+  * where the cupy backend's step goes: CUDA events around every leaf module's forward and backward,
+    the loss and the optimizer;
+  * the hand-written tiled SGEMMs of kernels/cuda/gemm.cu against cuBLAS at 4096^3 (each checked
+    against cuBLAS's result before it is timed).
+Before any timing, the cupy model's logits are checked against PyTorch's on the same weights.
+Writes benchmarks/results/gpu-<date>-<device>.json and .md, and prints the markdown.
+
+A soft time budget (--budget-s) keeps the whole run short: the parts are run most important first
+(cuDNN and cupy, then the SGEMMs, the per-layer breakdown, numba-cuda) and a part that would start
+after the budget is spent is skipped and says so.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import time
+import traceback
+
+import numpy as np
+
+NETS = {
+    "article": dict(desc="article net: UNet(1, 2, depth=2, base_channels=64)",
+                    kwargs=dict(in_channels=1, num_classes=2, depth=2, base_channels=64)),
+    "depth4": dict(desc="depth-4 U-Net: UNet(1, 2, depth=4, base_channels=64)",
+                   kwargs=dict(in_channels=1, num_classes=2, depth=4, base_channels=64)),
+}
+GIB = 2.0 ** 30
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nets", default="article,depth4", help="comma list of article,depth4")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=256, help="image height = width")
+    p.add_argument("--backends", default="cupy,numba-cuda", help="unet_np backends to time")
+    p.add_argument("--modes", default="train,forward", help="comma list of train,forward")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per case (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, autotuning)")
+    p.add_argument("--max-run-s", type=float, default=3.0,
+                   help="a case whose warm-up run took longer gets only 2 timed runs")
+    p.add_argument("--gemm-n", type=int, default=4096, help="size of the SGEMM comparison (0: skip)")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--layers-net", default="article", help="network of the per-layer breakdown")
+    p.add_argument("--budget-s", type=float, default=330.0, help="soft time budget for the whole run")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU plumbing check: numpy backend in place of cupy, torch on the CPU, batch 2, 32x32")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices: synchronisation, events and memory, with CPU stand-ins for --smoke
+# ---------------------------------------------------------------------------------------------------
+class _CpuEvent:
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_ms(self, end):
+        return (end.t - self.t) * 1e3
+
+
+class _CupyEvent:
+    def __init__(self):
+        import cupy
+        self._cupy = cupy
+        self.e = cupy.cuda.Event()
+
+    def record(self):
+        self.e.record()
+
+    def elapsed_ms(self, end):
+        end.e.synchronize()
+        return self._cupy.cuda.get_elapsed_time(self.e, end.e)
+
+
+def _sync_for(name, smoke):
+    """A function that waits for all queued work of backend / side ``name``."""
+    if smoke:
+        return lambda: None
+    if name == "torch":
+        import torch
+        return torch.cuda.synchronize
+    if name == "numba-cuda":
+        from numba import cuda
+        return cuda.synchronize
+    import cupy
+    return lambda: cupy.cuda.Device().synchronize()
+
+
+def _free_gpu_memory(smoke):
+    gc.collect()
+    if smoke:
+        return
+    try:
+        import cupy
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
+    except Exception:
+        pass
+    try:
+        import torch
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models on both sides, with the same weights
+# ---------------------------------------------------------------------------------------------------
+def _torch_twin_classes():
+    """The PyTorch networks validated against unet_np in tests/models/torch_reference.py; a compact
+    copy of the same structure if that file is not importable."""
+    try:
+        from tests.models.torch_reference import ArticleUNet, TorchUNet
+        return ArticleUNet, TorchUNet
+    except Exception:
+        pass
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU())
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class TorchUNet(nn.Module):
+        def __init__(self, cin, ncls, depth=4, base=64):
+            super().__init__()
+            self.depth = depth
+            ch = [base * 2 ** i for i in range(depth + 1)]
+            for i in range(1, depth + 1):
+                setattr(self, f"enc{i}", Block(cin if i == 1 else ch[i - 2], ch[i - 1]))
+            self.bottleneck = Block(ch[depth - 1], ch[depth])
+            for i in range(depth, 0, -1):
+                setattr(self, f"up{i}", nn.ConvTranspose2d(ch[i], ch[i - 1], 2, stride=2))
+                setattr(self, f"dec{i}", Block(2 * ch[i - 1], ch[i - 1]))
+            self.final = nn.Conv2d(ch[0], ncls, 1)
+
+        def forward(self, x):
+            skips = []
+            for i in range(1, self.depth + 1):
+                x = getattr(self, f"enc{i}")(x)
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+            x = self.bottleneck(x)
+            for i in range(self.depth, 0, -1):
+                x = torch.cat([getattr(self, f"up{i}")(x), skips[i - 1]], dim=1)
+                x = getattr(self, f"dec{i}")(x)
+            return self.final(x)
+
+    def ArticleUNet():
+        return TorchUNet(1, 2, depth=2, base=64)
+
+    return ArticleUNet, TorchUNet
+
+
+def torch_model(net, seed, device):
+    import torch
+    ArticleUNet, TorchUNet = _torch_twin_classes()
+    torch.manual_seed(seed)
+    kw = NETS[net]["kwargs"]
+    if net == "article":
+        m = ArticleUNet()
+    else:
+        m = TorchUNet(kw["in_channels"], kw["num_classes"], depth=kw["depth"], base=kw["base_channels"])
+    return m.float().to(device)
+
+
+def weights_from_torch(net, seed):
+    """The state_dict (NumPy) of the PyTorch twin: both sides start from the same weights."""
+    import torch
+    m = torch_model(net, seed, "cpu")
+    return {k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}
+
+
+def ours_model(net, backend, weights):
+    import unet_np
+    m = unet_np.UNet(**NETS[net]["kwargs"], dtype=np.float32, backend=backend)
+    if weights is not None:
+        m.load_torch_state_dict(weights)
+    return m
+
+
+def unet_forward_flops(model, shape):
+    """FLOPs of one forward (2 x multiply-adds of the convolutions), for the GFLOPS columns."""
+    from unet_np.nn import Conv2d, ConvTranspose2d
+    n, _, h, w = shape
+    total = 0
+    sizes = {}
+    # Spatial size per level: level i runs at (h / 2^i); the block convolutions keep it.
+    depth = model.depth
+    for i in range(1, depth + 1):
+        sizes[f"enc{i}"] = (h >> (i - 1), w >> (i - 1))
+        sizes[f"dec{i}"] = (h >> (i - 1), w >> (i - 1))
+        sizes[f"up{i}"] = (h >> i, w >> i)          # the input of the up-convolution
+    sizes["bottleneck"] = (h >> depth, w >> depth)
+    sizes["final"] = (h, w)
+    for name, m in model.named_modules():
+        top = name.split(".")[0]
+        if top not in sizes:
+            continue
+        hh, ww = sizes[top]
+        if isinstance(m, Conv2d):
+            kh, kw_ = m.kernel_size
+            total += 2 * n * hh * ww * m.out_channels * m.in_channels * kh * kw_
+        elif isinstance(m, ConvTranspose2d):
+            kh, kw_ = m.kernel_size
+            total += 2 * n * hh * ww * m.in_channels * m.out_channels * kh * kw_
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------
+def time_runs(fn, sync, warmup, repeats, max_run_s):
+    """Median wall time (s) of ``repeats`` runs of fn after ``warmup`` runs; each run is synchronised
+    on both ends. A slow case (warm-up run > max_run_s) gets 2 timed runs."""
+    first = None
+    for _ in range(max(1, warmup)):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        first = time.perf_counter() - t0
+    if first > max_run_s:
+        repeats = min(repeats, 2)
+    times = []
+    for _ in range(max(1, repeats)):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return dict(median_s=statistics.median(times), min_s=min(times), runs=len(times),
+                times_s=[round(t, 6) for t in times])
+
+
+def torch_fns(model, x, t, lr=1e-3):
+    import torch
+    loss_fn = torch.nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def train():
+        model.train()
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(model(x), t)
+        loss.backward()
+        opt.step()
+
+    def forward():
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    return dict(train=train, forward=forward)
+
+
+def ours_fns(model, backend, x, t, lr=1e-3):
+    from unet_np.nn import CrossEntropyLoss
+    from unet_np.optim import SGD
+    loss_fn = CrossEntropyLoss(backend=backend)
+    opt = SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def train():
+        model.train()
+        opt.zero_grad()
+        logits = model.forward(x)
+        loss_fn.forward(logits, t)
+        model.backward(loss_fn.backward())
+        opt.step()
+
+    def forward():
+        model.eval()
+        model.predict(x)
+
+    return dict(train=train, forward=forward), loss_fn, opt
+
+
+def _device_inputs(backend, x, t):
+    """x, t on the backend's device when its array module is CuPy (NumPy otherwise: GPU models accept
+    NumPy input)."""
+    xp = backend.xp
+    if xp.__name__ == "cupy":
+        return xp.asarray(x), xp.asarray(t)
+    return x, t
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parts
+# ---------------------------------------------------------------------------------------------------
+def run_torch(net, args, x, t, device, smoke, tf32):
+    import torch
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    model = torch_model(net, args.seed, device)
+    tx = torch.from_numpy(x).to(device)
+    tt = torch.from_numpy(t).to(device)
+    fns = torch_fns(model, tx, tt)
+    sync = _sync_for("torch", smoke)
+    out = {}
+    for mode in args.modes:
+        peak = None
+        if not smoke:
+            _free_gpu_memory(smoke)
+            torch.cuda.reset_peak_memory_stats()
+        res = time_runs(fns[mode], sync, args.warmup, args.repeats, args.max_run_s)
+        if not smoke:
+            peak = torch.cuda.max_memory_allocated()
+        res["peak_bytes"] = peak
+        out[mode] = res
+    del model, fns, tx, tt
+    _free_gpu_memory(smoke)
+    return out
+
+
+def run_ours(net, name, args, x, t, weights, smoke):
+    from unet_np import backends
+    backend = backends.get("numpy" if smoke else name)
+    model = ours_model(net, backend, weights)
+    dx, dt = _device_inputs(backend, x, t)
+    fns, loss_fn, _ = ours_fns(model, backend, dx, dt)
+    sync = _sync_for(name, smoke)
+    out = {}
+    for mode in args.modes:
+        for _, m in list(model.named_modules()) + [("loss", loss_fn)]:
+            m._clear_cache()            # drop the activations a previous mode kept for its backward
+        pool = None
+        if not smoke and backend.xp.__name__ == "cupy":
+            import cupy
+            pool = cupy.get_default_memory_pool()
+        _free_gpu_memory(smoke)
+        res = time_runs(fns[mode], sync, args.warmup, args.repeats, args.max_run_s)
+        res["peak_bytes"] = pool.total_bytes() if pool is not None else None
+        out[mode] = res
+    del model, fns, dx, dt
+    _free_gpu_memory(smoke)
+    return out
+
+
+def check_against_torch(net, args, device, weights, smoke):
+    """Relative error of the cupy model's logits against PyTorch's (TF32 off), batch 2 at 64x64."""
+    import torch
+    from unet_np import backends, to_numpy
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 1, 64, 64), dtype=np.float32)
+    tm = torch_model(net, args.seed, device).eval()
+    with torch.inference_mode():
+        want = tm(torch.from_numpy(x).to(device)).double().cpu().numpy()
+    m = ours_model(net, backends.get("numpy" if smoke else "cupy"), weights).eval()
+    got = np.asarray(to_numpy(m.predict(x)), dtype=np.float64)
+    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
+
+
+def layer_breakdown(net, args, x, t, weights, smoke, steps=2):
+    """Per leaf module forward / backward times (ms per step) of the cupy backend's training step,
+    from CUDA events recorded around every call (--smoke: the clock around the numpy backend)."""
+    from collections import defaultdict
+
+    from unet_np import backends
+    backend = backends.get("numpy" if smoke else "cupy")
+    model = ours_model(net, backend, weights)
+    dx, dt = _device_inputs(backend, x, t)
+    fns, loss_fn, opt = ours_fns(model, backend, dx, dt)
+    Event = _CpuEvent if smoke else _CupyEvent
+    sync = _sync_for("cupy", smoke)
+    records = []            # (key, start event, end event)
+    undo = []
+
+    def wrap(obj, method, key):
+        inner = getattr(obj, method)
+
+        def timed(*a, **kw):
+            e0, e1 = Event(), Event()
+            e0.record()
+            try:
+                return inner(*a, **kw)
+            finally:
+                e1.record()
+                records.append((key, e0, e1))
+
+        object.__setattr__(obj, method, timed)
+        undo.append(lambda: obj.__dict__.pop(method, None))
+
+    leaves = []
+    for name, m in model.named_modules():
+        if not m.children():
+            leaves.append((name.rstrip("."), m))
+            wrap(m, "forward", (name.rstrip("."), type(m).__name__, "forward"))
+            wrap(m, "backward", (name.rstrip("."), type(m).__name__, "backward"))
+    wrap(loss_fn, "forward", ("loss", "CrossEntropyLoss", "forward"))
+    wrap(loss_fn, "backward", ("loss", "CrossEntropyLoss", "backward"))
+    wrap(opt, "step", ("optimizer", "SGD", "step"))
+    wrap(opt, "zero_grad", ("optimizer", "SGD", "zero_grad"))
+    fns["train"]()                                                   # warm-up
+    sync()
+    totals = defaultdict(float)
+    step_ms = []
+    for _ in range(steps):
+        records.clear()
+        e0, e1 = Event(), Event()
+        sync()
+        e0.record()
+        fns["train"]()
+        e1.record()
+        sync()
+        step_ms.append(e0.elapsed_ms(e1))
+        for key, a, b in records:
+            totals[key] += a.elapsed_ms(b) / steps
+    for u in undo:
+        u()
+    step = statistics.median(step_ms)
+    rows = [dict(name=k[0], type=k[1], phase=k[2], ms=round(v, 4), percent=round(100 * v / step, 2))
+            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    by_type = defaultdict(float)
+    for k, v in totals.items():
+        by_type[(k[1], k[2])] += v
+    types = [dict(type=k[0], phase=k[1], ms=round(v, 4), percent=round(100 * v / step, 2))
+             for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])]
+    measured = sum(totals.values())
+    del model, fns
+    _free_gpu_memory(smoke)
+    return dict(net=net, step_ms=round(step, 4), glue_ms=round(step - measured, 4), layers=rows, by_type=types)
+
+
+def gemm_comparison(n, smoke):
+    """The hand-written tiled SGEMMs (gemm.cu v1, v2) against cuBLAS (cupy.matmul), n^3, float32."""
+    if smoke:
+        return dict(skipped="--smoke: no GPU")
+    import cupy
+    from unet_np.backends import cupy_backend
+    k = cupy_backend.kernels()
+    rng = cupy.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=cupy.float32)
+    b = rng.standard_normal((n, n), dtype=cupy.float32)
+
+    def timed(fn, repeats=10):
+        fn()
+        cupy.cuda.Device().synchronize()
+        times = []
+        for _ in range(repeats):
+            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(e0, e1) / 1e3)
+        return statistics.median(times)
+
+    ref = cupy.matmul(a, b)
+    out = dict(n=n, flop=2 * n ** 3)
+    t = timed(lambda: cupy.matmul(a, b))
+    out["cublas"] = dict(s=t, tflops=2 * n ** 3 / t / 1e12)
+    scale = float(cupy.abs(ref).max())
+    for v in (1, 2):
+        c = k.gemm_tiled(a, b, version=v)
+        err = float(cupy.abs(c - ref).max()) / scale
+        entry = dict(rel_err_vs_cublas=err)
+        if err > 1e-4:
+            entry["skipped"] = "wrong result: not timed"
+        else:
+            t = timed(lambda: k.gemm_tiled(a, b, version=v), repeats=5)
+            entry.update(s=t, tflops=2 * n ** 3 / t / 1e12, fraction_of_cublas=out["cublas"]["s"] / t)
+        out[f"tiled_v{v}"] = entry
+    del a, b, ref
+    _free_gpu_memory(False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+def machine_info(smoke):
+    info = dict(python=platform.python_version(), numpy=np.__version__, host=platform.node(),
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if not smoke and torch.cuda.is_available():
+            info["cudnn"] = torch.backends.cudnn.version()
+            info["device"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    if not smoke:
+        try:
+            import cupy
+            info["cupy"] = cupy.__version__
+            rt = cupy.cuda.runtime
+            info["cuda_runtime"] = rt.runtimeGetVersion()
+            info["cuda_driver"] = rt.driverGetVersion()
+            props = rt.getDeviceProperties(0)
+            name = props["name"]
+            info["device"] = name.decode() if isinstance(name, bytes) else str(name)
+            info["device_memory_gib"] = round(props["totalGlobalMem"] / GIB, 1)
+        except Exception as exc:
+            info["cupy_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        import numba
+        info["numba"] = numba.__version__
+    except Exception:
+        pass
+    info.setdefault("device", "cpu-smoke" if smoke else "unknown")
+    return info
+
+
+def _ms(entry):
+    if not isinstance(entry, dict) or "median_s" not in entry:
+        return None
+    return entry["median_s"] * 1e3
+
+
+def _fmt(v, spec=".1f"):
+    return "-" if v is None else format(v, spec)
+
+
+def to_markdown(res):
+    info, cfg = res["machine"], res["config"]
+    lines = [f"# GPU benchmark: {info.get('device')} ({info['date'][:10]})", ""]
+    lines.append(f"float32, batch {cfg['batch']}, {cfg['size']}x{cfg['size']}; median of {cfg['repeats']} "
+                 f"runs after {cfg['warmup']} warm-up runs, each bracketed by a device synchronize. "
+                 f"PyTorch {info.get('torch')} + cuDNN {info.get('cudnn')}, cudnn.benchmark on; CuPy "
+                 f"{info.get('cupy')}, CUDA runtime {info.get('cuda_runtime')}, driver {info.get('cuda_driver')}.")
+    lines.append("Training step = forward, cross-entropy, backward, SGD momentum 0.9; forward = eval mode, "
+                 "nothing kept for a backward. Ratio = time / cuDNN (TF32 off); < 1 is faster than cuDNN.")
+    lines.append("")
+    backs = [b for b in cfg["backends"]]
+    head = "| network | mode | cuDNN TF32 off (ms) | cuDNN TF32 on (ms) |"
+    sep = "|---|---|---|---|"
+    for b in backs:
+        head += f" {b} (ms) | {b} / cuDNN |"
+        sep += "---|---|"
+    lines += [head, sep]
+    for net, r in res["nets"].items():
+        for mode in cfg["modes"]:
+            ref = _ms(r.get("torch_tf32_off", {}).get(mode))
+            row = f"| {net} | {mode} | {_fmt(ref)} | {_fmt(_ms(r.get('torch_tf32_on', {}).get(mode)))} |"
+            for b in backs:
+                got = r.get(b, {})
+                v = _ms(got.get(mode)) if isinstance(got, dict) else None
+                note = got.get("skipped") or got.get("error") if isinstance(got, dict) else None
+                ratio = None if (v is None or not ref) else v / ref
+                row += f" {_fmt(v) if v is not None else (note or '-')[:60]} | {_fmt(ratio, '.2f')} |"
+            lines.append(row)
+    lines.append("")
+    lines.append("Peak GPU memory of a training step (GiB; CuPy: memory-pool high-water mark, an upper bound; "
+                 "PyTorch: max_memory_allocated):")
+    lines.append("")
+    lines.append("| network | cuDNN TF32 off | " + " | ".join(backs) + " |")
+    lines.append("|---|---|" + "---|" * len(backs))
+    for net, r in res["nets"].items():
+        def peak(side):
+            e = r.get(side, {})
+            e = e.get("train") if isinstance(e, dict) else None
+            p = e.get("peak_bytes") if isinstance(e, dict) else None
+            return _fmt(None if p is None else p / GIB, ".2f")
+        lines.append(f"| {net} | {peak('torch_tf32_off')} | " + " | ".join(peak(b) for b in backs) + " |")
+    for net, r in res["nets"].items():
+        if "flops_forward" in r:
+            lines.append("")
+            lines.append(f"{net}: {r['flops_forward'] / 1e9:.1f} GFLOP per forward; logits of the cupy model vs "
+                         f"PyTorch (TF32 off, 2x1x64x64): relative error {_fmt(r.get('check_rel_err'), '.2e')}.")
+    g = res.get("gemm")
+    if isinstance(g, dict) and "cublas" in g:
+        lines += ["", f"SGEMM {g['n']}^3 (float32):", "", "| kernel | ms | TFLOPS | fraction of cuBLAS | rel. err |",
+                  "|---|---|---|---|---|",
+                  f"| cuBLAS (cupy.matmul) | {g['cublas']['s'] * 1e3:.2f} | {g['cublas']['tflops']:.2f} | 1 | 0 |"]
+        for v in (1, 2):
+            e = g.get(f"tiled_v{v}", {})
+            if "s" in e:
+                lines.append(f"| gemm.cu tiled v{v} | {e['s'] * 1e3:.2f} | {e['tflops']:.2f} | "
+                             f"{e['fraction_of_cublas']:.3f} | {e['rel_err_vs_cublas']:.1e} |")
+            else:
+                lines.append(f"| gemm.cu tiled v{v} | - | - | - | {e.get('skipped', e.get('error', '-'))} |")
+    elif g:
+        lines += ["", f"SGEMM: {g.get('skipped') or g.get('error')}"]
+    lb = res.get("layers")
+    if isinstance(lb, dict) and "by_type" in lb:
+        lines += ["", f"Where the cupy training step goes ({lb['net']}, {lb['step_ms']:.1f} ms per step by CUDA "
+                      f"events; glue = the step less every measured call: {lb['glue_ms']:.1f} ms):", "",
+                  "| layer type | phase | ms | % of step |", "|---|---|---|---|"]
+        for row in lb["by_type"]:
+            lines.append(f"| {row['type']} | {row['phase']} | {row['ms']:.2f} | {row['percent']:.1f} |")
+        lines += ["", "The slowest single calls:", "", "| module | type | phase | ms | % |", "|---|---|---|---|---|"]
+        for row in lb["layers"][:15]:
+            lines.append(f"| {row['name']} | {row['type']} | {row['phase']} | {row['ms']:.2f} | {row['percent']:.1f} |")
+    elif lb:
+        lines += ["", f"Per-layer breakdown: {lb.get('skipped') or lb.get('error')}"]
+    if res.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in res["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _slug(s):
+    return re.sub(r"[^a-z0-9]+", "-", str(s).lower()).strip("-") or "device"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.batch, args.size = min(args.batch, 2), min(args.size, 32)
+        args.repeats, args.warmup, args.gemm_n = min(args.repeats, 2), 1, 0
+    args.nets = [n for n in args.nets.split(",") if n]
+    args.modes = [m for m in args.modes.split(",") if m]
+    for n in args.nets:
+        if n not in NETS:
+            raise SystemExit(f"unknown net {n!r}: expected one of {', '.join(NETS)}")
+    backs = [b for b in args.backends.split(",") if b]
+    t_start = time.perf_counter()
+
+    def left():
+        return args.budget_s - (time.perf_counter() - t_start)
+
+    info = machine_info(args.smoke)
+    res = dict(machine=info, config=dict(batch=args.batch, size=args.size, repeats=args.repeats,
+                                         warmup=args.warmup, modes=args.modes, backends=backs,
+                                         nets=args.nets, smoke=args.smoke, budget_s=args.budget_s),
+               nets={}, notes=[])
+    print(f"device: {info.get('device')}; torch {info.get('torch')}, cupy {info.get('cupy')}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"gpu-{datetime.date.today().isoformat()}-{_slug(info.get('device'))}")
+
+    def save(final=False):
+        """Write the JSON and markdown so far (after every part: a run cut short keeps its results)."""
+        res["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        res["complete"] = final
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        md = to_markdown(res)
+        with open(stem + ".md", "w") as f:
+            f.write(md)
+        if final:
+            print(md)
+            print(f"wrote {stem}.json and .md ({res['elapsed_s']} s)")
+    have_torch = False
+    if not args.no_torch:
+        try:
+            import torch
+            have_torch = args.smoke or torch.cuda.is_available()
+        except ImportError:
+            res["notes"].append("PyTorch is not installed: no cuDNN figures")
+    device = "cpu" if args.smoke else "cuda"
+    from unet_np import backends
+    usable = {}
+    for b in backs:
+        if args.smoke:
+            usable[b] = None
+            continue
+        try:
+            backends.get(b)
+            usable[b] = None
+        except Exception as exc:
+            usable[b] = f"unavailable: {exc}"
+            print(f"backend {b}: {usable[b]}", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    x = rng.standard_normal((args.batch, 1, args.size, args.size), dtype=np.float32)
+    t = rng.integers(0, 2, size=(args.batch, args.size, args.size), dtype=np.int64)
+
+    # Most important first: cuDNN and cupy on every net, then the SGEMMs, layers, numba-cuda.
+    order = [b for b in backs if b != "numba-cuda"]
+    late = [b for b in backs if b == "numba-cuda"]
+    for net in args.nets:
+        r = res["nets"].setdefault(net, {})
+        weights = weights_from_torch(net, args.seed) if have_torch else None
+        r["desc"] = NETS[net]["desc"]
+        try:
+            r["flops_forward"] = unet_forward_flops(ours_model(net, "numpy", None), x.shape)
+        except Exception as exc:
+            r["flops_error"] = str(exc)
+        if have_torch and ("cupy" in backs and usable.get("cupy") is None):
+            try:
+                r["check_rel_err"] = check_against_torch(net, args, device, weights, args.smoke)
+                print(f"[{net}] cupy logits vs PyTorch: relative error {r['check_rel_err']:.2e}", flush=True)
+                if r["check_rel_err"] > 1e-3:
+                    res["notes"].append(f"{net}: the cupy model's logits differ from PyTorch's by "
+                                        f"{r['check_rel_err']:.2e} (relative): check before trusting timings")
+            except Exception as exc:
+                r["check_error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+        if have_torch:
+            for tf32 in (False, True):
+                key = f"torch_tf32_{'on' if tf32 else 'off'}"
+                if left() < 0:
+                    r[key] = dict(skipped="time budget spent")
+                    continue
+                try:
+                    r[key] = run_torch(net, args, x, t, device, args.smoke, tf32)
+                    print(f"[{net}] {key}: " + ", ".join(f"{m} {_ms(r[key][m]):.2f} ms" for m in args.modes),
+                          flush=True)
+                except Exception as exc:
+                    r[key] = dict(error=f"{type(exc).__name__}: {exc}")
+                    traceback.print_exc()
+                save()
+        for b in order:
+            r[b] = _run_backend(net, b, args, x, t, weights, usable, left)
+            save()
+    if args.gemm_n and not args.smoke:
+        if left() < 0 or usable.get("cupy") is not None:
+            res["gemm"] = dict(skipped="time budget spent" if left() < 0 else "cupy unavailable")
+        else:
+            try:
+                res["gemm"] = gemm_comparison(args.gemm_n, args.smoke)
+                g = res["gemm"]
+                print(f"SGEMM {args.gemm_n}^3: cuBLAS {g['cublas']['tflops']:.2f} TFLOPS; " + ", ".join(
+                    f"v{v} {g[f'tiled_v{v}'].get('tflops', float('nan')):.2f}" for v in (1, 2)), flush=True)
+            except Exception as exc:
+                res["gemm"] = dict(error=f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
+        save()
+    if not args.no_layers and "cupy" in backs:
+        if left() < 0 or usable.get("cupy") is not None:
+            res["layers"] = dict(skipped="time budget spent" if left() < 0 else "cupy unavailable")
+        else:
+            try:
+                res["layers"] = layer_breakdown(args.layers_net, args, x, t,
+                                                weights_from_torch(args.layers_net, args.seed) if have_torch else None,
+                                                args.smoke)
+                print(f"per-layer breakdown: {res['layers']['step_ms']:.2f} ms per step", flush=True)
+            except Exception as exc:
+                res["layers"] = dict(error=f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
+        save()
+    for b in late:
+        for net in args.nets:
+            weights = weights_from_torch(net, args.seed) if have_torch else None
+            res["nets"][net][b] = _run_backend(net, b, args, x, t, weights, usable, left)
+            save()
+    save(final=True)
+    return res
+
+
+def _run_backend(net, b, args, x, t, weights, usable, left):
+    if usable.get(b) is not None:
+        return dict(skipped=usable[b])
+    if left() < 0:
+        return dict(skipped="time budget spent")
+    try:
+        out = run_ours(net, b, args, x, t, weights, args.smoke)
+        print(f"[{net}] {b}: " + ", ".join(f"{m} {_ms(out[m]):.2f} ms" for m in args.modes), flush=True)
+        return out
+    except Exception as exc:
+        traceback.print_exc()
+        _free_gpu_memory(args.smoke)
+        return dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
+if __name__ == "__main__":
+    main()

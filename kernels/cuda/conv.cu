@@ -1,0 +1,155 @@
+// conv.cu -- the memory passes around the convolutions' GEMMs (the GEMMs themselves are cuBLAS).
+//
+// NumPy reference: unet_np/nn/conv.py -- _im2col, _col2im, _channels_first, _batch_first
+// (conv2d_forward / conv2d_backward / conv_transpose2d_forward / conv_transpose2d_backward).
+// Python side: unet_np/backends/cupy_backend.py (CudaKernels.conv2d_forward, ...).
+//
+// Layouts (all row-major, contiguous):
+//   x     (N, C, H, W)                      the image, NCHW
+//   cols  (C*kh*kw, N*Ho*Wo)                row (c, i, j), column (n, ho, wo): cols[(c,i,j), (n,ho,wo)] =
+//                                           x[n, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw] (0 in the padding)
+// The forward of a convolution is  W (O, C*kh*kw) @ cols  -> (O, N*Ho*Wo), put back into NCHW (and the
+// bias and an optional ReLU added) by swap01_bias_act. col2im is im2col's adjoint: every image pixel
+// GATHERS the column entries that were copied from it (no atomics, so the result is deterministic).
+//
+// Every kernel is a grid-stride loop over its outputs: any launch size is correct (the tests even run
+// them with one thread on the CPU), the Python side picks one for speed. Indices are 64-bit.
+// Both dtypes: a template body and two extern "C" entry points, <name>_f32 and <name>_f64.
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// ---------------------------------------------------------------------------------------------------
+// im2col: x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo). One thread per column entry (writes coalesced).
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void im2col(const T* __restrict__ x, T* __restrict__ cols,
+                       long long N, long long C, long long H, long long W,
+                       long long kh, long long kw, long long Ho, long long Wo,
+                       long long sh, long long sw, long long ph, long long pw,
+                       long long dh, long long dw) {
+    const long long M = N * Ho * Wo;                  // columns
+    const long long total = C * kh * kw * M;
+    GRID_STRIDE(idx, total) {
+        const long long row = idx / M, col = idx % M;
+        const long long j = row % kw, i = (row / kw) % kh, c = row / (kw * kh);
+        const long long wo = col % Wo, ho = (col / Wo) % Ho, n = col / (Wo * Ho);
+        const long long h = ho * sh - ph + i * dh;
+        const long long w = wo * sw - pw + j * dw;
+        T v = (T)0;
+        if (h >= 0 && h < H && w >= 0 && w < W) v = x[((n * C + c) * H + h) * W + w];
+        cols[idx] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// col2im: cols (C*kh*kw, N*Ho*Wo) -> x (N, C, H, W), the adjoint of im2col, plus an optional bias (C,).
+// One thread per image pixel (n, c, h, w): it sums every column entry (c, i, j, n, ho, wo) with
+// ho*sh - ph + i*dh == h and wo*sw - pw + j*dw == w. Pixels no window reaches get 0 (or the bias).
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void col2im(const T* __restrict__ cols, T* __restrict__ x, const T* __restrict__ bias,
+                       long long has_bias,
+                       long long N, long long C, long long H, long long W,
+                       long long kh, long long kw, long long Ho, long long Wo,
+                       long long sh, long long sw, long long ph, long long pw,
+                       long long dh, long long dw) {
+    const long long M = N * Ho * Wo;
+    const long long total = N * C * H * W;
+    GRID_STRIDE(idx, total) {
+        const long long w = idx % W, h = (idx / W) % H, c = (idx / (W * H)) % C, n = idx / (W * H * C);
+        T acc = has_bias ? bias[c] : (T)0;
+        for (long long i = 0; i < kh; ++i) {
+            const long long hh = h + ph - i * dh;     // = ho * sh for the window that reads h
+            if (hh < 0 || hh % sh != 0) continue;
+            const long long ho = hh / sh;
+            if (ho >= Ho) continue;
+            for (long long j = 0; j < kw; ++j) {
+                const long long ww = w + pw - j * dw;
+                if (ww < 0 || ww % sw != 0) continue;
+                const long long wo = ww / sw;
+                if (wo >= Wo) continue;
+                const long long row = (c * kh + i) * kw + j;
+                acc += cols[row * M + (n * Ho + ho) * Wo + wo];
+            }
+        }
+        x[idx] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// swap01_bias_act: src (A, B, L) -> dst (B, A, L), dst[b, a, l] = act(src[a, b, l] + bias[a]).
+// The GEMM's output pass: (O, N, Ho*Wo) -> NCHW with the bias (indexed by the SOURCE's first axis,
+// the output channel) and, when relu != 0, a ReLU fused in. With has_bias = relu = 0 it is the plain
+// layout change NCHW (N, C, L) -> (C, N, L) (_channels_first) or back (_batch_first).
+// One thread per destination entry (writes coalesced; reads coalesced along l).
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void swap01_bias_act(const T* __restrict__ src, T* __restrict__ dst,
+                                const T* __restrict__ bias, long long has_bias, long long relu,
+                                long long A, long long B, long long L) {
+    const long long total = A * B * L;
+    GRID_STRIDE(idx, total) {
+        const long long l = idx % L, a = (idx / L) % A, b = idx / (L * A);   // dst index (b, a, l)
+        T v = src[(a * B + b) * L + l];
+        if (has_bias) v += bias[a];
+        if (relu && v < (T)0) v = (T)0;               // max(v, 0); a NaN stays NaN, as np.maximum
+        dst[idx] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// bias_act_inplace: y (N, C, L) += bias[c], then ReLU when relu != 0. The 1x1 convolution's epilogue
+// (its GEMM writes NCHW directly).
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void bias_act_inplace(T* __restrict__ y, const T* __restrict__ bias, long long has_bias,
+                                 long long relu, long long C, long long L, long long total) {
+    GRID_STRIDE(idx, total) {
+        T v = y[idx];
+        if (has_bias) v += bias[(idx / L) % C];
+        if (relu && v < (T)0) v = (T)0;
+        y[idx] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------------
+#define IM2COL_ARGS long long N, long long C, long long H, long long W, long long kh, long long kw, \
+    long long Ho, long long Wo, long long sh, long long sw, long long ph, long long pw, long long dh, long long dw
+#define IM2COL_PASS N, C, H, W, kh, kw, Ho, Wo, sh, sw, ph, pw, dh, dw
+
+extern "C" __global__ void im2col_f32(const float* x, float* cols, IM2COL_ARGS) {
+    im2col<float>(x, cols, IM2COL_PASS);
+}
+extern "C" __global__ void im2col_f64(const double* x, double* cols, IM2COL_ARGS) {
+    im2col<double>(x, cols, IM2COL_PASS);
+}
+extern "C" __global__ void col2im_f32(const float* cols, float* x, const float* bias, long long has_bias,
+                                      IM2COL_ARGS) {
+    col2im<float>(cols, x, bias, has_bias, IM2COL_PASS);
+}
+extern "C" __global__ void col2im_f64(const double* cols, double* x, const double* bias, long long has_bias,
+                                      IM2COL_ARGS) {
+    col2im<double>(cols, x, bias, has_bias, IM2COL_PASS);
+}
+extern "C" __global__ void swap01_bias_act_f32(const float* src, float* dst, const float* bias,
+                                               long long has_bias, long long relu,
+                                               long long A, long long B, long long L) {
+    swap01_bias_act<float>(src, dst, bias, has_bias, relu, A, B, L);
+}
+extern "C" __global__ void swap01_bias_act_f64(const double* src, double* dst, const double* bias,
+                                               long long has_bias, long long relu,
+                                               long long A, long long B, long long L) {
+    swap01_bias_act<double>(src, dst, bias, has_bias, relu, A, B, L);
+}
+extern "C" __global__ void bias_act_inplace_f32(float* y, const float* bias, long long has_bias, long long relu,
+                                                long long C, long long L, long long total) {
+    bias_act_inplace<float>(y, bias, has_bias, relu, C, L, total);
+}
+extern "C" __global__ void bias_act_inplace_f64(double* y, const double* bias, long long has_bias, long long relu,
+                                                long long C, long long L, long long total) {
+    bias_act_inplace<double>(y, bias, has_bias, relu, C, L, total);
+}

@@ -1,0 +1,668 @@
+"""The cupy backend (CUDA C kernels + cuBLAS) against the numpy reference, primitive by primitive and
+on whole models.
+
+Every test runs twice, on the fixture ``xb``:
+  * "cupy":     the real backend on a GPU (skipped, with the reason, without CuPy or a usable GPU);
+  * "emulated": the SAME Python code of unet_np/backends/cupy_backend.py and the SAME .cu sources,
+                run on the CPU: NumPy arrays, NumPy matmul for the GEMMs, and every .cu file compiled
+                by g++ as plain C++ (a small header maps __global__, threadIdx, __shared__, ... onto
+                C++) and launched as ONE thread. Every kernel is a grid-stride loop, so one thread
+                computes the whole result; each launch is also checked against the kernel's C
+                signature (argument count, pointer dtypes, exact scalar types), which is what a
+                RawKernel launch on the GPU needs. Skipped without g++. (gemm.cu's tiled kernels
+                need a real 16x16 block, so they run on the GPU only.) UNET_NP_EMULATION=0 skips
+                it (benchmarks/gpu.sh does, to save device time).
+
+Tolerances (relative error: max |got - want| / max |want|): float32 1e-4, float64 1e-10.
+"""
+import atexit
+import ctypes
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zlib
+
+import numpy as np
+import pytest
+
+import unet_np
+from unet_np import backends
+from unet_np.backends import Backend
+from unet_np.backends import cupy_backend as cb
+from unet_np.backends.numpy_backend import reference_ops
+
+REF = reference_ops()
+TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+DTYPES = (np.float32, np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CPU emulation of the kernels
+# ---------------------------------------------------------------------------------------------------
+EMU_HEADER = r"""
+// Maps the CUDA C used in kernels/cuda/*.cu onto plain C++: one block of one thread.
+#include <math.h>
+#include <cmath>
+struct emu_dim3 { unsigned int x, y, z; };
+static const emu_dim3 threadIdx = {0u, 0u, 0u};
+static const emu_dim3 blockIdx = {0u, 0u, 0u};
+static const emu_dim3 blockDim = {1u, 1u, 1u};
+static const emu_dim3 gridDim = {1u, 1u, 1u};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __syncthreads() ((void)0)
+"""
+
+_PTR = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64}
+_SCALAR = {"float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double),
+           "int": (np.int32, ctypes.c_int), "long long": (np.int64, ctypes.c_longlong)}
+
+
+def _parse_param(text):
+    """'const float* __restrict__ x' -> ('float', True)."""
+    pointer = "*" in text
+    words = [w for w in re.split(r"[\s*]+", text) if w and w not in ("const", "__restrict__")]
+    base = " ".join(words[:-1])        # drop the parameter's name
+    if base not in _SCALAR:
+        raise AssertionError(f"unexpected kernel parameter type in {text!r}")
+    return base, pointer
+
+
+@functools.lru_cache(maxsize=None)
+def _emu_library(family):
+    """(ctypes library, {kernel name: [(base type, is pointer), ...]}) for kernels/cuda/<family>.cu."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels cannot be built")
+    tmp = tempfile.mkdtemp(prefix=f"unet_np_emu_{family}_")
+    atexit.register(shutil.rmtree, tmp, True)
+    src = os.path.join(tmp, f"{family}.cu")
+    with open(src, "w") as f:
+        f.write(cb.kernel_source(family))
+    header = os.path.join(tmp, "emu.h")
+    with open(header, "w") as f:
+        f.write(EMU_HEADER)
+    lib = os.path.join(tmp, f"lib{family}.so")
+    subprocess.run([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-x", "c++", "-include", header, src,
+                    "-o", lib], check=True, capture_output=True, text=True)
+    pre = subprocess.run([gxx, "-E", "-P", "-x", "c++", "-D__global__=", "-D__device__=",
+                          "-D__forceinline__=inline", "-D__shared__=static", src],
+                         check=True, capture_output=True, text=True).stdout
+    sigs = {}
+    for name, params in re.findall(r'extern\s+"C"\s+void\s+(\w+)\s*\(([^)]*)\)', pre):
+        sigs[name] = [_parse_param(p) for p in params.split(",")]
+    return ctypes.CDLL(lib), sigs
+
+
+def _emu_function(family, name):
+    lib, sigs = _emu_library(family)
+    if name not in sigs:
+        raise AssertionError(f"{family}.cu has no kernel {name!r}")
+    params = sigs[name]
+    fn = lib[name]
+    fn.restype = None
+
+    def launch(grid, block, args):
+        args = tuple(args)
+        assert len(args) == len(params), f"{name}: {len(args)} arguments, the kernel takes {len(params)}"
+        cargs, ctypes_list = [], []
+        for k, (a, (base, pointer)) in enumerate(zip(args, params)):
+            if pointer:
+                assert isinstance(a, np.ndarray), f"{name} argument {k}: expected an array, got {type(a)}"
+                assert a.dtype == np.dtype(_PTR[base]), \
+                    f"{name} argument {k}: a {base}* needs dtype {np.dtype(_PTR[base])}, got {a.dtype}"
+                assert a.flags.c_contiguous, f"{name} argument {k}: the array is not C-contiguous"
+                cargs.append(ctypes.c_void_p(a.ctypes.data))
+                ctypes_list.append(ctypes.c_void_p)
+            else:
+                np_type, c_type = _SCALAR[base]
+                assert type(a) is np_type, \
+                    f"{name} argument {k}: a {base} needs a {np_type.__name__} scalar, got {type(a).__name__}"
+                cargs.append(c_type(a.item()))
+                ctypes_list.append(c_type)
+        fn.argtypes = ctypes_list
+        fn(*cargs)
+
+    return launch
+
+
+@functools.lru_cache(maxsize=None)
+def _emulated():
+    k = cb.CudaKernels(np, _emu_function)
+    backend = Backend("cupy-emulated", np, k.table())
+    backend.kernels = k
+    return backend
+
+
+class _Target:
+    """What a test needs of the backend under test."""
+
+    def __init__(self, kind, backend):
+        self.kind, self.backend, self.k, self.xp = kind, backend, backend.kernels, backend.xp
+
+    def put(self, a):
+        return None if a is None else self.xp.asarray(a)
+
+
+@pytest.fixture(scope="module", params=["cupy", "emulated"])
+def xb(request):
+    if request.param == "cupy":
+        pytest.importorskip("cupy", reason="CuPy is not installed (pip install 'unet-np[cuda12]')")
+        try:
+            backend = backends.get("cupy")
+        except backends.BackendUnavailable as exc:
+            pytest.skip(f"the cupy backend cannot run here: {exc}")
+        return _Target("cupy", backend)
+    if os.environ.get("UNET_NP_EMULATION", "1") == "0":
+        pytest.skip("UNET_NP_EMULATION=0: the CPU emulation of the kernels is switched off")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels cannot be built")
+    return _Target("emulated", _emulated())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparison helpers
+# ---------------------------------------------------------------------------------------------------
+def rel_err(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    if a.size == 0:
+        return 0.0
+    same_nan = np.isnan(a) == np.isnan(b)
+    assert same_nan.all(), "NaN in different places"
+    a, b = np.nan_to_num(a), np.nan_to_num(b)
+    scale = max(float(np.max(np.abs(b))), 1e-30)
+    return float(np.max(np.abs(a - b)) / scale)
+
+
+def close(got, want, what, dtype=None, floor=0.0):
+    """got (any backend) matches want (NumPy) within the dtype's tolerance, relative to
+    max(max |want|, floor): a floor (for example a fraction of the largest gradient in a model) keeps
+    an array that is zero up to rounding (the bias gradient of a convolution that batch-norm follows)
+    from being judged by its noise."""
+    got = backends.to_numpy(got)
+    want = np.asarray(want)
+    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    tol = TOL[np.dtype(dtype or want.dtype)]
+    err = rel_err(got, want)
+    if floor and want.size:
+        err = float(np.max(np.abs(got.astype(np.float64) - want))) / max(float(np.max(np.abs(want))), floor)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+def rng_for(*key):
+    """A generator seeded from the test's parameters (crc32: the same in every process)."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------
+def test_table_covers_the_reference(xb):
+    ops = xb.backend.ops
+    assert set(ops) == set(REF), "the cupy table must have exactly the reference's primitives"
+    for name in cb.REPLACED:
+        assert name in REF, f"{name} is not a reference primitive"
+        assert ops[name] == getattr(xb.k, name)
+
+
+def test_importing_unet_np_does_not_import_cupy():
+    code = "import sys, unet_np, unet_np.backends.cupy_backend; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Convolutions
+# ---------------------------------------------------------------------------------------------------
+CONV_CASES = [
+    # (N, C, H, W, O, (kh, kw), stride, padding, dilation, bias)
+    (2, 3, 9, 8, 4, (3, 3), 1, 1, 1, True),             # the U-Net's 3x3 'same'
+    (2, 3, 5, 6, 4, (1, 1), 1, 0, 1, True),             # 1x1: batched GEMM path
+    (1, 2, 8, 8, 3, (2, 2), 2, 0, 1, False),            # kernel == stride
+    (2, 2, 11, 10, 3, (3, 2), (2, 3), ((1, 0), (0, 2)), (2, 1), True),   # everything odd
+    (3, 1, 7, 7, 2, (2, 2), 3, 0, 1, True),             # stride > kernel: gaps
+    (1, 4, 6, 5, 2, (3, 3), 1, 0, 1, True),             # 'valid'
+    (2, 2, 1, 1, 3, (3, 3), 1, 1, 1, True),             # 1x1 map, padded
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d(xb, case, dtype):
+    N, C, H, W, O, (kh, kw), stride, padding, dilation, bias = case
+    rng = rng_for("conv", case, dtype)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((O, C, kh, kw)).astype(dtype)
+    b = rng.standard_normal(O).astype(dtype) if bias else None
+    y_ref, c_ref = REF["conv2d_forward"](x, w, b, stride, padding, dilation)
+    y, c = xb.k.conv2d_forward(xb.put(x), xb.put(w), xb.put(b), stride, padding, dilation)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    ref = REF["conv2d_backward"](dy, c_ref)
+    got = xb.k.conv2d_backward(xb.put(dy), c)
+    for name, g, r in zip(("dx", "dw", "db"), got, ref):
+        if r is None:
+            assert g is None
+        else:
+            close(g, r, name)
+
+
+CONVT_CASES = [
+    # (N, Cin, H, W, Cout, (kh, kw), stride, padding, output_padding, dilation, bias)
+    (2, 4, 5, 6, 3, (2, 2), 2, 0, 0, 1, True),          # the U-Net's up-convolution
+    (2, 3, 5, 5, 2, (3, 3), 1, 1, 0, 1, True),
+    (1, 3, 4, 5, 2, (3, 3), 2, 1, 1, 1, False),
+    (2, 2, 3, 4, 3, (1, 1), 1, 0, 0, 1, True),          # 1x1 path
+    (1, 2, 4, 3, 2, (3, 2), (2, 3), (1, 0), (1, 2), (2, 1), True),
+    (1, 2, 3, 3, 2, (1, 1), 2, 0, 1, 1, True),          # 1x1 with stride: general path
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONVT_CASES)
+def test_conv_transpose2d(xb, case, dtype):
+    N, Cin, H, W, Cout, (kh, kw), stride, padding, op, dilation, bias = case
+    rng = rng_for("convt", case, dtype)
+    x = rng.standard_normal((N, Cin, H, W)).astype(dtype)
+    w = rng.standard_normal((Cin, Cout, kh, kw)).astype(dtype)
+    b = rng.standard_normal(Cout).astype(dtype) if bias else None
+    y_ref, c_ref = REF["conv_transpose2d_forward"](x, w, b, stride, padding, op, dilation)
+    y, c = xb.k.conv_transpose2d_forward(xb.put(x), xb.put(w), xb.put(b), stride, padding, op, dilation)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    ref = REF["conv_transpose2d_backward"](dy, c_ref)
+    got = xb.k.conv_transpose2d_backward(xb.put(dy), c)
+    for name, g, r in zip(("dx", "dw", "db"), got, ref):
+        if r is None:
+            assert g is None
+        else:
+            close(g, r, name)
+
+
+def test_conv_accepts_non_contiguous_input(xb):
+    rng = rng_for("nc")
+    x = rng.standard_normal((3, 2, 6, 7))
+    w = rng.standard_normal((4, 3, 3, 3))
+    xt = x.transpose(1, 0, 2, 3)                          # (2, 3, 6, 7), not contiguous
+    y_ref, c_ref = REF["conv2d_forward"](np.ascontiguousarray(xt), w, None, 1, 1, 1)
+    y, c = xb.k.conv2d_forward(xb.put(x).transpose(1, 0, 2, 3), xb.put(w), None, 1, 1, 1)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape)
+    close(xb.k.conv2d_backward(xb.put(dy)[:, ::-1][:, ::-1], c)[0], REF["conv2d_backward"](dy, c_ref)[0], "dx")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["relu", "sigmoid"])
+def test_activation(xb, op, dtype):
+    rng = rng_for("act", op, dtype)
+    x = (rng.standard_normal((2, 3, 5, 7)) * 4).astype(dtype)
+    x.reshape(-1)[:4] = [0.0, -0.0, 80.0, -80.0]
+    y_ref, c_ref = REF[f"{op}_forward"](x)
+    y, c = getattr(xb.k, f"{op}_forward")(xb.put(x))
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    close(getattr(xb.k, f"{op}_backward")(xb.put(dy), c), REF[f"{op}_backward"](dy, c_ref), "dx")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Max-pooling (values from a small set, so windows have ties: the first maximum must win)
+# ---------------------------------------------------------------------------------------------------
+POOL_CASES = [
+    ((2, 3, 8, 8), 2, 2, 0),
+    ((2, 2, 7, 9), 2, 2, 0),                              # odd: last row / column dropped
+    ((1, 2, 9, 8), 3, 2, 1),                              # overlapping, padded
+    ((2, 1, 6, 7), 3, 1, 1),                              # stride 1: every pixel in 9 windows
+    ((1, 2, 7, 8), (2, 3), (1, 2), (1, 0)),
+    ((1, 1, 5, 5), 2, 3, 0),                              # stride > kernel
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_maxpool(xb, case, dtype):
+    shape, k, s, p = case
+    rng = rng_for("pool", case, dtype)
+    x = rng.integers(-2, 3, size=shape).astype(dtype)     # many ties
+    y_ref, c_ref = REF["maxpool2d_forward"](x, k, s, p)
+    y, c = xb.k.maxpool2d_forward(xb.put(x), k, s, p)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    close(xb.k.maxpool2d_backward(xb.put(dy), c), REF["maxpool2d_backward"](dy, c_ref), "dx")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upsampling
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("shape,scale", [((2, 3, 5, 4), 2), ((1, 2, 3, 3), 3), ((1, 2, 4, 5), (2, 3)),
+                                         ((2, 1, 1, 1), 2), ((1, 1, 2, 3), (1, 4))])
+def test_upsample(xb, shape, scale, mode, dtype):
+    rng = rng_for("up", shape, scale, mode, dtype)
+    x = rng.standard_normal(shape).astype(dtype)
+    y_ref, c_ref = REF[f"upsample_{mode}2d_forward"](x, scale)
+    y, c = getattr(xb.k, f"upsample_{mode}2d_forward")(xb.put(x), scale)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    close(getattr(xb.k, f"upsample_{mode}2d_backward")(xb.put(dy), c),
+          REF[f"upsample_{mode}2d_backward"](dy, c_ref), "dx")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Concatenation, crop, pad
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [0, 1, 2, 3])
+def test_concat(xb, axis, dtype):
+    rng = rng_for("cat", axis, dtype)
+    base = [2, 3, 4, 5]
+    xs = []
+    for size in (2, 1, 3):
+        shape = list(base)
+        shape[axis] = size
+        xs.append(rng.standard_normal(shape).astype(dtype))
+    y_ref, c_ref = REF["concat_forward"](xs, axis)
+    y, c = xb.k.concat_forward([xb.put(x) for x in xs], axis)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    got, ref = xb.k.concat_backward(xb.put(dy), c), REF["concat_backward"](dy, c_ref)
+    assert isinstance(got, tuple) and len(got) == len(ref)
+    for g, r in zip(got, ref):
+        close(g, np.ascontiguousarray(r), "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [(4, 5), (7, 8), (3, 2)])
+def test_center_crop(xb, size, dtype):
+    rng = rng_for("crop", size, dtype)
+    x = rng.standard_normal((2, 3, 7, 8)).astype(dtype)
+    y_ref, c_ref = REF["center_crop_forward"](x, size)
+    y, c = xb.k.center_crop_forward(xb.put(x), size)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    close(xb.k.center_crop_backward(xb.put(dy), c), REF["center_crop_backward"](dy, c_ref), "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,pads", [("reflect", (1, 2, 3, 0)), ("reflect", (4, 4, 5, 5)),
+                                       ("reflect", (0, 0, 0, 0)), ("constant", (2, 0, 1, 3))])
+def test_pad2d(xb, mode, pads, dtype):
+    rng = rng_for("pad", mode, pads, dtype)
+    x = rng.standard_normal((2, 2, 6, 5)).astype(dtype)
+    y_ref, c_ref = REF["pad2d_forward"](x, pads, mode, 0.5)
+    y, c = xb.k.pad2d_forward(xb.put(x), pads, mode, 0.5)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    close(xb.k.pad2d_backward(xb.put(dy), c), np.ascontiguousarray(REF["pad2d_backward"](dy, c_ref)), "dx")
+
+
+def test_pad2d_bad_mode(xb):
+    with pytest.raises(ValueError, match="mode"):
+        xb.k.pad2d_forward(xb.put(np.zeros((1, 1, 3, 3))), (1, 1, 1, 1), "edge")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch norm
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm(xb, training, affine, dtype):
+    rng = rng_for("bn", training, affine, dtype)
+    C = 3
+    x = (rng.standard_normal((4, C, 5, 6)) * 3 + 2).astype(dtype)
+    x[:, 1] = 7.0                                         # a constant channel: variance 0
+    gamma = rng.standard_normal(C).astype(dtype) if affine else None
+    beta = rng.standard_normal(C).astype(dtype) if affine else None
+    mean = rng.standard_normal(C).astype(dtype)
+    var = rng.uniform(0.5, 2, C).astype(dtype)
+    y_ref, c_ref, mu_ref, v_ref = REF["batchnorm2d_forward"](x, gamma, beta, mean, var, 1e-5, training)
+    y, c, mu, v = xb.k.batchnorm2d_forward(xb.put(x), xb.put(gamma), xb.put(beta), xb.put(mean), xb.put(var),
+                                           1e-5, training)
+    close(y, y_ref, "y")
+    if training:
+        close(mu, mu_ref, "batch mean")
+        close(v, v_ref, "batch var")
+    else:
+        assert mu is None and v is None
+    assert tuple(c[1].shape) == x.shape                   # BatchNorm2d.backward reads cache[1].shape
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    got = xb.k.batchnorm2d_backward(xb.put(dy), c)
+    ref = REF["batchnorm2d_backward"](dy, c_ref)
+    for name, g, r in zip(("dx", "dgamma", "dbeta"), got, ref):
+        close(g, r, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Softmax cross-entropy
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("class_weight", [False, True])
+@pytest.mark.parametrize("pixel_weight", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (4, 5), (2, 1, 3, 3)])
+def test_softmax_cross_entropy(xb, shape, class_weight, pixel_weight, dtype):
+    rng = rng_for("ce", shape, class_weight, pixel_weight, dtype)
+    N, C = shape[:2]
+    x = (rng.standard_normal(shape) * 5).astype(dtype)
+    x.reshape(-1)[0] = 60.0                               # large logits must not overflow
+    t = rng.integers(0, C, size=(N,) + shape[2:]).astype(np.int64)
+    t.reshape(-1)[1::4] = -100                            # ignored pixels
+    cw = rng.uniform(0.2, 3, C).astype(dtype) if class_weight else None
+    pw = rng.uniform(0.5, 10, t.shape).astype(dtype) if pixel_weight else None
+    l_ref, c_ref = REF["softmax_cross_entropy_forward"](x, t, cw, -100, pw)
+    loss, c = xb.k.softmax_cross_entropy_forward(xb.put(x), xb.put(t), xb.put(cw), -100, xb.put(pw))
+    assert tuple(loss.shape) == () and loss.dtype == np.dtype(dtype)
+    close(loss, l_ref, "loss")
+    close(xb.k.softmax_cross_entropy_backward(c), REF["softmax_cross_entropy_backward"](c_ref), "dlogits")
+
+
+def test_softmax_cross_entropy_all_ignored(xb):
+    x = np.random.default_rng(0).standard_normal((1, 3, 2, 2))
+    t = np.full((1, 2, 2), 7, dtype=np.int64)
+    loss, c = xb.k.softmax_cross_entropy_forward(xb.put(x), xb.put(t), None, 7, None)
+    assert np.isnan(float(loss))
+    assert not np.any(backends.to_numpy(xb.k.softmax_cross_entropy_backward(c)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_other_losses_run_on_the_backend(xb, dtype):
+    """BCE and Dice keep the reference primitives, written on the input's array module."""
+    rng = rng_for("other", dtype)
+    x = rng.standard_normal((2, 3, 4, 4)).astype(dtype)
+    tf = rng.uniform(0, 1, x.shape).astype(dtype)
+    ops = xb.backend.ops
+    l_ref, c_ref = REF["bce_with_logits_forward"](x, tf, None)
+    loss, c = ops["bce_with_logits_forward"](xb.put(x), xb.put(tf), None)
+    close(loss, l_ref, "bce")
+    close(ops["bce_with_logits_backward"](c), REF["bce_with_logits_backward"](c_ref), "dbce")
+    l_ref, c_ref = REF["sigmoid_dice_forward"](x, tf, 1.0, 1e-7)
+    loss, c = ops["sigmoid_dice_forward"](xb.put(x), xb.put(tf), 1.0, 1e-7)
+    close(loss, l_ref, "dice")
+    close(ops["sigmoid_dice_backward"](c), REF["sigmoid_dice_backward"](c_ref), "ddice")
+    t = rng.integers(0, 3, size=(2, 4, 4)).astype(np.int64)
+    t[0, 0] = -100
+    l_ref, c_ref = REF["softmax_dice_forward"](x, t, 1.0, 1e-7, -100, False)
+    loss, c = ops["softmax_dice_forward"](xb.put(x), xb.put(t), 1.0, 1e-7, -100, False)
+    close(loss, l_ref, "softmax dice")
+    close(ops["softmax_dice_backward"](c), REF["softmax_dice_backward"](c_ref), "dsoftmax dice")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused optimizer kernels against unet_np.optim (three steps)
+# ---------------------------------------------------------------------------------------------------
+def _param_pair(xb, dtype, seed):
+    from unet_np.nn import Parameter
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((3, 4, 5)).astype(dtype)
+    p_ref = Parameter(data.copy())
+    p = Parameter(xb.put(data.copy()))
+    return rng, p_ref, p
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hp", [dict(momentum=0.0), dict(momentum=0.9, weight_decay=1e-2),
+                                dict(momentum=0.9, nesterov=True), dict(momentum=0.99, dampening=0.1)])
+def test_fused_sgd(xb, hp, dtype):
+    from unet_np.optim import SGD
+    rng, p_ref, p = _param_pair(xb, dtype, 1)
+    opt = SGD([p_ref], lr=0.05, **hp)
+    buf = xb.xp.zeros(p.data.shape, dtype=dtype)
+    for step in range(3):
+        g = rng.standard_normal(p.data.shape).astype(dtype)
+        p_ref.grad[...] = g
+        opt.step()
+        xb.k.sgd_step(p.data, xb.put(g), buf, 0.05, first=(step == 0), **hp)
+        close(p.data, p_ref.data, f"p after step {step + 1}")
+        if hp["momentum"]:
+            close(buf, opt.state[0]["momentum_buffer"], "momentum buffer")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["adam", "adam_wd", "adamw", "amsgrad", "beta1_small"])
+def test_fused_adam(xb, kind, dtype):
+    from unet_np.optim import Adam, AdamW
+    rng, p_ref, p = _param_pair(xb, dtype, 2)
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    cls, decoupled, amsgrad = Adam, False, False
+    if kind == "adam_wd":
+        hp["weight_decay"] = 0.1
+    elif kind == "adamw":
+        cls, decoupled, hp["weight_decay"] = AdamW, True, 0.05
+    elif kind == "amsgrad":
+        amsgrad = True
+    elif kind == "beta1_small":
+        hp["betas"] = (0.3, 0.9)                          # torch's other lerp branch (1 - beta1 >= 0.5)
+    opt = cls([p_ref], amsgrad=amsgrad, **hp)
+    m = xb.xp.zeros(p.data.shape, dtype=dtype)
+    v = xb.xp.zeros(p.data.shape, dtype=dtype)
+    vmax = xb.xp.zeros(p.data.shape, dtype=dtype) if amsgrad else None
+    for step in range(1, 4):
+        g = rng.standard_normal(p.data.shape).astype(dtype) * (0.1 if step == 2 else 1.0)
+        p_ref.grad[...] = g
+        opt.step()
+        xb.k.adam_step(p.data, xb.put(g), m, v, step, hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"],
+                       decoupled=decoupled, vmax=vmax)
+        close(p.data, p_ref.data, f"p after step {step}")
+        close(m, opt.state[0]["exp_avg"], "exp_avg")
+        close(v, opt.state[0]["exp_avg_sq"], "exp_avg_sq")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hand-written GEMM (GPU only: the tiles need real 16x16 blocks)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("mnk", [(64, 64, 64), (37, 70, 19), (1, 130, 5), (129, 1, 200)])
+def test_gemm_tiled(xb, mnk, version, dtype):
+    if xb.kind != "cupy":
+        pytest.skip("the tiled GEMM needs a real thread block (GPU only)")
+    M, N, K = mnk
+    rng = rng_for("gemm", mnk, dtype)
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    c = xb.k.gemm_tiled(xb.put(a), xb.put(b), version=version)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    err = rel_err(backends.to_numpy(c), want)
+    assert err <= (1e-5 if dtype == np.float32 else 1e-12), f"relative error {err:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole models: forward, loss, every gradient, one SGD step and one Adam step, vs the numpy backend
+# ---------------------------------------------------------------------------------------------------
+MODEL_CASES = [
+    dict(),
+    dict(batchnorm=True),
+    dict(upsample="bilinear"),
+    dict(padding="valid"),
+    dict(pad_input=True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", MODEL_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_unet_training_steps(xb, cfg, dtype):
+    from unet_np.nn import CrossEntropyLoss
+    from unet_np.optim import SGD, Adam
+    rng = rng_for("unet", tuple(sorted(cfg.items())), dtype)
+    kw = dict(depth=2, base_channels=4, dtype=dtype, **cfg)
+    ref = unet_np.UNet(1, 3, **kw)
+    model = unet_np.UNet(1, 3, backend=xb.backend, **kw)
+    model.load_state_dict(ref.state_dict())
+    if cfg.get("padding") == "valid":
+        hw = ref.valid_input_shape((44, 44))
+    elif cfg.get("pad_input"):
+        hw = (14, 11)
+    else:
+        hw = (16, 12)
+    out_hw = ref.output_shape(hw)
+    weight = np.array([1.0, 2.0, 0.5])
+    losses = (CrossEntropyLoss(weight=weight), CrossEntropyLoss(weight=weight, backend=xb.backend))
+    # Adam divides by sqrt(v) + eps, so a gradient that is zero up to rounding (a convolution's bias
+    # before batch-norm, see the floor below) moves its parameter by up to lr with a random sign: a
+    # larger eps than the default 1e-8 bounds that amplification of rounding noise (the fused Adam
+    # test above checks the default eps on well-conditioned gradients).
+    adam_eps = 1e-5
+    opts = None
+    for step, name in enumerate(("SGD", "Adam")):
+        x = rng.standard_normal((2, 1) + tuple(hw)).astype(dtype)
+        t = rng.integers(0, 3, size=(2,) + tuple(out_hw)).astype(np.int64)
+        t[:, 0, :3] = -100
+        pw = rng.uniform(0.5, 3, t.shape).astype(dtype)
+        y_ref = ref.forward(x)
+        y = model.forward(x)                              # NumPy input is accepted
+        close(y, y_ref, f"{name}: logits")
+        l_ref = losses[0].forward(y_ref, t, pixel_weight=pw)
+        loss = losses[1].forward(y, t, pixel_weight=pw)
+        assert abs(loss - l_ref) <= TOL[np.dtype(dtype)] * abs(l_ref), f"{name}: loss {loss} vs {l_ref}"
+        ref.zero_grad()
+        model.zero_grad()
+        dx_ref = ref.backward(losses[0].backward())
+        dx = model.backward(losses[1].backward())
+        close(dx, dx_ref, f"{name}: dx")
+        # Judged against at least 1% of the largest gradient: with batch-norm, a convolution's bias
+        # gradient is zero up to rounding (the normalisation removes any constant shift), and the
+        # float32 reference's own rounding is then all there is to compare.
+        floor = 1e-2 * max(float(np.max(np.abs(p.grad))) for p in ref.parameters())
+        for (n, p_ref), (_, p) in zip(ref.named_parameters(), model.named_parameters()):
+            close(p.grad, p_ref.grad, f"{name}: grad of {n}", floor=floor)
+        if step == 0:
+            opts = (SGD(ref.parameters(), lr=0.05, momentum=0.9), SGD(model.parameters(), lr=0.05, momentum=0.9))
+        else:
+            opts = (Adam(ref.parameters(), lr=1e-3, eps=adam_eps), Adam(model.parameters(), lr=1e-3, eps=adam_eps))
+        opts[0].step()
+        opts[1].step()
+        for (n, p_ref), (_, p) in zip(ref.named_parameters(), model.named_parameters()):
+            close(p.data, p_ref.data, f"after one {name} step: {n}")
+    if cfg.get("batchnorm"):
+        sd_ref, sd = ref.state_dict(), model.state_dict()
+        for n in sd_ref:
+            if "running" in n:
+                close(sd[n], sd_ref[n], n)
+        ref.eval()
+        model.eval()
+        x = rng.standard_normal((2, 1) + tuple(hw)).astype(dtype)
+        close(model.forward(x), ref.forward(x), "eval-mode logits")
+
+
+def test_model_to_backend_and_back(xb):
+    ref = unet_np.UNet(1, 2, depth=2, base_channels=4, dtype=np.float64)
+    x = np.random.default_rng(3).standard_normal((1, 1, 8, 8))
+    want = ref.forward(x)
+    m = unet_np.UNet(1, 2, depth=2, base_channels=4, dtype=np.float64)
+    m.load_state_dict(ref.state_dict())
+    m.to(xb.backend)
+    close(m.forward(x), want, "after .to(backend)")
+    m.to("numpy")
+    close(m.forward(x), want, "after .to('numpy')")
