@@ -252,7 +252,7 @@ def _weight_grad_per_image(a3, b3):
 # ---------------------------------------------------------------------------------------------------
 # Primitives
 # ---------------------------------------------------------------------------------------------------
-def conv2d_forward(x, w, b, stride=1, padding=0, dilation=1):
+def conv2d_forward_reference(x, w, b, stride=1, padding=0, dilation=1):
     """y = conv2d(x, w) + b (a cross-correlation, as PyTorch's).
 
     x: (N, C, H, W), w: (O, C, kh, kw), b: (O,) or None; stride, dilation: int or (h, w);
@@ -285,7 +285,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0, dilation=1):
     return y, (cols, w, x.shape, stride, lead, dilation, b is not None)
 
 
-def conv2d_backward(dy, cache):
+def conv2d_backward_reference(dy, cache):
     """Gradients of y = conv2d(x, w) + b.
 
     dy: (N, O, Ho, Wo) -> dx: (N, C, H, W), dw: (O, C, kh, kw), db: (O,) or None.
@@ -315,7 +315,7 @@ def conv2d_backward(dy, cache):
     return dx, dw, db
 
 
-def conv_transpose2d_forward(x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
+def conv_transpose2d_forward_reference(x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
     """y = conv_transpose2d(x, w) + b: the adjoint of conv2d with the same w and hyper-parameters.
 
     x: (N, Cin, H, W), w: (Cin, Cout, kh, kw) (PyTorch's layout), b: (Cout,) or None.
@@ -352,7 +352,7 @@ def conv_transpose2d_forward(x, w, b, stride=1, padding=0, output_padding=0, dil
     return y, (x2, w, x.shape, stride, lead, dilation, b is not None)
 
 
-def conv_transpose2d_backward(dy, cache):
+def conv_transpose2d_backward_reference(dy, cache):
     """Gradients of y = conv_transpose2d(x, w) + b.
 
     dy: (N, Cout, Hy, Wy) -> dx: (N, Cin, H, W), dw: (Cin, Cout, kh, kw), db: (Cout,) or None.
@@ -375,6 +375,308 @@ def conv_transpose2d_backward(dy, cache):
     dw = _weight_grad(xs, cols).reshape(w.shape)
     db = dy.sum(axis=(0, 2, 3)) if has_bias else None
     return dx, dw, db
+
+# ---------------------------------------------------------------------------------------------------
+# Tiled fast paths (the default primitives). The reference functions above are kept as they are and
+# are what runs when ``_FAST_PATHS`` is False; the tests compare the two.
+#
+# Why tiles. A whole-batch column buffer is 9x the input (600 MB for a 128-channel 128x128 map at
+# batch 8); writing it once and reading it back goes through DRAM, fresh allocations of that size
+# cost page faults on every call, and keeping it for the backward makes a training step hold 9x its
+# activations. Instead the output is cut into tiles (a few whole images, or a band of output rows of
+# one image) whose column buffer fits ``_TILE_BYTES``; for each tile the buffer is packed, used by
+# one GEMM per image and packed again for the next tile. The buffer is a per-thread workspace
+# reused across calls; it is never returned to a caller. The forward keeps only its input x (which
+# the previous layer keeps anyway), so a step holds what PyTorch holds.
+#
+#   forward      y[n, :, band]  = W (O, K) @ cols_n,band (K, P)        straight into NCHW, no transpose
+#   weight grad  dW^T (K, O)   += cols_n,band @ dy[n, :, band]^T        cols packed again from x
+#   input grad   stride 1:   dx = conv2d(dy, w flipped and transposed, padding d(k-1) - p)
+#                            (a gather: the same tiled forward, no scatter-add); used when C >= O/4
+#                otherwise:  dcols_n = W^T @ dy_n, then col2im per image (cheap when C is small)
+#
+# The helpers that touch memory element by element (packing, bias, pixel shuffles, channel sums,
+# col2im) are looked up in a kernel table, so the numba backend runs the same driver with compiled,
+# multi-threaded versions (unet_np/kernels/cpu_conv.py); ``NUMPY_KERNELS`` are the NumPy ones.
+# ---------------------------------------------------------------------------------------------------
+import threading
+
+_TILE_BYTES = 16 << 20          # column-buffer budget of one tile
+_workspaces = threading.local()
+
+
+def _workspace(key, count, dtype):
+    """A flat scratch array of ``count`` elements, private to the calling thread and reused across
+    calls (one per key and dtype; it grows to the largest request). Never hand it to a caller."""
+    bufs = _workspaces.__dict__.setdefault("bufs", {})
+    dtype = np.dtype(dtype)
+    buf = bufs.get((key, dtype))
+    if buf is None or buf.size < count:
+        buf = np.empty(max(count, 1), dtype=dtype)
+        bufs[(key, dtype)] = buf
+    return buf[:count]
+
+
+def _plan(N, Ho, Wo, K, itemsize):
+    """Tiles (n0, n1, r0, r1) covering N images x Ho output rows: several whole images when one
+    image's column buffer (K x Ho*Wo) fits the budget, else bands of rows of one image."""
+    per_row = K * Wo * itemsize
+    per_image = per_row * Ho
+    if per_image <= _TILE_BYTES:
+        nb = max(1, min(N, _TILE_BYTES // per_image))
+        return [(n, min(N, n + nb), 0, Ho) for n in range(0, N, nb)]
+    rows = max(1, _TILE_BYTES // per_row)
+    bands = -(-Ho // rows)
+    rows = -(-Ho // bands)                                              # even bands
+    return [(n, n + 1, r, min(Ho, r + rows)) for n in range(N) for r in range(0, Ho, rows)]
+
+
+# -- the NumPy element-wise helpers ----------------------------------------------------------------
+def _np_im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride, lead, dilation, out):
+    """out (nb, C*kh*kw, (r1-r0)*Wo) <- the windows of images n0..n1-1, output rows r0..r1-1:
+    out[b, (c, i, j), (r - r0, wo)] = x_padded[n0 + b, c, r*sh + i*dh, wo*sw + j*dw]."""
+    N, C, H, W = x.shape
+    sh, sw = stride
+    nb, rows = n1 - n0, r1 - r0
+    o6 = out.reshape(nb, C, kh, kw, rows, Wo)
+    xs = x[n0:n1]
+    for i, (a0, a1, h0, _) in enumerate(_ranges(H, Ho, kh, sh, dilation[0], lead[0])):
+        lo, hi = max(a0, r0), min(a1, r1)                               # rows of this band inside x
+        for j, (b0, b1, w0, w1) in enumerate(_ranges(W, Wo, kw, sw, dilation[1], lead[1])):
+            dst = o6[:, :, i, j]                                        # (nb, C, rows, Wo)
+            if hi <= lo or b1 <= b0:
+                dst[...] = 0
+                continue
+            hs = h0 + (lo - a0) * sh
+            dst[:, :, lo - r0:hi - r0, b0:b1] = xs[:, :, hs:hs + (hi - lo - 1) * sh + 1:sh, w0:w1:sw]
+            if lo > r0:
+                dst[:, :, :lo - r0] = 0
+            if hi < r1:
+                dst[:, :, hi - r0:] = 0
+            if b0 > 0:
+                dst[:, :, lo - r0:hi - r0, :b0] = 0
+            if b1 < Wo:
+                dst[:, :, lo - r0:hi - r0, b1:] = 0
+    return out
+
+
+def _np_add_bias(y3, b):
+    """y3 (nb, O, P) += b (O,) per channel, in place."""
+    y3 += b.reshape(1, -1, 1)
+
+
+def _np_channel_sum(a):
+    """(N, C, H, W) -> (C,): the sum over n, h, w (a bias gradient)."""
+    N, C = a.shape[:2]
+    return a.reshape(N, C, -1).sum(axis=2).sum(axis=0)
+
+
+def _np_col2im_image(dcols, dx, n, kh, kw, Ho, Wo, stride, lead, dilation):
+    """dx[n] = col2im(dcols (C*kh*kw, Ho*Wo)) for one image (written, not added)."""
+    dx[n:n + 1] = _col2im(dcols, (1,) + dx.shape[1:], kh, kw, Ho, Wo, stride, lead, dilation)
+
+
+def _np_shuffle(dc, y, n0, kh, kw, b):
+    """Pixel shuffle: dc (nb, Cout*kh*kw, H*W) -> y[n0 + b, c, h*kh + i, w*kw + j] (+ bias)."""
+    nb = dc.shape[0]
+    _, Cout, Hy, Wy = y.shape
+    H, W = Hy // kh, Wy // kw
+    dst = y[n0:n0 + nb].reshape(nb, Cout, H, kh, W, kw)
+    src = dc.reshape(nb, Cout, kh, kw, H, W).transpose(0, 1, 4, 2, 5, 3)
+    if b is None:
+        np.copyto(dst, src)
+    else:
+        np.add(src, b.reshape(1, Cout, 1, 1, 1, 1), out=dst)
+
+
+def _np_unshuffle(dy, n0, n1, kh, kw, out):
+    """Inverse pixel shuffle: dy[n0:n1] (nb, Cout, H*kh, W*kw) -> out (nb, Cout*kh*kw, H*W)."""
+    nb = n1 - n0
+    _, Cout, Hy, Wy = dy.shape
+    H, W = Hy // kh, Wy // kw
+    src = dy[n0:n1].reshape(nb, Cout, H, kh, W, kw).transpose(0, 1, 3, 5, 2, 4)
+    np.copyto(out.reshape(nb, Cout, kh, kw, H, W), src)
+    return out
+
+
+class ConvKernels:
+    """The element-wise helpers the tiled drivers call; a backend may supply compiled ones."""
+
+    def __init__(self, im2col_tile, add_bias, channel_sum, col2im_image, shuffle, unshuffle):
+        self.im2col_tile = im2col_tile
+        self.add_bias = add_bias
+        self.channel_sum = channel_sum
+        self.col2im_image = col2im_image
+        self.shuffle = shuffle
+        self.unshuffle = unshuffle
+
+
+NUMPY_KERNELS = ConvKernels(_np_im2col_tile, _np_add_bias, _np_channel_sum, _np_col2im_image,
+                            _np_shuffle, _np_unshuffle)
+
+
+# -- drivers -----------------------------------------------------------------------------------------
+def _conv_tiles(x, wm, b, y, kh, kw, stride, lead, dilation, kern):
+    """y (N, O, Ho, Wo) = conv2d(x, W) + b, tile by tile. wm: (O, C*kh*kw) contiguous."""
+    N, C, H, W = x.shape
+    _, O, Ho, Wo = y.shape
+    K = C * kh * kw
+    y3 = y.reshape(N, O, Ho * Wo)
+    for n0, n1, r0, r1 in _plan(N, Ho, Wo, K, x.itemsize):
+        nb, P = n1 - n0, (r1 - r0) * Wo
+        cols = _workspace("cols", nb * K * P, x.dtype).reshape(nb, K, P)
+        kern.im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride, lead, dilation, cols)
+        out = y3[n0:n1, :, r0 * Wo:r1 * Wo]                             # a view into y
+        np.matmul(wm, cols, out=out)
+        if b is not None:
+            kern.add_bias(out, b)
+    return y
+
+
+def _conv_weight_grad_tiles(x, dy, kh, kw, stride, lead, dilation, kern):
+    """dW^T (C*kh*kw, O) = sum over tiles of cols_tile @ dy_tile^T, cols packed again from x."""
+    N, C, H, W = x.shape
+    _, O, Ho, Wo = dy.shape
+    K = C * kh * kw
+    dy3 = dy.reshape(N, O, Ho * Wo)
+    dwt = np.zeros((K, O), dtype=dy.dtype)
+    for n0, n1, r0, r1 in _plan(N, Ho, Wo, K, x.itemsize):
+        nb, P = n1 - n0, (r1 - r0) * Wo
+        cols = _workspace("cols", nb * K * P, x.dtype).reshape(nb, K, P)
+        kern.im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride, lead, dilation, cols)
+        for k in range(nb):                                             # fixed order: deterministic
+            dwt += np.matmul(cols[k], dy3[n0 + k, :, r0 * Wo:r1 * Wo].T)
+    return dwt
+
+
+class _TiledConvCache:
+    """What the tiled conv2d keeps for its backward: its input and weight (no column buffer)."""
+    __slots__ = ("x", "w", "stride", "pads", "dilation", "has_bias", "kern")
+
+    def __init__(self, x, w, stride, pads, dilation, has_bias, kern):
+        self.x, self.w, self.stride, self.pads = x, w, stride, pads
+        self.dilation, self.has_bias, self.kern = dilation, has_bias, kern
+
+
+class _TiledConvTCache:
+    """What the tiled (kernel == stride) transposed convolution keeps: x as (N, Cin, H*W) and w."""
+    __slots__ = ("x3", "w", "x_shape", "has_bias", "kern")
+
+    def __init__(self, x3, w, x_shape, has_bias, kern):
+        self.x3, self.w, self.x_shape, self.has_bias, self.kern = x3, w, x_shape, has_bias, kern
+
+
+def make_conv_primitives(kern=NUMPY_KERNELS):
+    """The four conv primitives (same signatures as the reference ones) running the tiled drivers
+    with the element-wise helpers ``kern``. Cases the tiles do not cover go to the reference."""
+
+    def conv2d_forward(x, w, b, stride=1, padding=0, dilation=1):
+        """y = conv2d(x, w) + b; see conv2d_forward_reference for shapes. Tiled when the kernel is
+        larger than 1x1 (the 1x1 case is already one GEMM per image on the NCHW arrays)."""
+        st, dil, pads = _pair(stride), _pair(dilation), _padding_pairs(padding)
+        O, C, kh, kw = w.shape
+        if not _FAST_PATHS or kh * kw == 1 or x.ndim != 4 or C != x.shape[1]:
+            return conv2d_forward_reference(x, w, b, stride, padding, dilation)
+        N, _, H, W = x.shape
+        Ho = conv_output_size(H, kh, st[0], sum(pads[0]), dil[0])
+        Wo = conv_output_size(W, kw, st[1], sum(pads[1]), dil[1])
+        if Ho < 1 or Wo < 1 or _is_tiling(kh, kw, st, (pads[0][0], pads[1][0]), dil, H, W, Ho, Wo):
+            # (kernel == stride: the reference's pixel-shuffle path is already one copy + one GEMM)
+            return conv2d_forward_reference(x, w, b, stride, padding, dilation)
+        x = np.ascontiguousarray(x)
+        y = np.empty((N, O, Ho, Wo), dtype=x.dtype)
+        _conv_tiles(x, np.ascontiguousarray(w).reshape(O, C * kh * kw), b, y, kh, kw, st,
+                    (pads[0][0], pads[1][0]), dil, kern)
+        return y, _TiledConvCache(x, w, st, pads, dil, b is not None, kern)
+
+    def conv2d_backward(dy, cache):
+        """Gradients of conv2d (see conv2d_backward_reference), from the input kept by the forward."""
+        if not isinstance(cache, _TiledConvCache):
+            return conv2d_backward_reference(dy, cache)
+        x, w, st, pads, dil = cache.x, cache.w, cache.stride, cache.pads, cache.dilation
+        N, C, H, W = x.shape
+        O, _, kh, kw = w.shape
+        Ho, Wo = dy.shape[2], dy.shape[3]
+        lead = (pads[0][0], pads[1][0])
+        dy = np.ascontiguousarray(dy)
+        db = cache.kern.channel_sum(dy) if cache.has_bias else None
+        dw = _conv_weight_grad_tiles(x, dy, kh, kw, st, lead, dil, cache.kern).T.reshape(w.shape)
+        dx = np.empty(x.shape, dtype=dy.dtype)
+        fh, fw = dil[0] * (kh - 1), dil[1] * (kw - 1)                  # the kernel's extent - 1
+        gather = (st == (1, 1) and 4 * C >= O and max(pads[0]) <= fh and max(pads[1]) <= fw)
+        if gather:
+            # dx[n, c, h, v] = sum_{o,i,j} w[o, c, i, j] dy[n, o, h + pt - i dh, v + pl - j dw]:
+            # a correlation of dy with w flipped in space and transposed (C, O, kh, kw), padded by
+            # (d(k-1) - p) on each side.
+            wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * kh * kw)
+            _conv_tiles(dy, wf, None, dx, kh, kw, (1, 1), (fh - pads[0][0], fw - pads[1][0]), dil,
+                        cache.kern)
+        else:
+            wmt = np.ascontiguousarray(w.reshape(O, C * kh * kw).T)     # (C*kh*kw, O)
+            dy3 = dy.reshape(N, O, Ho * Wo)
+            for n in range(N):
+                dcols = _workspace("dcols", C * kh * kw * Ho * Wo, dy.dtype).reshape(C * kh * kw,
+                                                                                      Ho * Wo)
+                np.matmul(wmt, dy3[n], out=dcols)
+                cache.kern.col2im_image(dcols, dx, n, kh, kw, Ho, Wo, st, lead, dil)
+        return dx, dw, db
+
+    def conv_transpose2d_forward(x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
+        """y = conv_transpose2d(x, w) + b (see conv_transpose2d_forward_reference). When the kernel
+        equals the stride (no padding, dilation 1, no output padding; the U-Net's up-convolution)
+        it is one GEMM per image and a pixel shuffle, several images per tile."""
+        st, dil, pads = _pair(stride), _pair(dilation), _padding_pairs(padding)
+        Cin, Cout, kh, kw = w.shape
+        if (not _FAST_PATHS or (kh, kw) != st or dil != (1, 1) or pads != ((0, 0), (0, 0))
+                or _pair(output_padding) != (0, 0) or x.ndim != 4 or x.shape[1] != Cin
+                or kh * kw == 1):
+            return conv_transpose2d_forward_reference(x, w, b, stride, padding, output_padding,
+                                                      dilation)
+        N, _, H, W = x.shape
+        x3 = np.ascontiguousarray(x).reshape(N, Cin, H * W)
+        wmt = np.ascontiguousarray(w.reshape(Cin, Cout * kh * kw).T)   # (Cout*kh*kw, Cin)
+        y = np.empty((N, Cout, H * kh, W * kw), dtype=x.dtype)
+        K = Cout * kh * kw
+        for n0, n1, _, _ in _plan(N, 1, H * W, K, x.itemsize):
+            dc = _workspace("cols", (n1 - n0) * K * H * W, x.dtype).reshape(n1 - n0, K, H * W)
+            np.matmul(wmt, x3[n0:n1], out=dc)
+            kern.shuffle(dc, y, n0, kh, kw, b)
+        return y, _TiledConvTCache(x3, w, x.shape, b is not None, kern)
+
+    def conv_transpose2d_backward(dy, cache):
+        """Gradients of the transposed convolution (see conv_transpose2d_backward_reference): per
+        tile, cols = unshuffle(dy) (Cout*kh*kw, H*W) per image, dx_n = W @ cols_n,
+        dW^T += cols_n @ x_n^T."""
+        if not isinstance(cache, _TiledConvTCache):
+            return conv_transpose2d_backward_reference(dy, cache)
+        x3, w, kern_ = cache.x3, cache.w, cache.kern
+        N, Cin, H, W = cache.x_shape
+        _, Cout, kh, kw = w.shape
+        K = Cout * kh * kw
+        dy = np.ascontiguousarray(dy)
+        wm = np.ascontiguousarray(w).reshape(Cin, K)
+        dx = np.empty((N, Cin, H * W), dtype=dy.dtype)
+        dwt = np.zeros((K, Cin), dtype=dy.dtype)
+        for n0, n1, _, _ in _plan(N, 1, H * W, K, dy.itemsize):
+            cols = _workspace("cols", (n1 - n0) * K * H * W, dy.dtype).reshape(n1 - n0, K, H * W)
+            kern_.unshuffle(dy, n0, n1, kh, kw, cols)
+            np.matmul(wm, cols, out=dx[n0:n1])
+            for k in range(n1 - n0):
+                dwt += np.matmul(cols[k], x3[n0 + k].T)
+        db = kern_.channel_sum(dy) if cache.has_bias else None
+        return dx.reshape(N, Cin, H, W), dwt.T.reshape(w.shape), db
+
+    return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward,
+            "conv_transpose2d_forward": conv_transpose2d_forward,
+            "conv_transpose2d_backward": conv_transpose2d_backward}
+
+
+_numpy_primitives = make_conv_primitives(NUMPY_KERNELS)
+conv2d_forward = _numpy_primitives["conv2d_forward"]
+conv2d_backward = _numpy_primitives["conv2d_backward"]
+conv_transpose2d_forward = _numpy_primitives["conv_transpose2d_forward"]
+conv_transpose2d_backward = _numpy_primitives["conv_transpose2d_backward"]
+
 
 # ---------------------------------------------------------------------------------------------------
 # Layers

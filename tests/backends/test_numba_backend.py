@@ -1,0 +1,193 @@
+"""The numba backend against the numpy reference, primitive by primitive and on a whole UNet step;
+the tiled conv drivers (default numpy primitives) against the plain reference path; determinism.
+
+Tolerances: float64 1e-10 relative (the arithmetic is the same up to summation order), float32 1e-4.
+Skipped cleanly when numba is not installed.
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import unet_np  # noqa: E402
+from unet_np import backends  # noqa: E402
+from unet_np.nn import activation, conv, pool  # noqa: E402
+from unet_np.nn.loss import CrossEntropyLoss  # noqa: E402
+from unet_np.optim import SGD  # noqa: E402
+
+TOL = {np.float64: 1e-10, np.float32: 1e-4}
+DTYPES = (np.float64, np.float32)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def nb():
+    return backends.get("numba")
+
+
+def reference(name, monkeypatch=None):
+    """The plain reference primitive (the tiled fast paths off)."""
+    return getattr(conv, name + "_reference")
+
+
+CONV_CASES = [
+    # x shape, w shape, stride, padding, dilation
+    ((2, 3, 7, 9), (4, 3, 3, 3), 1, 1, 1),
+    ((1, 5, 6, 5), (3, 5, 3, 3), 1, 0, 1),
+    ((3, 2, 9, 8), (5, 2, 3, 3), 2, 1, 1),
+    ((2, 4, 8, 7), (3, 4, 3, 2), (1, 2), ((1, 2), (0, 1)), (2, 1)),
+    ((2, 1, 8, 8), (6, 1, 3, 3), 1, 1, 1),        # C << O: the col2im input gradient
+    ((1, 6, 5, 5), (2, 6, 5, 5), 1, 2, 1),
+    ((2, 3, 6, 6), (3, 3, 1, 1), 1, 0, 1),        # 1x1
+    ((2, 3, 6, 8), (3, 3, 2, 2), 2, 0, 1),        # kernel == stride
+]
+
+
+def _conv_all(fwd, bwd, x, w, b, args, dy):
+    y, cache = fwd(x, w, b, *args)
+    return (y,) + tuple(bwd(dy, cache))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("tile_bytes", [None, 64])
+def test_conv2d_tiled_and_numba_match_reference(case, tile_bytes, dtype, nb, monkeypatch):
+    xs, ws, s, p, d = case
+    if tile_bytes is not None:                       # force bands of one row: every tiling branch
+        monkeypatch.setattr(conv, "_TILE_BYTES", tile_bytes)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    ref_y, _ = conv.conv2d_forward_reference(x, w, b, s, p, d)
+    dy = rng.standard_normal(ref_y.shape).astype(dtype)
+    ref = _conv_all(conv.conv2d_forward_reference, conv.conv2d_backward_reference, x, w, b, (s, p, d), dy)
+    for fwd, bwd in ((conv.conv2d_forward, conv.conv2d_backward),
+                     (nb.conv2d_forward, nb.conv2d_backward)):
+        got = _conv_all(fwd, bwd, x, w, b, (s, p, d), dy)
+        for g, r in zip(got, ref):
+            assert g.dtype == r.dtype and g.shape == r.shape
+            assert rel(g, r) < TOL[dtype]
+    # no bias
+    got = _conv_all(nb.conv2d_forward, nb.conv2d_backward, x, w, None, (s, p, d), dy)
+    assert got[3] is None and rel(got[0], ref[0] - b.reshape(1, -1, 1, 1)) < TOL[dtype]
+
+
+CONVT_CASES = [
+    ((2, 4, 5, 6), (4, 3, 2, 2), 2, 0, 0, 1),      # the U-Net's up-convolution
+    ((3, 2, 3, 4), (2, 5, 3, 2), (3, 2), 0, 0, 1),
+    ((2, 3, 4, 4), (3, 2, 3, 3), 2, 1, 1, 1),      # general: reference path
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONVT_CASES)
+@pytest.mark.parametrize("tile_bytes", [None, 64])
+def test_conv_transpose2d_tiled_and_numba_match_reference(case, tile_bytes, dtype, nb, monkeypatch):
+    xs, ws, s, p, op, d = case
+    if tile_bytes is not None:
+        monkeypatch.setattr(conv, "_TILE_BYTES", tile_bytes)
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[1]).astype(dtype)
+    args = (s, p, op, d)
+    ref_y, _ = conv.conv_transpose2d_forward_reference(x, w, b, *args)
+    dy = rng.standard_normal(ref_y.shape).astype(dtype)
+    ref = _conv_all(conv.conv_transpose2d_forward_reference, conv.conv_transpose2d_backward_reference,
+                    x, w, b, args, dy)
+    for fwd, bwd in ((conv.conv_transpose2d_forward, conv.conv_transpose2d_backward),
+                     (nb.conv_transpose2d_forward, nb.conv_transpose2d_backward)):
+        got = _conv_all(fwd, bwd, x, w, b, args, dy)
+        for g, r in zip(got, ref):
+            assert g.dtype == r.dtype and g.shape == r.shape
+            assert rel(g, r) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 2, 7, 9), (3, 1, 2, 3)])
+def test_maxpool2x2_numba_matches_reference(shape, dtype, nb):
+    rng = np.random.default_rng(2)
+    x = rng.integers(-3, 3, size=shape).astype(dtype)          # many ties: first maximum wins
+    y_ref, c_ref = pool.maxpool2d_forward(x, 2, 2, 0)
+    y, c = nb.maxpool2d_forward(x, 2, 2, 0)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(c[0], c_ref[0])
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_array_equal(nb.maxpool2d_backward(dy, c), pool.maxpool2d_backward(dy, c_ref))
+    # NaN propagates to the value as in the reference
+    x[0, 0, 0, 0] = np.nan
+    assert np.isnan(nb.maxpool2d_forward(x, 2, 2, 0)[0][0, 0, 0, 0])
+    # other pools go to the reference
+    y3, _ = nb.maxpool2d_forward(x[:, :, :, :], 3, 1, 1)
+    np.testing.assert_array_equal(y3, pool.maxpool2d_forward(x, 3, 1, 1)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_numba_matches_reference(dtype, nb):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 5, 7)).astype(dtype)
+    x[0, 0, 0, :3] = (0.0, np.nan, -0.0)
+    y_ref, c_ref = activation.relu_forward(x)
+    y, c = nb.relu_forward(x)
+    np.testing.assert_array_equal(y, y_ref)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    np.testing.assert_array_equal(nb.relu_backward(dy, c), activation.relu_backward(dy, c_ref))
+    xt = x.transpose(0, 1, 3, 2)                                # non-contiguous input
+    np.testing.assert_array_equal(nb.relu_forward(xt)[0], activation.relu_forward(xt)[0])
+
+
+def _step(backend, dtype, state=None, steps=1, seed=0):
+    """A UNet training step on backend: logits, loss, every gradient and the weights after SGD."""
+    model = unet_np.UNet(1, 3, depth=2, base_channels=4, dtype=dtype, backend=backend)
+    if state is not None:
+        model.load_state_dict(state)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 1, 16, 12)).astype(dtype)
+    t = rng.integers(0, 3, size=(2, 16, 12))
+    loss = CrossEntropyLoss()
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model.forward(x)
+        value = loss.forward(logits, t)
+        model.backward(loss.backward())
+        grads = [p.grad.copy() for p in model.parameters()]
+        opt.step()
+    return logits, float(value), grads, model.state_dict()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unet_step_numba_matches_numpy(dtype):
+    state = unet_np.UNet(1, 3, depth=2, base_channels=4, dtype=dtype).state_dict()
+    ref = _step("numpy", dtype, state)
+    got = _step("numba", dtype, state)
+    assert rel(got[0], ref[0]) < TOL[dtype]
+    assert abs(got[1] - ref[1]) <= TOL[dtype] * abs(ref[1])
+    for g, r in zip(got[2], ref[2]):
+        assert rel(g, r) < TOL[dtype]
+    for k in ref[3]:
+        assert rel(got[3][k], ref[3][k]) < TOL[dtype], k
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_training_is_bit_identical_across_runs(backend):
+    state = unet_np.UNet(1, 3, depth=2, base_channels=4, dtype=np.float32).state_dict()
+    a = _step(backend, np.float32, state, steps=3)
+    b = _step(backend, np.float32, state, steps=3)
+    for k in a[3]:
+        np.testing.assert_array_equal(a[3][k], b[3][k])
+
+
+def test_workspace_is_never_returned():
+    """Outputs of the tiled conv do not alias the per-thread workspace (a later call must not
+    change an earlier result)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    y1, _ = conv.conv2d_forward(x, w, None, 1, 1, 1)
+    keep = y1.copy()
+    conv.conv2d_forward(x * 2, w, None, 1, 1, 1)
+    np.testing.assert_array_equal(y1, keep)

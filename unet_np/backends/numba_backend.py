@@ -1,0 +1,121 @@
+"""The numba backend: NumPy arrays, the reference table with the memory-bound primitives replaced by
+multi-threaded Numba kernels from unet_np/kernels/cpu_*.py.
+
+What changes against the numpy backend:
+  * convolutions run the same tiled GEMM drivers as the numpy backend (unet_np/nn/conv.py,
+    ``make_conv_primitives``), with compiled packing (im2col per tile, straight from NCHW), bias,
+    pixel-shuffle, channel-sum and col2im helpers (kernels/cpu_conv.py); the GEMMs stay BLAS;
+  * the 2x2 stride-2 max-pool is one pass with a compact argmax (kernels/cpu_pool.py);
+  * ReLU forward and backward are single parallel passes (kernels/cpu_activation.py).
+Everything else (other pools, upsampling, concatenation, norms, losses) is the reference code.
+Results are deterministic: no kernel reduces in parallel in an unspecified order.
+"""
+import numpy as np
+
+from . import Backend
+from .numpy_backend import reference_ops
+
+try:
+    import numba  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without numba
+    raise ImportError("the numba backend needs the numba package: pip install 'unet-np[numba]'") from exc
+
+import os
+
+# Numba's OpenMP threading layer keeps its threads spinning after each parallel loop, which on a
+# small machine steals the cores OpenBLAS needs for the GEMM that follows (measured: the numba
+# backend 1.5-2.7x slower than with 'workqueue'). Unless the user chose a layer, use 'workqueue'.
+# (This only takes effect if no parallel Numba code has run in this process yet.)
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+from ..kernels import cpu_activation, cpu_conv, cpu_pool
+from ..nn import conv as _conv
+from ..nn import pool as _pool
+
+
+# -- convolution helpers, adapted to the driver's calling convention --------------------------------
+def _im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride, lead, dilation, out):
+    return cpu_conv.im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride[0], stride[1], lead[0],
+                                lead[1], dilation[0], dilation[1], out)
+
+
+def _col2im_image(dcols, dx, n, kh, kw, Ho, Wo, stride, lead, dilation):
+    cpu_conv.col2im_image(dcols, dx, n, kh, kw, Ho, Wo, stride[0], stride[1], lead[0], lead[1],
+                          dilation[0], dilation[1])
+
+
+def _shuffle(dc, y, n0, kh, kw, b):
+    if b is None:
+        cpu_conv.shuffle(dc, y, n0, kh, kw, np.zeros(1, dtype=y.dtype), False)
+    else:
+        cpu_conv.shuffle(dc, y, n0, kh, kw, np.ascontiguousarray(b, dtype=y.dtype), True)
+
+
+def _unshuffle(dy, n0, n1, kh, kw, out):
+    return cpu_conv.unshuffle(dy, n0, n1, kh, kw, out)
+
+
+def _add_bias(y3, b):
+    cpu_conv.add_bias(y3, np.ascontiguousarray(b, dtype=y3.dtype))
+
+
+def _channel_sum(a):
+    return cpu_conv.channel_sum(np.ascontiguousarray(a))
+
+
+NUMBA_CONV_KERNELS = _conv.ConvKernels(_im2col_tile, _add_bias, _channel_sum, _col2im_image,
+                                       _shuffle, _unshuffle)
+
+
+# -- max-pool -------------------------------------------------------------------------------------
+def _is_2x2(kernel, stride, padding):
+    return (_pool._pair(kernel) == (2, 2) and _pool._pair(stride) == (2, 2)
+            and _pool._pair(padding) == (0, 0))
+
+
+def maxpool2d_forward(x, kernel, stride, padding):
+    """As unet_np.nn.pool.maxpool2d_forward; the 2x2 stride-2 case in one compiled pass."""
+    if not _is_2x2(kernel, stride, padding):
+        return _pool.maxpool2d_forward(x, kernel, stride, padding)
+    y, arg = cpu_pool.maxpool2x2_forward(np.ascontiguousarray(x))
+    return y, (arg, x.shape, (2, 2), (2, 2), (0, 0))
+
+
+def maxpool2d_backward(dy, cache):
+    arg, shape, kernel, stride, padding = cache
+    if not _is_2x2(kernel, stride, padding):
+        return _pool.maxpool2d_backward(dy, cache)
+    return cpu_pool.maxpool2x2_backward(np.ascontiguousarray(dy), arg, shape[2], shape[3])
+
+
+# -- ReLU -------------------------------------------------------------------------------------------
+def relu_forward(x):
+    """As unet_np.nn.activation.relu_forward, one parallel pass."""
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    cpu_activation.relu_forward_flat(x.reshape(-1), y.reshape(-1))
+    return y, y
+
+
+def relu_backward(dy, y):
+    """As unet_np.nn.activation.relu_backward (dx has dy's dtype), one parallel pass."""
+    dy = np.ascontiguousarray(dy)
+    y = np.ascontiguousarray(y)
+    dx = np.empty_like(dy)
+    cpu_activation.relu_backward_flat(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+def numba_ops():
+    """name -> function for every primitive this backend replaces."""
+    ops = dict(_conv.make_conv_primitives(NUMBA_CONV_KERNELS))
+    ops.update(maxpool2d_forward=maxpool2d_forward, maxpool2d_backward=maxpool2d_backward,
+               relu_forward=relu_forward, relu_backward=relu_backward)
+    return ops
+
+
+def make_backend():
+    ops = reference_ops()
+    ops.update(numba_ops())
+    return Backend("numba", np, ops)
