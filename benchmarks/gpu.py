@@ -131,55 +131,10 @@ def _free_gpu_memory(smoke):
 # Models on both sides, with the same weights
 # ---------------------------------------------------------------------------------------------------
 def _torch_twin_classes():
-    """The PyTorch networks validated against unet_np in tests/models/torch_reference.py; a compact
-    copy of the same structure if that file is not importable."""
-    try:
-        from tests.models.torch_reference import ArticleUNet, TorchUNet
-        return ArticleUNet, TorchUNet
-    except Exception:
-        pass
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout):
-            super().__init__()
-            self.conv = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU())
-
-        def forward(self, x):
-            return self.conv(x)
-
-    class TorchUNet(nn.Module):
-        def __init__(self, cin, ncls, depth=4, base=64):
-            super().__init__()
-            self.depth = depth
-            ch = [base * 2 ** i for i in range(depth + 1)]
-            for i in range(1, depth + 1):
-                setattr(self, f"enc{i}", Block(cin if i == 1 else ch[i - 2], ch[i - 1]))
-            self.bottleneck = Block(ch[depth - 1], ch[depth])
-            for i in range(depth, 0, -1):
-                setattr(self, f"up{i}", nn.ConvTranspose2d(ch[i], ch[i - 1], 2, stride=2))
-                setattr(self, f"dec{i}", Block(2 * ch[i - 1], ch[i - 1]))
-            self.final = nn.Conv2d(ch[0], ncls, 1)
-
-        def forward(self, x):
-            skips = []
-            for i in range(1, self.depth + 1):
-                x = getattr(self, f"enc{i}")(x)
-                skips.append(x)
-                x = F.max_pool2d(x, 2)
-            x = self.bottleneck(x)
-            for i in range(self.depth, 0, -1):
-                x = torch.cat([getattr(self, f"up{i}")(x), skips[i - 1]], dim=1)
-                x = getattr(self, f"dec{i}")(x)
-            return self.final(x)
-
-    def ArticleUNet():
-        return TorchUNet(1, 2, depth=2, base=64)
-
-    return ArticleUNet, TorchUNet
+    """The PyTorch networks of tests/models/torch_reference.py, validated against unet_np there.
+    The benchmarks run from the source checkout (python -m benchmarks....), where tests/ is importable."""
+    from tests.models.torch_reference import ArticleUNet, TorchUNet
+    return ArticleUNet, TorchUNet, "tests.models.torch_reference"
 
 
 def torch_model(net, seed, device):
