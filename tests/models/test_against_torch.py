@@ -87,19 +87,34 @@ def test_article_network_float64_and_sgd_trajectory():
     target = rng.integers(0, 2, (2, 16, 16))
     _compare(ours, theirs, x, target)
 
+    _sgd_trajectory(ours, theirs, x, target)
+
+
+def _sgd_trajectory(ours, theirs, x, target, steps=10):
+    """10 steps of SGD with momentum and weight decay on both sides; every parameter (and running
+    statistic) must stay within TOL of PyTorch's."""
+    ours.train()
+    theirs.train()
     opt = SGD(ours.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     opt_t = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     loss_fn = CrossEntropyLoss()
-    for step in range(10):
+    for step in range(steps):
         opt.zero_grad()
-        loss_fn.forward(ours.forward(x), target)
-        ours.backward(loss_fn.backward())
+        outs = ours.forward(x)
+        outs = outs if isinstance(outs, list) else [outs]
+        grads = []
+        for o in outs:
+            loss_fn.forward(o, target)
+            grads.append(loss_fn.backward() / len(outs))
+        ours.backward(grads if len(grads) > 1 else grads[0])
         opt.step()
         opt_t.zero_grad()
-        F.cross_entropy(theirs(t(x)), t(target)).backward()
+        outs_t = theirs(t(x))
+        outs_t = outs_t if isinstance(outs_t, list) else [outs_t]
+        (sum(F.cross_entropy(o, t(target)) for o in outs_t) / len(outs_t)).backward()
         opt_t.step()
-    for (name, p), (_, tp) in zip(ours.named_parameters(), theirs.named_parameters()):
-        assert rel_err(p.data, n(tp)) < TOL, name
+    for (name, v), (_, tv) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert rel_err(v, n(tv)) < TOL, name
 
 
 @pytest.mark.parametrize("kw", [
@@ -129,6 +144,8 @@ def test_unet_variants_against_torch(kw, train):
     if kw.get("batchnorm"):
         for (k, v), (tk, tv) in zip(ours.state_dict().items(), theirs.state_dict().items()):
             assert rel_err(v, n(tv)) < TOL, k
+    if train:
+        _sgd_trajectory(ours, theirs, x, target)
 
 
 @pytest.mark.parametrize("ds", [False, True])
@@ -141,6 +158,7 @@ def test_unet_plus_plus_against_torch(ds):
     x = rng.standard_normal((2, 1, 16, 16))
     target = rng.integers(0, 2, (2, 16, 16))
     _compare(ours, theirs, x, target)
+    _sgd_trajectory(ours, theirs, x, target)
 
 
 def test_unet_plus_plus_pruned_inference_matches_torch_subnetwork():
@@ -164,6 +182,7 @@ def test_attention_unet_against_torch():
     x = rng.standard_normal((2, 1, 16, 16))
     target = rng.integers(0, 2, (2, 16, 16))
     _compare(ours, theirs, x, target)
+    _sgd_trajectory(ours, theirs, x, target)
 
 
 def test_export_loads_into_torch():
