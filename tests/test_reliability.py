@@ -129,3 +129,30 @@ def test_batchnorm_on_a_constant_channel_gives_no_nan():
 def test_optimizer_without_parameters_is_a_clear_error():
     with pytest.raises(ValueError, match="empty parameter list"):
         SGD([], lr=0.1)
+
+
+def test_to_moves_optimizer_state_and_training_continues_identically():
+    """model.to(backend, optimizer) keeps the momentum buffers: a run that moves numpy -> numpy
+    mid-way (the state goes through its NumPy form) equals one that never moved."""
+    def run(move):
+        unet_np.seed(0)
+        model = UNet(1, 2, depth=1, base_channels=2, dtype=np.float64)
+        opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss = CrossEntropyLoss()
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 1, 8, 8))
+        y = rng.integers(0, 2, (2, 8, 8))
+        for i in range(4):
+            if move and i == 2:
+                before = opt.state_dict()
+                model.to("numpy", optimizer=opt)
+                after = opt.state_dict()
+                assert before.keys() == after.keys()
+                for k in before:
+                    np.testing.assert_array_equal(np.asarray(before[k]), np.asarray(after[k]))
+            _step(model, opt, loss, x, y)
+        return model.state_dict()
+
+    a, b = run(False), run(True)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

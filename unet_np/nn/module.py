@@ -205,8 +205,9 @@ class Module:
         return self
 
     # -- backend -----------------------------------------------------------------------------
-    def to(self, backend):
-        """Move every parameter, gradient and buffer to another backend (in place); returns self."""
+    def to(self, backend, optimizer=None):
+        """Move every parameter, gradient and buffer to another backend (in place); returns self.
+        Pass the optimizer to move its state (momentum buffers, Adam moments) along with them."""
         target = backends.get(backend)
         for _, m in self.named_modules():
             for p in m._parameters.values():
@@ -216,6 +217,9 @@ class Module:
                 object.__setattr__(m, name, target.asarray(backends.to_numpy(getattr(m, name))))
             m.backend = target
             m._clear_cache()
+        if optimizer is not None:
+            # the optimizer holds the Parameters themselves; its buffers are rebuilt on their new arrays
+            optimizer.load_state_dict(optimizer.state_dict())
         return self
 
     def _clear_cache(self):
