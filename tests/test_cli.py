@@ -1,0 +1,224 @@
+"""The `unet-np` command end to end, in subprocesses: train, predict, evaluate on a tiny data set, and
+every input error (exit status 2, one line on stderr that names the problem, no traceback)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unet_np.data import read_mask, touching_cells, write_folder
+
+PIL = pytest.importorskip("PIL")  # reading and writing PNGs needs Pillow ([viz] extra)
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+TINY = ["--epochs", "2", "--base-channels", "4", "--depth", "2", "--batch-size", "4", "--quiet"]
+
+
+def cli(*args, cwd=None):
+    p = subprocess.run([sys.executable, "-m", "unet_np.cli", *map(str, args)], capture_output=True,
+                       text=True, env=ENV, cwd=cwd, timeout=300)
+    return p
+
+
+def assert_error(p, *needles):
+    """Exit status 2, one line on stderr, naming the problem; no traceback."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    x, m, _ = touching_cells(6, 32, seed=0)
+    idir, mdir = write_folder(root / "set", x, m)
+    return root, idir, mdir
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    root, idir, mdir = data
+    out = root / "run"
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, *TINY)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def test_train_writes_everything(trained):
+    for name in ("model.npz", "last.npz", "metrics.json", "metrics.csv"):
+        assert (trained / name).is_file(), name
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2
+    assert 0 <= metrics["final"]["dice"] <= 1 and "boundary_f1" in metrics["final"]
+    rows = (trained / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and len(rows) == 3
+    try:
+        import matplotlib  # noqa: F401
+        assert (trained / "learning_curves.png").is_file() and (trained / "overlay.png").is_file()
+    except ImportError:
+        pass
+
+
+def test_predict_writes_masks_in_the_training_convention(data, trained, tmp_path):
+    root, idir, _ = data
+    out = tmp_path / "pred"
+    p = cli("predict", "--model", trained / "model.npz", "--input", idir, "--out", out,
+            "--probabilities", "--tile", "16")
+    assert p.returncode == 0, p.stderr
+    stems = sorted(f.stem for f in idir.iterdir())
+    assert sorted(f.stem for f in out.glob("*.png")) == stems
+    from PIL import Image
+    arr = np.array(Image.open(out / f"{stems[0]}.png"))
+    assert arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 255}  # binary masks as 0/255
+    prob = np.load(out / f"{stems[0]}.npy")
+    assert prob.shape == (2, 32, 32) and np.allclose(prob.sum(0), 1, atol=1e-5)
+    assert np.array_equal(prob.argmax(0), read_mask(out / f"{stems[0]}.png"))
+
+
+def test_predict_any_size_single_file(data, trained, tmp_path):
+    from unet_np.data import write_image
+    img = write_image(tmp_path / "odd.png", np.random.default_rng(0).random((1, 45, 37)))
+    p = cli("predict", "--model", trained / "model.npz", "--input", img, "--out", tmp_path / "o")
+    assert p.returncode == 0, p.stderr
+    assert read_mask(tmp_path / "o" / "odd.png").shape == (45, 37)
+
+
+def test_evaluate_json(data, trained):
+    _, idir, mdir = data
+    p = cli("evaluate", "--model", trained / "model.npz", "--images", idir, "--masks", mdir, "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    for key in ("dice", "iou", "per_class", "pixel_accuracy", "boundary_f1"):
+        assert key in res
+    assert len(res["per_class"]) == 2 and {"dice", "iou"} <= set(res["per_class"][0])
+    assert "Dice" in p.stdout  # the table comes first
+
+
+def test_existing_model_is_not_overwritten(data, trained):
+    _, idir, mdir = data
+    before = (trained / "model.npz").stat().st_mtime_ns
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", trained, *TINY)
+    assert_error(p, "model.npz", "--overwrite")
+    assert (trained / "model.npz").stat().st_mtime_ns == before
+
+
+def test_resume_and_overwrite(data, trained, tmp_path):
+    _, idir, mdir = data
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name in ("model.npz", "last.npz"):
+        (out / name).write_bytes((trained / name).read_bytes())
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume", out / "last.npz",
+            "--epochs", "3", *TINY[2:])  # the architecture options are taken from the checkpoint
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--overwrite", "--epochs", "1",
+            "--base-channels", "2", "--depth", "1", "--quiet")
+    assert p.returncode == 0, p.stderr
+
+
+# -- every input error: exit status 2 and one line naming the problem ------------------------------
+def _set(tmp_path, n=2, size=16, name="s"):
+    x, m, _ = touching_cells(n, size, seed=1)
+    return write_folder(tmp_path / name, x, m)
+
+
+def test_error_missing_folder(tmp_path):
+    idir, mdir = _set(tmp_path)
+    p = cli("train", "--images", tmp_path / "nope", "--masks", mdir, "--out", tmp_path / "o", *TINY)
+    assert_error(p, "nope", "does not exist")
+
+
+def test_error_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    idir, mdir = _set(tmp_path)
+    p = cli("train", "--images", tmp_path / "empty", "--masks", mdir, "--out", tmp_path / "o", *TINY)
+    assert_error(p, "empty", "no image files")
+
+
+def test_error_image_without_mask(tmp_path):
+    idir, mdir = _set(tmp_path, n=3)
+    (mdir / "img_0001.png").unlink()
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", tmp_path / "o", *TINY)
+    assert_error(p, "img_0001.png", "no mask")
+
+
+def test_error_size_mismatch(tmp_path):
+    from unet_np.data import write_mask
+    idir, mdir = _set(tmp_path)
+    write_mask(mdir / "img_0000.png", np.zeros((12, 16), dtype=np.int64))
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", tmp_path / "o", *TINY)
+    assert_error(p, "img_0000.png", "12x16")
+
+
+def test_error_unknown_mask_values(tmp_path):
+    from PIL import Image
+    idir, mdir = _set(tmp_path)
+    m = np.zeros((16, 16), dtype=np.uint8)
+    m[:4] = 255
+    m[5:7] = 128  # grey levels in a 0/255 mask
+    Image.fromarray(m).save(mdir / "img_0001.png")
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", tmp_path / "o", *TINY)
+    assert_error(p, "img_0001.png", "unexpected mask values")
+
+
+def test_error_corrupt_image(tmp_path):
+    idir, mdir = _set(tmp_path)
+    (idir / "img_0000.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", tmp_path / "o", *TINY)
+    assert_error(p, "img_0000.png", "cannot read")
+
+
+def test_error_corrupt_image_in_predict(trained, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    p = cli("predict", "--model", trained / "model.npz", "--input", bad, "--out", tmp_path / "o")
+    assert_error(p, "bad.png")
+
+
+def test_error_unwritable_output(tmp_path):
+    idir, mdir = _set(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", blocker / "out", *TINY)
+    assert_error(p, "a_file", "not writable")
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", blocker, *TINY)
+    assert_error(p, "a_file", "is a file")
+
+
+def test_error_bad_model_file(tmp_path, data):
+    _, idir, mdir = data
+    (tmp_path / "m.npz").write_bytes(b"not a checkpoint")
+    p = cli("evaluate", "--model", tmp_path / "m.npz", "--images", idir, "--masks", mdir)
+    assert_error(p, "m.npz")
+    p = cli("predict", "--model", tmp_path / "none.npz", "--input", idir, "--out", tmp_path / "o")
+    assert_error(p, "none.npz", "does not exist")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    p = cli("train", "--images", tmp_path / "nope", "--masks", tmp_path, "--out", tmp_path / "o",
+            "--debug")
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_help_of_every_command(capsys):
+    from unet_np.cli import main
+    for cmd in ("demo", "train", "predict", "evaluate", "gradcheck", "bench"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert f"usage: unet-np {cmd}" in capsys.readouterr().out, cmd
+
+
+def test_gradcheck_one_layer():
+    p = cli("gradcheck", "--layer", "maxpool", "--no-torch")
+    assert p.returncode == 0, p.stderr
+    assert "MaxPool2d" in p.stdout and "ok" in p.stdout

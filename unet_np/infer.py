@@ -1,0 +1,185 @@
+"""Prediction on images of any size: the U-Net paper's overlap-tile strategy.
+
+    probs = predict_tiled(model, image)                       # image (C, H, W) -> (num_classes, H, W)
+    probs = predict_tiled(model, image, tile=256, overlap=64) # bounded memory for a large image
+
+How it works, along each axis (rows and columns alike):
+
+* The image is mirror-padded (reflection at the border) by a margin ``c`` in front, and at the end
+  by whatever makes the last tile whole, so the network sees plausible context at the border
+  instead of zeros, as in the paper (its Fig. 2).
+* The output is cut into tiles of ``T`` pixels. For the tile that starts at output pixel ``p`` the
+  network gets the input window ``[p, p + S)`` of the padded image, ``S = T + 2c``; of what it
+  returns, the part for output pixels ``[p, p + T)`` is kept.
+* 'same' models (output size = input size): ``c`` is the overlap (context on each side) and the
+  window's outer ``c`` pixels are thrown away after the forward: they saw the window's zero padding.
+  When ``c`` covers the network's receptive field, each kept pixel sees exactly what it would see in
+  one forward over the whole padded image, so tiling changes nothing but the memory needed.
+* 'valid' models (unpadded convolutions, output smaller than input): the window ``S`` is the smallest
+  valid input size whose output covers the tile (see ``UNet.valid_input_shape`` / ``output_shape``),
+  and ``c = (S - S_out) / 2`` is fixed by the architecture: there is nothing to throw away.
+* Every window starts at a multiple of ``2**depth`` pixels of the padded image, so the max-pool grids
+  of all tiles line up with those of a whole-image forward (a U-Net of depth d is only shift-
+  equivariant by multiples of 2**d). For 'valid' models the kept part of each tile is therefore
+  rounded down to a multiple of 2**depth, and neighbouring outputs overlap by the remainder.
+
+NumPy only; any backend's model works (its output comes back with ``to_numpy``).
+"""
+import math
+
+import numpy as np
+
+from .backends import to_numpy
+from .nn.module import no_grad
+
+__all__ = ["predict_tiled", "receptive_margin", "softmax", "tile_plan", "DEFAULT_MAX_BYTES"]
+
+# The whole image goes through one forward when that needs less than this (else tiles of 256).
+DEFAULT_MAX_BYTES = 1 << 30
+DEFAULT_TILE = 256
+
+
+def receptive_margin(model):
+    """How far (in input pixels) an output pixel's receptive field reaches beyond the pixel on its
+    worse side, for a 'same' U-Net-family model of depth d.
+
+    Counted layer by layer (a pixel at level i stands for 2**i input pixels): a 3x3 convolution at
+    level i widens the reach by 2**i; a 2x2 pooling merges footprints and widens nothing; a 2x2
+    stride-2 transposed convolution hands its parent's footprint down, 2**i wider on one side; bilinear
+    x2 upsampling reads one more parent on each side (3 * 2**i). Summed over the encoder, the
+    bottleneck and the decoder: 7 * 2**d - 5 with transposed convolutions, 9 * 2**d - 7 with bilinear
+    upsampling (also used for Attention U-Net, whose gates resample bilinearly). U-Net++'s longest
+    path through its nested blocks reaches no further than the plain U-Net's.
+    """
+    d = int(getattr(model, "depth", 4))
+    cfg = model.config() if hasattr(model, "config") else {}
+    bilinear = cfg.get("upsample") == "bilinear" or getattr(model, "arch", None) == "attention"
+    return 9 * 2 ** d - 7 if bilinear else 7 * 2 ** d - 5
+
+
+def _round_up(n, m):
+    return int(math.ceil(n / m) * m)
+
+
+def _is_valid(model):
+    return getattr(model, "padding", "same") == "valid"
+
+
+def _axis_plan(model, length, tile, overlap):
+    """(S, c, T): window size, front margin and kept length per tile along one axis."""
+    m = 2 ** int(model.depth)
+    if _is_valid(model):
+        want = length if tile is None else max(1, int(tile))
+        s = model.valid_input_shape((want,))[0]
+        while model.output_shape((s, s))[0] < want:  # the smallest window whose output covers `want`
+            s = model.valid_input_shape((s + 1,))[0]
+        s_out = model.output_shape((s, s))[0]
+        if (s - s_out) % 2:
+            raise ValueError(f"{type(model).__name__}: output {s_out} is not centred in input {s}")
+        c = (s - s_out) // 2
+        if tile is None or want >= length:
+            return s, c, s_out  # one window covers the axis
+        t = (s_out // m) * m
+        if t < 1:  # an output tile too small to keep a whole pooling period: take a larger window
+            return _axis_plan(model, length, m + 4, overlap)
+        return s, c, t
+    c = receptive_margin(model) if overlap is None else max(0, int(overlap))
+    c = _round_up(c, max(1, m // 2))  # the window S = T + 2c must be a multiple of 2**depth
+    t = _round_up(length if tile is None else min(max(1, int(tile)), length), m)
+    return t + 2 * c, c, t
+
+
+def tile_plan(model, hw, tile=None, overlap=None, max_bytes=DEFAULT_MAX_BYTES):
+    """The tiling ``predict_tiled`` would use for an image of size hw: a dict with 'window' (S_h, S_w),
+    'margin' (c_h, c_w), 'keep' (T_h, T_w), 'tiles' (n_h, n_w) and 'pad' ((top, bottom), (left, right)).
+
+    tile=None: one window over the whole image if a forward on it needs under max_bytes (by the
+    model's activation_bytes estimate), else tiles of DEFAULT_TILE output pixels."""
+    h, w = (int(s) for s in hw)
+    if tile is None and hasattr(model, "activation_bytes"):
+        sh, _, _ = _axis_plan(model, h, None, overlap)
+        sw, _, _ = _axis_plan(model, w, None, overlap)
+        if model.activation_bytes((1, model.in_channels, sh, sw)) > max_bytes:
+            tile = DEFAULT_TILE
+    plans = [_axis_plan(model, n, tile, overlap) for n in (h, w)]
+    tiles = tuple(max(1, math.ceil(n / t)) for n, (_, _, t) in zip((h, w), plans))
+    pads = []
+    for n, k, (s, c, t) in zip((h, w), tiles, plans):
+        total = (k - 1) * t + s
+        pads.append((c, total - c - n))
+    return {"window": tuple(p[0] for p in plans), "margin": tuple(p[1] for p in plans),
+            "keep": tuple(p[2] for p in plans), "tiles": tiles, "pad": tuple(pads)}
+
+
+def _mirror_pad(x, pads):
+    """Reflect-pad (C, H, W) by ((top, bottom), (left, right)); NumPy reflects repeatedly when a pad
+    is wider than the image. A 1-pixel axis cannot be reflected: it is repeated."""
+    mode = "reflect" if min(x.shape[1:]) > 1 else "edge"
+    return np.pad(x, ((0, 0),) + tuple(pads), mode=mode)
+
+
+def softmax(logits, axis=0):
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _scores(model, batch):
+    """Logits of the model's (last) output head as a NumPy array."""
+    out = model.predict(batch)
+    out = out[-1] if isinstance(out, list) else out
+    return to_numpy(out)
+
+
+def predict_tiled(model, image, tile=None, overlap=None, batch_size=4, logits=False,
+                  max_bytes=DEFAULT_MAX_BYTES):
+    """Class probabilities (num_classes, H, W) for one image (C, H, W) of any size.
+
+    tile: output pixels kept per tile (per axis; rounded up to a multiple of 2**depth for 'same'
+        models, down for 'valid' ones); None: the whole image at once when it fits in max_bytes.
+    overlap: context in pixels on each side of a tile ('same' models; rounded up to a multiple of
+        2**(depth-1)); None: the receptive-field reach (receptive_margin), which makes the result
+        independent of the tiling. 'valid' models take their context from the architecture.
+    batch_size: windows per forward. logits: return the raw scores instead of probabilities (a
+        one-class model's probabilities are sigmoid(score), else softmax over the classes).
+    The model is put in eval mode for the call and restored after it.
+    """
+    x = np.asarray(to_numpy(image))
+    if x.ndim != 3:
+        raise ValueError(f"predict_tiled takes one image (C, H, W), got shape {x.shape}")
+    if x.shape[0] != model.in_channels:
+        raise ValueError(f"image has {x.shape[0]} channels, the model takes {model.in_channels}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("image has NaN or infinite values")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    h, w = x.shape[1:]
+    plan = tile_plan(model, (h, w), tile, overlap, max_bytes)
+    (sh, sw), (ch, cw), (th, tw), (nh, nw) = plan["window"], plan["margin"], plan["keep"], plan["tiles"]
+    xp = _mirror_pad(x.astype(model.dtype, copy=False), plan["pad"])
+    out = None
+    starts = [(i * th, j * tw) for i in range(nh) for j in range(nw)]
+    valid = _is_valid(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            for b in range(0, len(starts), batch_size):
+                group = starts[b:b + batch_size]
+                batch = np.stack([xp[:, y:y + sh, x0:x0 + sw] for y, x0 in group])
+                scores = _scores(model, batch)
+                if out is None:
+                    out = np.empty((scores.shape[1], h, w), dtype=scores.dtype)
+                # 'same': the window's output pixel ch + k is output pixel y + k; 'valid': its k-th
+                # output pixel already is output pixel y + k (the margin was eaten by the network).
+                oy, ox = (0, 0) if valid else (ch, cw)
+                for (y, x0), s in zip(group, scores):
+                    kh, kw = min(th, h - y), min(tw, w - x0)  # the last tiles stop at the edge
+                    out[:, y:y + kh, x0:x0 + kw] = s[:, oy:oy + kh, ox:ox + kw]
+    finally:
+        model.train(was_training)
+    if logits:
+        return out
+    if out.shape[0] == 1:
+        return 1.0 / (1.0 + np.exp(-out))
+    return softmax(out, axis=0)
