@@ -222,3 +222,39 @@ def test_gradcheck_one_layer():
     p = cli("gradcheck", "--layer", "maxpool", "--no-torch")
     assert p.returncode == 0, p.stderr
     assert "MaxPool2d" in p.stdout and "ok" in p.stdout
+
+
+def test_export_writes_an_onnx_file_that_onnxruntime_runs(data, trained, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import numpy as np
+    from unet_np import load_model
+    out = tmp_path / "m.onnx"
+    p = cli("export", "--model", trained / "model.npz", "--out", out)
+    assert p.returncode == 0, p.stderr
+    model = load_model(trained / "model.npz").eval()
+    x = np.random.default_rng(0).standard_normal((1, 1, 32, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    ref = model.predict(x)
+    assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 1e-4
+
+
+def test_export_of_a_missing_model_is_one_line(tmp_path):
+    assert_error(cli("export", "--model", tmp_path / "nope.npz", "--out", tmp_path / "m.onnx"),
+                 "nope.npz")
+
+
+def test_train_under_mpiexec_with_two_ranks(data, tmp_path):
+    import shutil
+    pytest.importorskip("mpi4py")
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found (pip install 'unet-np[mpi]')")
+    _, idir, mdir = data
+    out = tmp_path / "mpi"
+    p = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "unet_np.cli", "train", "--images",
+                        idir, "--masks", mdir, "--out", out, "--batchnorm", *TINY],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (out / "model.npz").is_file() and (out / "metrics.json").is_file()

@@ -142,8 +142,17 @@ def _image_files(path):
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
-def _trainer_class():
-    from .train import Trainer
+def _distributed(args):
+    """True when this run trains data-parallel over MPI ranks (mpiexec -n K, or --distributed)."""
+    from . import distributed
+    return bool(getattr(args, "distributed", False)) or distributed.launched_by_mpi()
+
+
+def _trainer_class(distributed=False):
+    if distributed:
+        from .distributed import DistributedTrainer as Trainer
+    else:
+        from .train import Trainer
 
     class CLITrainer(Trainer):
         """Trainer whose checkpoints also carry what prediction needs: how images were normalised
@@ -388,7 +397,7 @@ def run_training(args, ds, out, quiet=False, instances=None):
         opt = Adam(model.parameters(), lr=lr)
     else:
         opt = SGD(model.parameters(), lr=lr, momentum=args.momentum)
-    trainer = _trainer_class()(model, opt, loss=CrossEntropyLoss())
+    trainer = _trainer_class(_distributed(args))(model, opt, loss=CrossEntropyLoss())
     trainer.data_meta = _json_clean({
         "normalize": ds.normalize, "mean": ds.mean, "std": ds.std,
         "mask_convention": ds.mask_convention, "palette": ds.palette, "num_classes": num_classes,
@@ -427,6 +436,8 @@ def run_training(args, ds, out, quiet=False, instances=None):
     finally:
         progress.close()
     train_s = time.perf_counter() - t0
+    if not getattr(trainer, "is_root", True):  # MPI: only rank 0 evaluates and writes
+        return None, None, [], trainer
     if not (out / "model.npz").exists():  # e.g. resumed past the end: keep the last weights
         trainer.save(str(out / "model.npz"))
 
@@ -470,10 +481,28 @@ def cmd_train(args):
         raise CLIError(f"{out / 'model.npz'} exists: pass --overwrite to replace it, or --resume "
                        f"{out / 'last.npz'} to continue training")
     ds = load_folder(args.images, args.masks, normalize="image")
-    _say(str(ds.diagnostics()), args.quiet)
-    _say("", args.quiet)
-    _, final, skipped, _ = run_training(args, ds, out, quiet=args.quiet)
-    _print_summary(final, out, skipped, args.quiet)
+    quiet = args.quiet
+    if _distributed(args):
+        from .distributed import is_root
+        quiet = quiet or not is_root()
+    _say(str(ds.diagnostics()), quiet)
+    _say("", quiet)
+    _, final, skipped, _ = run_training(args, ds, out, quiet=quiet)
+    if final is not None:
+        _print_summary(final, out, skipped, quiet)
+    return 0
+
+
+def cmd_export(args):
+    """Write the model as an ONNX file (needs the onnx extra)."""
+    model, _ = _load_model(args.model)
+    if getattr(args, "level", None) is not None:
+        if not hasattr(model, "prune"):
+            raise CLIError(f"{args.model}: --level applies to U-Net++ models only")
+        model.prune(args.level)
+    model.eval()
+    path = model.to_onnx(args.out, opset=args.opset)
+    _say(f"wrote {path}", args.quiet)
     return 0
 
 
@@ -883,6 +912,9 @@ def build_parser():
                    help="weight init: PyTorch's default or the paper's He-normal")
     a.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     a.add_argument("--backend", default="numpy", help="unet_np backend (default numpy)")
+    p.add_argument("--distributed", action="store_true",
+                   help="train data-parallel over MPI ranks (implied under mpiexec; needs the mpi "
+                        "extra): mpiexec -n 2 unet-np train ...")
     _common(p)
 
     p = sub.add_parser("predict", help="segment images with a trained model",
@@ -918,6 +950,17 @@ def build_parser():
     p.add_argument("--tol-torch", type=float, default=1e-10, help="tolerance against PyTorch")
     _common(p)
 
+    p = sub.add_parser("export", help="export a trained model to ONNX",
+                       description="Write the model as an ONNX file (opset 17 by default; batch and "
+                                   "spatial sizes dynamic) for onnxruntime and other runtimes. Needs "
+                                   "pip install 'unet-np[onnx]'.")
+    p.add_argument("--model", required=True, help="a model.npz")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--level", type=_positive_int, default=None,
+                   help="U-Net++ only: export the network pruned to this level")
+    _common(p)
+
     p = sub.add_parser("bench", help="run the CPU benchmark (python -m benchmarks.cpu)",
                        description="Runs python -m benchmarks.cpu from the source checkout; every "
                                    "other argument is passed on (e.g. --quick, --threads 2). "
@@ -941,7 +984,8 @@ def main(argv=None):
         if args.command == "bench":
             return cmd_bench(args, rest + (["--help"] if args.bench_help else []))
         return {"demo": cmd_demo, "train": cmd_train, "predict": cmd_predict,
-                "evaluate": cmd_evaluate, "gradcheck": cmd_gradcheck}[args.command](args)
+                "evaluate": cmd_evaluate, "gradcheck": cmd_gradcheck,
+                "export": cmd_export}[args.command](args)
     except KeyboardInterrupt:
         _warn("interrupted")
         return 130
