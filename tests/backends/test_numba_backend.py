@@ -191,3 +191,63 @@ def test_workspace_is_never_returned():
     keep = y1.copy()
     conv.conv2d_forward(x * 2, w, None, 1, 1, 1)
     np.testing.assert_array_equal(y1, keep)
+
+
+WINOGRAD_CASES = [
+    # x shape, w shape, padding: 3x3 stride-1 convolutions with >= 16 channels (the Winograd path)
+    ((2, 16, 8, 8), (16, 16, 3, 3), 1),
+    ((2, 20, 7, 9), (24, 20, 3, 3), 1),             # odd sizes: partial 2x2 output blocks
+    ((1, 16, 6, 5), (17, 16, 3, 3), 0),             # valid padding
+    ((2, 32, 5, 6), (16, 32, 3, 3), ((1, 2), (0, 1))),
+    ((1, 16, 1, 1), (16, 16, 3, 3), 1),             # 1x1 map
+    ((1, 16, 6, 6), (80, 16, 3, 3), 1),             # C < O / 4: col2im input gradient
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+@pytest.mark.parametrize("tile_bytes", [None, 64])
+def test_conv2d_winograd_matches_reference(case, tile_bytes, dtype, nb, monkeypatch):
+    xs, ws, p = case
+    assert conv._winograd_ok(nb_kernels(), ws[1], ws[0], 3, 3, (1, 1), (1, 1))
+    if tile_bytes is not None:                       # one tile row per chunk
+        monkeypatch.setattr(conv, "_TILE_BYTES", tile_bytes)
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    ref_y, _ = conv.conv2d_forward_reference(x, w, b, 1, p, 1)
+    dy = rng.standard_normal(ref_y.shape).astype(dtype)
+    ref = _conv_all(conv.conv2d_forward_reference, conv.conv2d_backward_reference, x, w, b, (1, p, 1), dy)
+    got = _conv_all(nb.conv2d_forward, nb.conv2d_backward, x, w, b, (1, p, 1), dy)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert rel(g, r) < TOL[dtype]
+    y, cache = nb.conv2d_forward(x, w, None, 1, p, 1)
+    assert rel(y, ref[0] - b.reshape(1, -1, 1, 1)) < TOL[dtype]
+    dx, dw, db = nb.conv2d_backward(dy, cache, input_grad=False)
+    assert dx is None and db is None and rel(dw, ref[2]) < TOL[dtype]
+
+
+def nb_kernels():
+    from unet_np.backends.numba_backend import NUMBA_CONV_KERNELS
+    return NUMBA_CONV_KERNELS
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_unet_backward_without_input_grad(backend):
+    """input_grad=False returns None and leaves every parameter gradient as it was with it."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    t = rng.integers(0, 3, (2, 8, 8))
+    model = unet_np.UNet(1, 3, depth=2, base_channels=4, dtype=np.float32, backend=backend)
+    loss = CrossEntropyLoss()
+    grads = []
+    for input_grad in (True, False):
+        model.zero_grad()
+        loss.forward(model.forward(x), t)
+        dx = model.backward(loss.backward(), input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        grads.append([p.grad.copy() for p in model.parameters()])
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
+    assert model.enc1.conv[0].needs_input_grad

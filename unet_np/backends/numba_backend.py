@@ -29,7 +29,7 @@ import os
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
-from ..kernels import cpu_activation, cpu_conv, cpu_pool
+from ..kernels import cpu_activation, cpu_conv, cpu_pool, cpu_winograd
 from ..nn import conv as _conv
 from ..nn import pool as _pool
 
@@ -64,8 +64,15 @@ def _channel_sum(a):
     return cpu_conv.channel_sum(np.ascontiguousarray(a))
 
 
+class _Winograd:
+    """The Winograd F(2x2, 3x3) transforms (kernels/cpu_winograd.py) for the conv drivers."""
+    input_transform = staticmethod(cpu_winograd.input_transform)
+    output_transform = staticmethod(cpu_winograd.output_transform)
+    grad_transform = staticmethod(cpu_winograd.grad_transform)
+
+
 NUMBA_CONV_KERNELS = _conv.ConvKernels(_im2col_tile, _add_bias, _channel_sum, _col2im_image,
-                                       _shuffle, _unshuffle)
+                                       _shuffle, _unshuffle, winograd=_Winograd())
 
 
 # -- max-pool -------------------------------------------------------------------------------------

@@ -285,8 +285,8 @@ def conv2d_forward_reference(x, w, b, stride=1, padding=0, dilation=1):
     return y, (cols, w, x.shape, stride, lead, dilation, b is not None)
 
 
-def conv2d_backward_reference(dy, cache):
-    """Gradients of y = conv2d(x, w) + b.
+def conv2d_backward_reference(dy, cache, input_grad=True):
+    """Gradients of y = conv2d(x, w) + b (dx is None when input_grad is False).
 
     dy: (N, O, Ho, Wo) -> dx: (N, C, H, W), dw: (O, C, kh, kw), db: (O,) or None.
     With Y = W @ cols (W: (O, C*kh*kw), cols: (C*kh*kw, N*Ho*Wo), dY = dy as (O, N*Ho*Wo)):
@@ -305,11 +305,13 @@ def conv2d_backward_reference(dy, cache):
         dy3 = np.ascontiguousarray(dy).reshape(N, O, Ho * Wo)
         db = dy3.sum(axis=2).sum(axis=0) if has_bias else None
         dw = _weight_grad_per_image(dy3, cols).reshape(w.shape)
-        dx = np.matmul(wm.T, dy3).reshape(N, C, H, W)
+        dx = np.matmul(wm.T, dy3).reshape(N, C, H, W) if input_grad else None
         return dx, dw, db
     dy2 = _channels_first(dy)                                           # (O, N*Ho*Wo)
     db = dy2.sum(axis=1) if has_bias else None
     dw = _weight_grad(dy2, cols).reshape(w.shape)
+    if not input_grad:
+        return None, dw, db
     dcols = np.matmul(wm.T, dy2)                                        # (C*kh*kw, N*Ho*Wo)
     dx = _col2im(dcols, x_shape, kh, kw, Ho, Wo, stride, lead, dilation)
     return dx, dw, db
@@ -502,17 +504,93 @@ def _np_unshuffle(dy, n0, n1, kh, kw, out):
 class ConvKernels:
     """The element-wise helpers the tiled drivers call; a backend may supply compiled ones."""
 
-    def __init__(self, im2col_tile, add_bias, channel_sum, col2im_image, shuffle, unshuffle):
+    def __init__(self, im2col_tile, add_bias, channel_sum, col2im_image, shuffle, unshuffle,
+                 winograd=None):
         self.im2col_tile = im2col_tile
         self.add_bias = add_bias
         self.channel_sum = channel_sum
         self.col2im_image = col2im_image
         self.shuffle = shuffle
         self.unshuffle = unshuffle
+        # None, or an object with input_transform / output_transform / grad_transform (the
+        # Winograd F(2x2, 3x3) transforms, kernels/cpu_winograd.py): 3x3 stride-1 convolutions
+        # then run as 16 GEMMs with K = C instead of one with K = 9C (2.25x fewer FLOPs).
+        self.winograd = winograd
 
 
 NUMPY_KERNELS = ConvKernels(_np_im2col_tile, _np_add_bias, _np_channel_sum, _np_col2im_image,
                             _np_shuffle, _np_unshuffle)
+
+
+# -- Winograd F(2x2, 3x3) drivers (used when the kernel table has the transforms) ---------------------
+# A 3x3 stride-1 convolution, output cut into 2x2 blocks ("tiles"): for a chunk of tiles,
+#   V (16, C, tiles) = B^T d B per 4x4 input tile,  M_k = U_k @ V_k for the 16 positions k, with
+#   U (16, O, C) = G g G^T per (o, c),  y = A^T M A per tile (+ bias).
+# Weight gradient (the adjoint in g): Z = A dY A^T per tile, dU_k = sum over chunks Z_k @ V_k^T,
+#   dg = G^T dU G. The input gradient is the same forward run on dy with the flipped, transposed
+#   kernel (the gather of the tiled path). Derivation and matrices: kernels/cpu_winograd.py.
+_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_WINO_MIN_CHANNELS = 16         # below this the 16 GEMMs with K = C run too far from BLAS peak
+
+
+def _winograd_ok(kern, C, O, kh, kw, stride, dilation):
+    return (_FAST_PATHS and kern.winograd is not None and (kh, kw) == (3, 3) and stride == (1, 1)
+            and dilation == (1, 1) and min(C, O) >= _WINO_MIN_CHANNELS)
+
+
+def _wino_weights(w):
+    """w (O, C, 3, 3) -> U (16, O, C) with U[4k + l, o, c] = (G w[o, c] G^T)[k, l]."""
+    O, C = w.shape[:2]
+    G = _WINO_G.astype(w.dtype)
+    t = np.tensordot(w, G, axes=([3], [1]))                             # (O, C, 3, 4): w G^T
+    u = np.tensordot(G, t, axes=([1], [2]))                             # (4, O, C, 4): G w G^T
+    return np.ascontiguousarray(u.transpose(0, 3, 1, 2)).reshape(16, O, C)
+
+
+def _wino_chunks(R, TW, width, itemsize):
+    """Chunks (r0, r1) of the R = N * TH tile rows whose (16, width, (r1 - r0) TW) buffers fit the
+    tile budget (at least one row)."""
+    rc = max(1, _TILE_BYTES // (16 * width * TW * itemsize))
+    return [(r0, min(R, r0 + rc)) for r0 in range(0, R, rc)]
+
+
+def _winograd_conv(x, w, b, y, lead, kern):
+    """y (N, O, Ho, Wo) = conv2d(x, w) + b for a 3x3 kernel, stride 1, leading padding ``lead``
+    (the trailing padding follows from Ho, Wo)."""
+    N, C, H, W = x.shape
+    _, O, Ho, Wo = y.shape
+    TH, TW = (Ho + 1) // 2, (Wo + 1) // 2
+    U = _wino_weights(w)
+    bias = np.zeros(O, dtype=y.dtype) if b is None else np.ascontiguousarray(b, dtype=y.dtype)
+    wg = kern.winograd
+    for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):
+        T = (r1 - r0) * TW
+        V = _workspace("wino_v", 16 * C * T, x.dtype).reshape(16, C, T)
+        wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
+        M = _workspace("wino_m", 16 * O * T, x.dtype).reshape(16, O, T)
+        np.matmul(U, V, out=M)
+        wg.output_transform(M, r0, r1, TH, TW, bias, b is not None, y)
+    return y
+
+
+def _winograd_weight_grad(x, dy, lead, kern):
+    """dw (O, C, 3, 3) of the 3x3 stride-1 convolution of x with leading padding ``lead``."""
+    N, C, H, W = x.shape
+    _, O, Ho, Wo = dy.shape
+    TH, TW = (Ho + 1) // 2, (Wo + 1) // 2
+    wg = kern.winograd
+    dU = np.zeros((16, O, C), dtype=dy.dtype)
+    for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):     # fixed order: deterministic
+        T = (r1 - r0) * TW
+        V = _workspace("wino_v", 16 * C * T, x.dtype).reshape(16, C, T)
+        wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
+        Z = _workspace("wino_m", 16 * O * T, x.dtype).reshape(16, O, T)
+        wg.grad_transform(dy, r0, r1, TH, TW, Z)
+        dU += np.matmul(Z, V.transpose(0, 2, 1))
+    G = _WINO_G.astype(dy.dtype)
+    t = np.tensordot(G, dU.reshape(4, 4, O, C), axes=([0], [0]))        # (3, 4, O, C): G^T dU
+    dw = np.tensordot(t, G, axes=([1], [0]))                            # (3, O, C, 3): G^T dU G
+    return np.ascontiguousarray(dw.transpose(1, 2, 0, 3))
 
 
 # -- drivers -----------------------------------------------------------------------------------------
@@ -585,22 +663,31 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
             return conv2d_forward_reference(x, w, b, stride, padding, dilation)
         x = np.ascontiguousarray(x)
         y = np.empty((N, O, Ho, Wo), dtype=x.dtype)
-        _conv_tiles(x, np.ascontiguousarray(w).reshape(O, C * kh * kw), b, y, kh, kw, st,
-                    (pads[0][0], pads[1][0]), dil, kern)
+        if _winograd_ok(kern, C, O, kh, kw, st, dil):
+            _winograd_conv(x, w, b, y, (pads[0][0], pads[1][0]), kern)
+        else:
+            _conv_tiles(x, np.ascontiguousarray(w).reshape(O, C * kh * kw), b, y, kh, kw, st,
+                        (pads[0][0], pads[1][0]), dil, kern)
         return y, _TiledConvCache(x, w, st, pads, dil, b is not None, kern)
 
-    def conv2d_backward(dy, cache):
-        """Gradients of conv2d (see conv2d_backward_reference), from the input kept by the forward."""
+    def conv2d_backward(dy, cache, input_grad=True):
+        """Gradients of conv2d (see conv2d_backward_reference), from the input kept by the forward.
+        input_grad=False skips dx (returned as None): for a layer whose input needs no gradient."""
         if not isinstance(cache, _TiledConvCache):
-            return conv2d_backward_reference(dy, cache)
-        x, w, st, pads, dil = cache.x, cache.w, cache.stride, cache.pads, cache.dilation
+            return conv2d_backward_reference(dy, cache, input_grad=input_grad)
+        x, w, st, pads, dil, kern_ = cache.x, cache.w, cache.stride, cache.pads, cache.dilation, cache.kern
         N, C, H, W = x.shape
         O, _, kh, kw = w.shape
         Ho, Wo = dy.shape[2], dy.shape[3]
         lead = (pads[0][0], pads[1][0])
         dy = np.ascontiguousarray(dy)
-        db = cache.kern.channel_sum(dy) if cache.has_bias else None
-        dw = _conv_weight_grad_tiles(x, dy, kh, kw, st, lead, dil, cache.kern).T.reshape(w.shape)
+        db = kern_.channel_sum(dy) if cache.has_bias else None
+        if _winograd_ok(kern_, C, O, kh, kw, st, dil):
+            dw = _winograd_weight_grad(x, dy, lead, kern_)
+        else:
+            dw = _conv_weight_grad_tiles(x, dy, kh, kw, st, lead, dil, kern_).T.reshape(w.shape)
+        if not input_grad:
+            return None, dw, db
         dx = np.empty(x.shape, dtype=dy.dtype)
         fh, fw = dil[0] * (kh - 1), dil[1] * (kw - 1)                  # the kernel's extent - 1
         gather = (st == (1, 1) and 4 * C >= O and max(pads[0]) <= fh and max(pads[1]) <= fw)
@@ -608,9 +695,13 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
             # dx[n, c, h, v] = sum_{o,i,j} w[o, c, i, j] dy[n, o, h + pt - i dh, v + pl - j dw]:
             # a correlation of dy with w flipped in space and transposed (C, O, kh, kw), padded by
             # (d(k-1) - p) on each side.
-            wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * kh * kw)
-            _conv_tiles(dy, wf, None, dx, kh, kw, (1, 1), (fh - pads[0][0], fw - pads[1][0]), dil,
-                        cache.kern)
+            wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, O, kh, kw)
+            lead_f = (fh - pads[0][0], fw - pads[1][0])
+            if _winograd_ok(kern_, O, C, kh, kw, st, dil):
+                _winograd_conv(dy, wf, None, dx, lead_f, kern_)
+            else:
+                _conv_tiles(dy, wf.reshape(C, O * kh * kw), None, dx, kh, kw, (1, 1), lead_f, dil,
+                            kern_)
         else:
             wmt = np.ascontiguousarray(w.reshape(O, C * kh * kw).T)     # (C*kh*kw, O)
             dy3 = dy.reshape(N, O, Ho * Wo)
@@ -618,7 +709,7 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
                 dcols = _workspace("dcols", C * kh * kw * Ho * Wo, dy.dtype).reshape(C * kh * kw,
                                                                                       Ho * Wo)
                 np.matmul(wmt, dy3[n], out=dcols)
-                cache.kern.col2im_image(dcols, dx, n, kh, kw, Ho, Wo, st, lead, dil)
+                kern_.col2im_image(dcols, dx, n, kh, kw, Ho, Wo, st, lead, dil)
         return dx, dw, db
 
     def conv_transpose2d_forward(x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
@@ -713,6 +804,18 @@ def _check_dy(layer, dy, shape, xp, dtype):
     return xp.asarray(dy, dtype=dtype)
 
 
+def _takes_input_grad(fn, _seen={}):
+    """Whether a conv2d_backward primitive accepts input_grad= (the numpy and numba ones do)."""
+    key = id(fn)
+    if key not in _seen:
+        import inspect
+        try:
+            _seen[key] = "input_grad" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            _seen[key] = False
+    return _seen[key]
+
+
 class Conv2d(Module):
     """2-D convolution (cross-correlation, as PyTorch's) over NCHW input.
 
@@ -784,10 +887,20 @@ class Conv2d(Module):
         self._keep((cache, out_shape))
         return y
 
+    # False: backward computes no input gradient and returns None (a model's first convolution,
+    # whose input is the image, sets it for a training step; see UNet.backward(input_grad=False)).
+    needs_input_grad = True
+
     def backward(self, dy):
         cache, out_shape = self._take()
         dy = _check_dy("Conv2d", dy, out_shape, self.xp, self.dtype)
-        dx, dw, db = self.ops.conv2d_backward(dy, cache)
+        if self.needs_input_grad:
+            dx, dw, db = self.ops.conv2d_backward(dy, cache)
+        elif _takes_input_grad(self.ops.conv2d_backward):
+            dx, dw, db = self.ops.conv2d_backward(dy, cache, input_grad=False)
+        else:                                       # a backend whose primitive always computes dx
+            _, dw, db = self.ops.conv2d_backward(dy, cache)
+            dx = None
         self.weight.grad += dw
         if self.bias is not None:
             self.bias.grad += db
