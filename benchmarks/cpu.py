@@ -312,7 +312,7 @@ def step_fns(ours, theirs, x, t, lr=1e-3):
             opt.zero_grad()
             logits = ours.forward(x)
             loss.forward(logits, t)
-            ours.backward(loss.backward())
+            ours.backward(loss.backward(), input_grad=False)  # the image needs no gradient
             opt.step()
 
         def ours_forward():

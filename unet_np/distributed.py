@@ -469,7 +469,7 @@ class DistributedTrainer(Trainer):
             scale = den / stats[0]
             if scale != 1.0:
                 grads = [g * scale for g in grads]
-            model.backward(grads if is_list else grads[0])
+            model.backward(grads if is_list else grads[0], input_grad=False)
         self._grads.allreduce()
         if not all(c > 0 for c in counts):
             self._share_running_stats(counts)

@@ -88,7 +88,7 @@ class Trainer:
                 f"were not updated. Likely cause: the learning rate ({lr}) is too high, or the input "
                 f"holds NaN/inf values")
         self.optimizer.zero_grad()
-        model.backward(grads if isinstance(outs, list) else grads[0])
+        model.backward(grads if isinstance(outs, list) else grads[0], input_grad=False)
         if self.clip is not None:
             from .optim import clip_grad_norm_
             clip_grad_norm_(model.parameters(), self.clip)

@@ -108,7 +108,7 @@ class AttentionUNet(SegmentationModel):
             h = getattr(self, f"dec{i}").forward(getattr(self, f"cat{i}").forward(u, gated))
         return self._crop(self.final.forward(h))
 
-    def backward(self, dlogits):
+    def _backward(self, dlogits):
         d = self.final.backward(self._uncrop(dlogits))
         dskips = [None] * self.depth
         for i in range(1, self.depth + 1):
@@ -119,4 +119,4 @@ class AttentionUNet(SegmentationModel):
         d = self.bottleneck.backward(d)
         for i in range(self.depth, 0, -1):
             d = getattr(self, f"enc{i}").backward(getattr(self, f"pool{i}").backward(d) + dskips[i - 1])
-        return self._unpad(d)
+        return d

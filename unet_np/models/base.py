@@ -144,6 +144,23 @@ class SegmentationModel(Module):
         self._check_memory(x)
         return self._forward(x)
 
+    def backward(self, dlogits, input_grad=True):
+        """dlogits (one array, or a list with one per output) -> dx, the gradient w.r.t. the input;
+        parameter gradients are added into each p.grad. input_grad=False (a training step, where
+        nothing needs the image's gradient) skips the first convolution's input gradient and
+        returns None."""
+        first = self.first_conv()
+        first.needs_input_grad = bool(input_grad)
+        try:
+            d = self._backward(dlogits)
+        finally:
+            first.needs_input_grad = True
+        return self._unpad(d) if d is not None else None
+
+    def first_conv(self):
+        """The convolution that reads the image."""
+        return next(m for _, m in self.named_modules() if type(m).__name__ == "Conv2d")
+
     def _check_memory(self, x):
         """Refuse a forward whose kept activations clearly exceed the machine's memory."""
         need = self.activation_bytes(x.shape) if hasattr(self, "activation_bytes") else 0

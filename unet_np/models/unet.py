@@ -155,7 +155,7 @@ class UNet(SegmentationModel):
             h = getattr(self, f"dec{i}").forward(h)          # (N, ch[i-1], ...)
         return self._crop(self.final.forward(h))
 
-    def backward(self, dlogits):
+    def _backward(self, dlogits):
         """dlogits: (N, num_classes, H_out, W_out) -> dx: (N, C_in, H, W). Runs the forward in reverse;
         the gradient reaching an encoder output is the sum of what comes back through the pooling and
         through its skip connection."""
@@ -175,4 +175,4 @@ class UNet(SegmentationModel):
             if self.skip:
                 d = d + dskips[i - 1]
             d = getattr(self, f"enc{i}").backward(d)
-        return self._unpad(d)
+        return d

@@ -104,7 +104,7 @@ class UNetPlusPlus(SegmentationModel):
         outs = [self._crop(getattr(self, f"final{j}").forward(X[0, j])) for j in self._heads_used]
         return outs if len(outs) > 1 else outs[0]
 
-    def backward(self, dlogits):
+    def _backward(self, dlogits):
         """dlogits: one array (N, num_classes, H, W), or a list with one per output of forward.
         Visits the nodes in the reverse of the forward's order, summing each node's gradient over
         every path it fed (the heads, the node to its right, the dense skips, the node above-right)."""
@@ -136,4 +136,4 @@ class UNetPlusPlus(SegmentationModel):
                     add((i + 1, j - 1), getattr(self, f"up{i}_{j}").backward(parts[0]))
                     for k in range(j):
                         add((i, k), parts[k + 1])
-        return self._unpad(d_input)
+        return d_input
