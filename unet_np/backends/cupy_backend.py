@@ -33,7 +33,6 @@ BackendUnavailable naming the ``cuda12`` extra).
 """
 import functools
 import importlib.resources
-import numbers
 import os
 
 import numpy as np
@@ -101,21 +100,8 @@ def _cupy_function(family, name):
 # ---------------------------------------------------------------------------------------------------
 # Small helpers (hyper-parameters as in unet_np/nn/*.py)
 # ---------------------------------------------------------------------------------------------------
-def _pair(v):
-    if isinstance(v, numbers.Integral):
-        return (int(v), int(v))
-    a, b = v
-    return (int(a), int(b))
-
-
-def _padding_pairs(p):
-    """int | (ph, pw) | ((top, bottom), (left, right)) -> ((top, bottom), (left, right))."""
-    if isinstance(p, numbers.Integral):
-        return ((int(p), int(p)), (int(p), int(p)))
-    ph, pw = p
-    ph = (int(ph), int(ph)) if isinstance(ph, numbers.Integral) else (int(ph[0]), int(ph[1]))
-    pw = (int(pw), int(pw)) if isinstance(pw, numbers.Integral) else (int(pw[0]), int(pw[1]))
-    return (ph, pw)
+# The same hyper-parameter normalisation as the reference primitives.
+from ..nn.conv import _pair, _padding_pairs  # noqa: E402
 
 
 def _scale_pair(scale):
