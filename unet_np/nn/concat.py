@@ -137,6 +137,15 @@ def pad2d_backward(dy, cache):
 
 
 # -- layers ------------------------------------------------------------------------------------
+def _checked_backward(layer, name, dy, primitive):
+    """The backward shared by the copy layers: dy must have the shape of the forward's output."""
+    cache, shape = layer._take()
+    dy = layer.xp.asarray(dy)
+    if _shape(dy) != shape:
+        raise ValueError(f"{name}: backward expected dy of shape {shape}, got {_shape(dy)}")
+    return primitive(dy, cache)
+
+
 def _shape(x):
     return tuple(x.shape)
 
@@ -180,11 +189,7 @@ class Concat(Module):
         return y
 
     def backward(self, dy):
-        cache, shape = self._take()
-        dy = self.xp.asarray(dy)
-        if _shape(dy) != shape:
-            raise ValueError(f"Concat: backward expected dy of shape {shape}, got {_shape(dy)}")
-        return self.ops.concat_backward(dy, cache)
+        return _checked_backward(self, "Concat", dy, self.ops.concat_backward)
 
     def extra_repr(self):
         return f"axis={self.axis}"
@@ -233,11 +238,7 @@ class CenterCrop(Module):
         return y
 
     def backward(self, dy):
-        cache, shape = self._take()
-        dy = self.xp.asarray(dy)
-        if _shape(dy) != shape:
-            raise ValueError(f"CenterCrop: backward expected dy of shape {shape}, got {_shape(dy)}")
-        return self.ops.center_crop_backward(dy, cache)
+        return _checked_backward(self, "CenterCrop", dy, self.ops.center_crop_backward)
 
     def extra_repr(self):
         return f"size={self.size}"
@@ -282,11 +283,7 @@ class Pad2d(Module):
         return y
 
     def backward(self, dy):
-        cache, shape = self._take()
-        dy = self.xp.asarray(dy)
-        if _shape(dy) != shape:
-            raise ValueError(f"Pad2d: backward expected dy of shape {shape}, got {_shape(dy)}")
-        return self.ops.pad2d_backward(dy, cache)
+        return _checked_backward(self, "Pad2d", dy, self.ops.pad2d_backward)
 
     def extra_repr(self):
         return f"padding={self.padding}, mode={self.mode!r}"

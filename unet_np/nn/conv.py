@@ -816,6 +816,12 @@ def _takes_input_grad(fn, _seen={}):
     return _seen[key]
 
 
+def _set_parameters(layer, w, b):
+    """weight (and bias, or None) as Parameters on the layer's backend."""
+    layer.weight = Parameter(layer.backend.asarray(w))
+    layer.bias = Parameter(layer.backend.asarray(b)) if b is not None else None
+
+
 class Conv2d(Module):
     """2-D convolution (cross-correlation, as PyTorch's) over NCHW input.
 
@@ -858,11 +864,7 @@ class Conv2d(Module):
         fan_in = self.in_channels * kh * kw
         w, b = _init.init_weight_and_bias((self.out_channels, self.in_channels, kh, kw),
                                           self.out_channels if bias else None, fan_in, init, self.dtype)
-        self.weight = Parameter(self.backend.asarray(w))
-        if b is not None:
-            self.bias = Parameter(self.backend.asarray(b))
-        else:
-            self.bias = None
+        _set_parameters(self, w, b)
 
     def output_shape(self, input_shape):
         """(N, out_channels, Ho, Wo) for an input of shape (N, C, H, W); ValueError when the kernel
@@ -951,11 +953,7 @@ class ConvTranspose2d(Module):
             fan_in = self.out_channels * kh * kw
         w, b = _init.init_weight_and_bias((self.in_channels, self.out_channels, kh, kw),
                                           self.out_channels if bias else None, fan_in, init, self.dtype)
-        self.weight = Parameter(self.backend.asarray(w))
-        if b is not None:
-            self.bias = Parameter(self.backend.asarray(b))
-        else:
-            self.bias = None
+        _set_parameters(self, w, b)
 
     def output_shape(self, input_shape):
         """(N, out_channels, Hy, Wy) for an input (N, C, H, W); ValueError when not positive."""
