@@ -822,6 +822,13 @@ def _set_parameters(layer, w, b):
     layer.bias = Parameter(layer.backend.asarray(b)) if b is not None else None
 
 
+def _add_grads(layer, dw, db):
+    """Accumulate the parameter gradients of one backward into .grad."""
+    layer.weight.grad += dw
+    if layer.bias is not None:
+        layer.bias.grad += db
+
+
 class Conv2d(Module):
     """2-D convolution (cross-correlation, as PyTorch's) over NCHW input.
 
@@ -903,9 +910,7 @@ class Conv2d(Module):
         else:                                       # a backend whose primitive always computes dx
             _, dw, db = self.ops.conv2d_backward(dy, cache)
             dx = None
-        self.weight.grad += dw
-        if self.bias is not None:
-            self.bias.grad += db
+        _add_grads(self, dw, db)
         return dx
 
     def extra_repr(self):
@@ -982,9 +987,7 @@ class ConvTranspose2d(Module):
         cache, out_shape = self._take()
         dy = _check_dy("ConvTranspose2d", dy, out_shape, self.xp, self.dtype)
         dx, dw, db = self.ops.conv_transpose2d_backward(dy, cache)
-        self.weight.grad += dw
-        if self.bias is not None:
-            self.bias.grad += db
+        _add_grads(self, dw, db)
         return dx
 
     def extra_repr(self):
