@@ -177,3 +177,46 @@ def grad_transform(dy, r0, r1, TH, TW, Z):
             for q in range(16):
                 Z[q, o, base:base + TW] = L[q]
     return Z
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def weight_transform(w, U):
+    """U[4k + l, o, c] = (G w[o, c] G^T)[k, l] for w (O, C, 3, 3), U (16, O, C); the halves are
+    taken in float64 and rounded once to U's dtype. Reference: _wino_weights in unet_np/nn/conv.py."""
+    O, C = w.shape[:2]
+    for o in prange(O):
+        t = np.empty((4, 3))
+        for c in range(C):
+            for j in range(3):                                  # t = G g (4x3)
+                g0, g1, g2 = np.float64(w[o, c, 0, j]), np.float64(w[o, c, 1, j]), np.float64(w[o, c, 2, j])
+                t[0, j] = g0
+                t[1, j] = 0.5 * (g0 + g1 + g2)
+                t[2, j] = 0.5 * (g0 - g1 + g2)
+                t[3, j] = g2
+            for k in range(4):                                  # U = t G^T (4x4)
+                U[4 * k, o, c] = t[k, 0]
+                U[4 * k + 1, o, c] = 0.5 * (t[k, 0] + t[k, 1] + t[k, 2])
+                U[4 * k + 2, o, c] = 0.5 * (t[k, 0] - t[k, 1] + t[k, 2])
+                U[4 * k + 3, o, c] = t[k, 2]
+    return U
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def weight_grad_transform(dU, dw):
+    """dw[o, c] = G^T dU[:, o, c] G (the adjoint of weight_transform) for dU (16, O, C), dw
+    (O, C, 3, 3), in float64 and rounded once to dw's dtype."""
+    O, C = dw.shape[:2]
+    for o in prange(O):
+        s = np.empty((3, 4))
+        for c in range(C):
+            for l in range(4):                                  # s = G^T D (3x4)
+                d0, d1 = np.float64(dU[l, o, c]), np.float64(dU[4 + l, o, c])
+                d2, d3 = np.float64(dU[8 + l, o, c]), np.float64(dU[12 + l, o, c])
+                s[0, l] = d0 + 0.5 * (d1 + d2)
+                s[1, l] = 0.5 * (d1 - d2)
+                s[2, l] = 0.5 * (d1 + d2) + d3
+            for i in range(3):                                  # dw = s G (3x3)
+                dw[o, c, i, 0] = s[i, 0] + 0.5 * (s[i, 1] + s[i, 2])
+                dw[o, c, i, 1] = 0.5 * (s[i, 1] - s[i, 2])
+                dw[o, c, i, 2] = 0.5 * (s[i, 1] + s[i, 2]) + s[i, 3]
+    return dw

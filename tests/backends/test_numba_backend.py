@@ -209,7 +209,8 @@ WINOGRAD_CASES = [
 @pytest.mark.parametrize("tile_bytes", [None, 64])
 def test_conv2d_winograd_matches_reference(case, tile_bytes, dtype, nb, monkeypatch):
     xs, ws, p = case
-    assert conv._winograd_ok(nb_kernels(), ws[1], ws[0], 3, 3, (1, 1), (1, 1))
+    monkeypatch.setattr(conv, "_WINO_MIN_TILES", 1)  # these maps are far smaller than the threshold
+    assert conv._winograd_ok(nb_kernels(), ws[1], ws[0], 3, 3, (1, 1), (1, 1), *xs[:1], *xs[2:])
     if tile_bytes is not None:                       # one tile row per chunk
         monkeypatch.setattr(conv, "_TILE_BYTES", tile_bytes)
     rng = np.random.default_rng(2)
@@ -226,6 +227,38 @@ def test_conv2d_winograd_matches_reference(case, tile_bytes, dtype, nb, monkeypa
     assert rel(y, ref[0] - b.reshape(1, -1, 1, 1)) < TOL[dtype]
     dx, dw, db = nb.conv2d_backward(dy, cache, input_grad=False)
     assert dx is None and db is None and rel(dw, ref[2]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_weight_transforms_match_numpy(dtype):
+    """The compiled weight transform U = G g G^T and its adjoint dg = G^T dU G against the NumPy
+    versions in conv.py (same float64 arithmetic, rounded once), and the adjoint identity
+    <U(g), dU> = <g, dg(dU)> in float64."""
+    from unet_np.kernels import cpu_winograd
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(dtype)
+    dU = rng.standard_normal((16, 5, 3)).astype(dtype)
+    U = cpu_winograd.weight_transform(w, np.empty((16, 5, 3), dtype=dtype))
+    dw = cpu_winograd.weight_grad_transform(dU, np.empty((5, 3, 3, 3), dtype=dtype))
+    assert U.dtype == dw.dtype == dtype
+    assert rel(U, conv._wino_weights(w)) < TOL[dtype]
+    assert rel(dw, conv._wino_weight_grad(dU)) < TOL[dtype]
+    if dtype == np.float64:                           # 1e-12: sums of ~150 products of size ~1
+        lhs, rhs = np.sum(U * dU), np.sum(w * dw)
+        assert abs(lhs - rhs) < 1e-12 * max(abs(lhs), 1.0)
+    # and G g G^T of a 3x3 kernel is its value at the 4x4 Winograd points (here for one entry)
+    G = conv._WINO_G
+    np.testing.assert_allclose(U[:, 1, 2].reshape(4, 4), G @ w[1, 2].astype(np.float64) @ G.T,
+                               rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_winograd_only_for_enough_tiles():
+    """Small maps (few 2x2 output tiles) take the im2col path: the weight transforms would cost
+    more than the Winograd GEMMs save."""
+    k = nb_kernels()
+    assert conv._winograd_ok(k, 64, 64, 3, 3, (1, 1), (1, 1), 1, 64, 64)      # 1024 tiles
+    assert not conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 1, 8, 8)
+    assert conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 32, 8, 8)   # 512 tiles
 
 
 def nb_kernels():

@@ -69,6 +69,8 @@ class _Winograd:
     input_transform = staticmethod(cpu_winograd.input_transform)
     output_transform = staticmethod(cpu_winograd.output_transform)
     grad_transform = staticmethod(cpu_winograd.grad_transform)
+    weight_transform = staticmethod(cpu_winograd.weight_transform)
+    weight_grad_transform = staticmethod(cpu_winograd.weight_grad_transform)
 
 
 NUMBA_CONV_KERNELS = _conv.ConvKernels(_im2col_tile, _add_bias, _channel_sum, _col2im_image,

@@ -512,8 +512,8 @@ class ConvKernels:
         self.col2im_image = col2im_image
         self.shuffle = shuffle
         self.unshuffle = unshuffle
-        # None, or an object with input_transform / output_transform / grad_transform (the
-        # Winograd F(2x2, 3x3) transforms, kernels/cpu_winograd.py): 3x3 stride-1 convolutions
+        # None, or an object with input_transform / output_transform / grad_transform /
+        # weight_transform / weight_grad_transform (the Winograd F(2x2, 3x3) transforms, kernels/cpu_winograd.py): 3x3 stride-1 convolutions
         # then run as 16 GEMMs with K = C instead of one with K = 9C (2.25x fewer FLOPs).
         self.winograd = winograd
 
@@ -531,20 +531,34 @@ NUMPY_KERNELS = ConvKernels(_np_im2col_tile, _np_add_bias, _np_channel_sum, _np_
 #   kernel (the gather of the tiled path). Derivation and matrices: kernels/cpu_winograd.py.
 _WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 _WINO_MIN_CHANNELS = 16         # below this the 16 GEMMs with K = C run too far from BLAS peak
+_WINO_MIN_TILES = 512           # below this the weight transforms (16 O C values) cost more than
+                                # the 2.25x the GEMMs save (measured: 1024 channels at 8x8, batch 1,
+                                # ran 8x slower than im2col; 64x64 at batch 1, 1024 tiles, faster)
 
 
-def _winograd_ok(kern, C, O, kh, kw, stride, dilation):
+def _winograd_ok(kern, C, O, kh, kw, stride, dilation, N, Ho, Wo):
+    """Whether a convolution of C -> O channels with N x Ho x Wo outputs runs as Winograd."""
     return (_FAST_PATHS and kern.winograd is not None and (kh, kw) == (3, 3) and stride == (1, 1)
-            and dilation == (1, 1) and min(C, O) >= _WINO_MIN_CHANNELS)
+            and dilation == (1, 1) and min(C, O) >= _WINO_MIN_CHANNELS
+            and N * ((Ho + 1) // 2) * ((Wo + 1) // 2) >= _WINO_MIN_TILES)
 
 
 def _wino_weights(w):
-    """w (O, C, 3, 3) -> U (16, O, C) with U[4k + l, o, c] = (G w[o, c] G^T)[k, l]."""
+    """w (O, C, 3, 3) -> U (16, O, C) with U[4k + l, o, c] = (G w[o, c] G^T)[k, l], in float64
+    and rounded once. The plain version of the kernel table's weight_transform."""
     O, C = w.shape[:2]
-    G = _WINO_G.astype(w.dtype)
-    t = np.tensordot(w, G, axes=([3], [1]))                             # (O, C, 3, 4): w G^T
-    u = np.tensordot(G, t, axes=([1], [2]))                             # (4, O, C, 4): G w G^T
-    return np.ascontiguousarray(u.transpose(0, 3, 1, 2)).reshape(16, O, C)
+    t = np.tensordot(w.astype(np.float64), _WINO_G, axes=([3], [1]))  # (O, C, 3, 4): w G^T
+    u = np.tensordot(_WINO_G, t, axes=([1], [2]))                      # (4, O, C, 4): G w G^T
+    return np.ascontiguousarray(u.transpose(0, 3, 1, 2), dtype=w.dtype).reshape(16, O, C)
+
+
+def _wino_weight_grad(dU):
+    """dU (16, O, C) -> dw (O, C, 3, 3) = G^T dU[:, o, c] G (the adjoint of _wino_weights), in
+    float64 and rounded once. The plain version of the kernel table's weight_grad_transform."""
+    _, O, C = dU.shape
+    t = np.tensordot(_WINO_G, dU.astype(np.float64).reshape(4, 4, O, C), axes=([0], [0]))
+    dw = np.tensordot(t, _WINO_G, axes=([1], [0]))       # t (3, 4, O, C) = G^T dU; dw (3, O, C, 3)
+    return np.ascontiguousarray(dw.transpose(1, 2, 0, 3), dtype=dU.dtype)
 
 
 def _wino_chunks(R, TW, width, itemsize):
@@ -560,9 +574,9 @@ def _winograd_conv(x, w, b, y, lead, kern):
     N, C, H, W = x.shape
     _, O, Ho, Wo = y.shape
     TH, TW = (Ho + 1) // 2, (Wo + 1) // 2
-    U = _wino_weights(w)
-    bias = np.zeros(O, dtype=y.dtype) if b is None else np.ascontiguousarray(b, dtype=y.dtype)
     wg = kern.winograd
+    U = wg.weight_transform(np.ascontiguousarray(w), np.empty((16, O, C), dtype=w.dtype))
+    bias = np.zeros(O, dtype=y.dtype) if b is None else np.ascontiguousarray(b, dtype=y.dtype)
     for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):
         T = (r1 - r0) * TW
         V = _workspace("wino_v", 16 * C * T, x.dtype).reshape(16, C, T)
@@ -587,10 +601,7 @@ def _winograd_weight_grad(x, dy, lead, kern):
         Z = _workspace("wino_m", 16 * O * T, x.dtype).reshape(16, O, T)
         wg.grad_transform(dy, r0, r1, TH, TW, Z)
         dU += np.matmul(Z, V.transpose(0, 2, 1))
-    G = _WINO_G.astype(dy.dtype)
-    t = np.tensordot(G, dU.reshape(4, 4, O, C), axes=([0], [0]))        # (3, 4, O, C): G^T dU
-    dw = np.tensordot(t, G, axes=([1], [0]))                            # (3, O, C, 3): G^T dU G
-    return np.ascontiguousarray(dw.transpose(1, 2, 0, 3))
+    return wg.weight_grad_transform(dU, np.empty((O, C, 3, 3), dtype=dy.dtype))
 
 
 # -- drivers -----------------------------------------------------------------------------------------
@@ -663,7 +674,7 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
             return conv2d_forward_reference(x, w, b, stride, padding, dilation)
         x = np.ascontiguousarray(x)
         y = np.empty((N, O, Ho, Wo), dtype=x.dtype)
-        if _winograd_ok(kern, C, O, kh, kw, st, dil):
+        if _winograd_ok(kern, C, O, kh, kw, st, dil, N, Ho, Wo):
             _winograd_conv(x, w, b, y, (pads[0][0], pads[1][0]), kern)
         else:
             _conv_tiles(x, np.ascontiguousarray(w).reshape(O, C * kh * kw), b, y, kh, kw, st,
@@ -682,7 +693,7 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
         lead = (pads[0][0], pads[1][0])
         dy = np.ascontiguousarray(dy)
         db = kern_.channel_sum(dy) if cache.has_bias else None
-        if _winograd_ok(kern_, C, O, kh, kw, st, dil):
+        if _winograd_ok(kern_, C, O, kh, kw, st, dil, N, Ho, Wo):
             dw = _winograd_weight_grad(x, dy, lead, kern_)
         else:
             dw = _conv_weight_grad_tiles(x, dy, kh, kw, st, lead, dil, kern_).T.reshape(w.shape)
@@ -697,7 +708,7 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
             # (d(k-1) - p) on each side.
             wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, O, kh, kw)
             lead_f = (fh - pads[0][0], fw - pads[1][0])
-            if _winograd_ok(kern_, O, C, kh, kw, st, dil):
+            if _winograd_ok(kern_, O, C, kh, kw, st, dil, N, H, W):
                 _winograd_conv(dy, wf, None, dx, lead_f, kern_)
             else:
                 _conv_tiles(dy, wf.reshape(C, O * kh * kw), None, dx, kh, kw, (1, 1), lead_f, dil,
