@@ -273,6 +273,7 @@ class SyncBatchNorm(BatchNorm2d):
         if self.affine:
             self.weight.grad += dgamma_l
             self.bias.grad += dbeta_l
+        self._release()
         return dx
 
 

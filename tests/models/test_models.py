@@ -193,3 +193,36 @@ def test_a_small_unet_learns_touching_cells():
     trainer.fit(images[:20], masks[:20], epochs=12, batch_size=4, seed=0)
     pred = predict_labels(model, images[20:])
     assert evaluate(pred, masks[20:], 2)["dice_foreground"] > 0.80
+
+
+@pytest.mark.parametrize("arch", ["unet", "unet++", "attention"])
+def test_backward_releases_activations(arch):
+    """After a model's backward no layer holds activations (a step's memory falls through the
+    backward, and nothing is kept between steps); a second backward then asks for a forward."""
+    from unet_np.nn.loss import CrossEntropyLoss
+    rng = np.random.default_rng(0)
+    make = {"unet": lambda: unet_np.UNet(1, 2, depth=2, base_channels=4, batchnorm=True),
+            "unet++": lambda: unet_np.UNetPlusPlus(1, 2, depth=2, base_channels=4),
+            "attention": lambda: unet_np.AttentionUNet(1, 2, depth=2, base_channels=4)}[arch]
+    model = make()
+    x = rng.standard_normal((2, 1, 16, 16))
+    loss = CrossEntropyLoss()
+    loss.forward(model.forward(x), rng.integers(0, 2, (2, 16, 16)))
+    d = loss.backward()
+    held = [n for n, m in model.named_modules() if m.__dict__.get("_cache") is not None]
+    assert len(held) > 5
+    model.backward(d)
+    assert [n for n, m in model.named_modules() if m.__dict__.get("_cache") is not None] == []
+    with pytest.raises(RuntimeError, match="backward uses them up: run forward again"):
+        model.backward(d)
+
+
+def test_failed_backward_keeps_activations():
+    """A backward refused for a gradient of the wrong shape keeps the cache: the right one then works."""
+    from unet_np.nn import Conv2d
+    conv = Conv2d(2, 3, 3, padding=1)
+    x = np.random.default_rng(1).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    y = conv(x)
+    with pytest.raises(ValueError, match="expected a gradient of shape"):
+        conv.backward(np.ones((1, 3, 4, 4), dtype=np.float32))
+    assert conv.backward(np.ones_like(y)).shape == x.shape

@@ -30,6 +30,7 @@ def _pair(C, dtype, seed=0, **kw):
 
 def _compare(ours, theirs, x, dy, tol):
     y = ours(x)
+    cache = ours._cache                 # (the backward releases it)
     xt = t(x, requires_grad=True)
     yt = theirs(xt)
     yt.backward(t(dy))
@@ -40,7 +41,7 @@ def _compare(ours, theirs, x, dy, tol):
     # (with 2 values per channel it nearly cancels to 0), and then any float32 result, PyTorch's
     # included, is off by ~1e-7 of the TERMS. So dx's error is measured against the larger of
     # max|dx| and the scale of those terms, max|gamma / sigma| * max|dy|.
-    inv_std = ours._cache[3]
+    inv_std = cache[3]
     gamma = ours.weight.data if ours.affine else 1.0
     terms = float(np.max(np.abs(gamma * inv_std))) * float(np.max(np.abs(dy)))
     ref = n(xt.grad)
@@ -49,7 +50,7 @@ def _compare(ours, theirs, x, dy, tol):
         # dgamma = sum dy * xhat and dbeta = sum dy are sums of M terms that may cancel to far
         # below the terms; the rounding of ANY float computation of them (PyTorch's too) is then of
         # the order eps * ||terms||_2, so that norm (largest over channels) is the error's floor.
-        xhat = ours._cache[1] if ours._cache[0] else (x - ours.running_mean.reshape(1, -1, 1, 1)) \
+        xhat = cache[1] if cache[0] else (x - ours.running_mean.reshape(1, -1, 1, 1)) \
             * inv_std.reshape(1, -1, 1, 1)
         for ours_g, theirs_g, terms in ((ours.weight.grad, theirs.weight.grad, dy * xhat),
                                         (ours.bias.grad, theirs.bias.grad, dy)):

@@ -45,6 +45,7 @@ class AttentionGate(Module):
         dq = self.relu.backward(self.psi.backward(self.sigmoid.backward(d_alpha)))
         dx = dx + self.theta.backward(dq)                   # theta(x) + up(phi(g)): the sum copies dq
         dg = self.phi.backward(self.up.backward(dq))
+        self._release()
         return dx, dg
 
 

@@ -46,7 +46,9 @@ class ReLU(Module):
         return y
 
     def backward(self, dy):
-        return self.ops.relu_backward(dy, self._take())
+        dx = self.ops.relu_backward(dy, self._take())
+        self._release()
+        return dx
 
 
 class Sigmoid(Module):
@@ -59,4 +61,6 @@ class Sigmoid(Module):
         return y
 
     def backward(self, dy):
-        return self.ops.sigmoid_backward(dy, self._take())
+        dx = self.ops.sigmoid_backward(dy, self._take())
+        self._release()
+        return dx

@@ -143,7 +143,9 @@ def _checked_backward(layer, name, dy, primitive):
     dy = layer.xp.asarray(dy)
     if _shape(dy) != shape:
         raise ValueError(f"{name}: backward expected dy of shape {shape}, got {_shape(dy)}")
-    return primitive(dy, cache)
+    grads = primitive(dy, cache)
+    layer._release()
+    return grads
 
 
 def _shape(x):

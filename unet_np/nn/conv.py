@@ -922,6 +922,7 @@ class Conv2d(Module):
             _, dw, db = self.ops.conv2d_backward(dy, cache)
             dx = None
         _add_grads(self, dw, db)
+        self._release()
         return dx
 
     def extra_repr(self):
@@ -999,6 +1000,7 @@ class ConvTranspose2d(Module):
         dy = _check_dy("ConvTranspose2d", dy, out_shape, self.xp, self.dtype)
         dx, dw, db = self.ops.conv_transpose2d_backward(dy, cache)
         _add_grads(self, dw, db)
+        self._release()
         return dx
 
     def extra_repr(self):

@@ -247,12 +247,20 @@ class Module:
         self._cache = cache if is_grad_enabled() else None
 
     def _take(self):
-        """The cache a backward consumes; a clear error when there is none."""
+        """The cache a backward needs; a clear error when there is none."""
         cache = self.__dict__.get("_cache")
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called without a forward that kept "
-                               f"its activations (forward under no_grad/predict keeps none)")
+                               f"its activations (forward under no_grad/predict keeps none, and a "
+                               f"backward uses them up: run forward again before another backward)")
         return cache
+
+    def _release(self):
+        """Drop the cache at the end of a successful backward, as PyTorch frees a graph's saved
+        tensors during its backward: a training step's memory then falls through the backward, and
+        no activations are held between steps. (A backward that raises, e.g. on a dy of the wrong
+        shape, keeps them.)"""
+        self._cache = None
 
     def __repr__(self):
         inner = "".join(f"\n  ({n}): " + repr(m).replace("\n", "\n  ") for n, m in self._modules.items())

@@ -188,6 +188,7 @@ class BatchNorm2d(Module):
         if self.affine:
             self.weight.grad += dgamma
             self.bias.grad += dbeta
+        self._release()
         return dx
 
     def extra_repr(self):

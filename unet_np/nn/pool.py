@@ -193,7 +193,9 @@ class MaxPool2d(Module):
         if tuple(dy.shape) != tuple(cache[0].shape):
             raise ValueError(f"MaxPool2d: backward expected dy of shape {tuple(cache[0].shape)}, "
                              f"got {tuple(dy.shape)}")
-        return self.ops.maxpool2d_backward(dy, cache)
+        dx = self.ops.maxpool2d_backward(dy, cache)
+        self._release()
+        return dx
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

@@ -189,7 +189,9 @@ class Upsample(Module):
             raise ValueError(f"Upsample: backward expected dy of shape {shape}, got {tuple(dy.shape)}")
         bwd = self.ops.upsample_bilinear2d_backward if self.mode == "bilinear" else \
             self.ops.upsample_nearest2d_backward
-        return bwd(dy, cache)
+        dx = bwd(dy, cache)
+        self._release()
+        return dx
 
     def extra_repr(self):
         sh, sw = self.scale_factor
