@@ -3,7 +3,10 @@
 Each optimizer repeats PyTorch's single-tensor update (torch.optim.* on CPU) operation for
 operation, so a run in float64 follows PyTorch's trajectory to the last few bits. The update is done
 in place on ``p.data`` with in-place operators and the array module of ``p.data``, so the same code
-is meant to update CuPy parameters too (only NumPy is tested here).
+is meant to update CuPy parameters too (only NumPy is tested here). That array code is the reference:
+when a parameter lives on a backend with fused updates (cupy: kernels/cuda/optim.cu, numba-cuda:
+kernels/cuda_optim.py), the same update runs there as one kernel pass per parameter instead
+(``_fused``; tests/backends compare the two paths step by step).
 
 State is a flat dict name -> NumPy array, saveable in an ``.npz`` without pickling:
     "step"  (0-d int64)  and every hyper-parameter ("lr", "momentum", "betas", ...) as arrays,
@@ -28,6 +31,20 @@ def _xp(a):
         import cupy
         return cupy
     return np
+
+
+def _fused(p, name):
+    """The fused update ``name`` ("sgd_step" or "adam_step") of the backend ``p`` lives on, or None.
+
+    A GPU backend (cupy, numba-cuda) does a whole update in one kernel pass per parameter; it takes
+    the same arguments whatever the backend (see CudaKernels.sgd_step / adam_step in
+    unet_np/backends/cupy_backend.py). None (the array code below runs) when the backend has no such
+    update, or when p's arrays are not contiguous arrays of that backend's array module."""
+    backend = p.backend
+    update = getattr(backend, name, None)
+    if update is None or not isinstance(p.data, backend.xp.ndarray) or not p.data.flags.c_contiguous:
+        return None
+    return update
 
 
 def _number(owner, name, value, low=None, high=None, low_open=False, high_open=False):
@@ -227,6 +244,15 @@ class SGD(Optimizer):
         return ("momentum_buffer",) if self.momentum != 0 else ()
 
     def _update(self, p, state):
+        fused = _fused(p, "sgd_step")
+        if fused is not None:                           # the same update in one kernel pass
+            first = self.momentum != 0 and "momentum_buffer" not in state
+            if first:
+                state["momentum_buffer"] = _xp(p.data).empty_like(p.data)   # the kernel sets it to g
+            fused(p.data, p.grad, state.get("momentum_buffer"), self.lr, momentum=self.momentum,
+                  dampening=self.dampening, weight_decay=self.weight_decay, nesterov=self.nesterov,
+                  first=first)
+            return
         g = p.grad
         if self.weight_decay != 0:
             g = g + self.weight_decay * p.data
@@ -283,6 +309,16 @@ class Adam(Optimizer):
 
     def _update(self, p, state):
         xp = _xp(p.data)
+        if not state:
+            for b in self._buffers():
+                state[b] = xp.zeros_like(p.data)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        fused = _fused(p, "adam_step")
+        if fused is not None:                           # the same update in one kernel pass
+            fused(p.data, p.grad, m, v, self.step_count, self.lr, betas=self.betas, eps=self.eps,
+                  weight_decay=self.weight_decay, decoupled=self._decoupled,
+                  vmax=state["max_exp_avg_sq"] if self.amsgrad else None)
+            return
         b1, b2 = self.betas
         g = p.grad
         if self.weight_decay != 0:
@@ -290,10 +326,6 @@ class Adam(Optimizer):
                 p.data *= 1 - self.lr * self.weight_decay
             else:
                 g = g + self.weight_decay * p.data
-        if not state:
-            for b in self._buffers():
-                state[b] = xp.zeros_like(p.data)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
         w = 1 - b1                                      # m.lerp_(g, w), in torch's two branches
         if w < 0.5:
             m += w * (g - m)

@@ -1,15 +1,31 @@
 """Checks of the numba-cuda backend against the numpy reference, run as a script.
 
-    NUMBA_ENABLE_CUDASIM=1 python tests/backends/numba_cuda_check.py     (the CPU simulator)
-    python tests/backends/numba_cuda_check.py                            (a real GPU)
+    NUMBA_ENABLE_CUDASIM=1 python tests/backends/numba_cuda_check.py [SECTION ...]   (the CPU simulator)
+    python tests/backends/numba_cuda_check.py [SECTION ...]                          (a real GPU)
 
 tests/backends/test_numba_cuda.py starts it in a subprocess, so the simulator never leaks into the
-rest of the test session. Every primitive on tiny shapes, in float32 (relative error < 1e-4) and
-float64 (< 1e-10); both GEMM kernels on odd shapes and every operand layout; then a whole
-UNet(1, 2, depth=1, base_channels=2) on a 1x1x8x8 input: logits, loss, every gradient and one SGD
-step against the numpy backend. Relative error = max |got - ref| / max |ref|. Prints one line per
-check and exits 1 if any fails.
+rest of the test session. Relative error = max |got - ref| / max |ref|, within 1e-4 in float32 and
+1e-10 in float64. Sections (all of them without arguments):
+
+  kernels     every layer primitive on tiny shapes, both GEMM kernels on odd shapes and every operand
+              layout, in float32 and float64
+  models      whole models on a 1x1x8x8 input against the numpy backend: logits, loss, every gradient
+              and one optimizer step (fused: cuda_optim): UNet(depth=1, base_channels=2) with
+              cross-entropy and SGD (plain; batch-norm and bilinear upsampling), AttentionUNet with
+              softmax Dice and Adam, UNetPlusPlus with BCE and AdamW (those two with input_grad=False)
+  table       every primitive of the table is the backend's own (none is the reference function), and
+              the fused optimizer updates are there
+  input_grad  conv2d_backward(input_grad=False): dx is None, dw and db as with input_grad=True, and the
+              dx work is skipped (one GEMM fewer, no col2im launch)
+  losses      BCE with logits (pos_weight broadcast several ways), softmax Dice (ignore_index, without
+              the background class, the eps clamp) and sigmoid Dice, forward and backward, and through
+              the loss classes
+  optim       SGD / Adam / AdamW through unet_np.optim on numba-cuda parameters (one fused kernel per
+              parameter and step: counted) against the same optimizers' array code, three steps
+
+Prints one line per check and exits 1 if any fails.
 """
+import contextlib
 import sys
 import time
 
@@ -217,32 +233,55 @@ def _biases_before_batchnorm(model):
     return names
 
 
+# model, its arguments, loss, optimizer, input_grad of the backward, dtypes (the simulator is slow:
+# the other architectures and losses run in one dtype each)
+MODEL_CASES = [
+    ("UNet", dict(num_classes=2), "cross-entropy", "SGD", True, (np.float32, np.float64)),
+    ("UNet", dict(num_classes=2, batchnorm=True, upsample="bilinear"), "cross-entropy", "SGD", True,
+     (np.float32, np.float64)),
+    ("AttentionUNet", dict(num_classes=3), "softmax Dice", "Adam", False, (np.float32,)),
+    ("UNetPlusPlus", dict(num_classes=1), "BCE", "AdamW", False, (np.float64,)),
+]
+
+
 def model_checks(dt):
-    from unet_np import UNet
-    from unet_np.nn import CrossEntropyLoss
-    from unet_np.optim import SGD
-    for kw in (dict(), dict(batchnorm=True, upsample="bilinear")):
-        ref = UNet(1, 2, depth=1, base_channels=2, dtype=dt, **kw)
-        gpu = UNet(1, 2, depth=1, base_channels=2, dtype=dt, backend="numba-cuda", **kw)
+    import unet_np
+    from unet_np import optim
+    from unet_np.nn import BCEWithLogitsLoss, CrossEntropyLoss, DiceLoss
+    for cls, kw, loss_name, opt_name, input_grad, dtypes in MODEL_CASES:
+        if dt not in dtypes:
+            continue
+        make = getattr(unet_np, cls)
+        ref = make(1, depth=1, base_channels=2, dtype=dt, **kw)
+        gpu = make(1, depth=1, base_channels=2, dtype=dt, backend="numba-cuda", **kw)
         gpu.load_state_dict(ref.state_dict())
         x = rnd(1, 1, 8, 8, dt=dt)
-        t = rng.integers(0, 2, size=(1, 8, 8))
-        tag = f"UNet(1, 2, depth=1, base_channels=2, {kw})"
+        C = kw["num_classes"]
+        if loss_name == "BCE":
+            t = rng.uniform(0, 1, (1, C, 8, 8)).astype(dt)
+        else:
+            t = rng.integers(0, C, size=(1, 8, 8))
+        tag = f"{cls}(1, depth=1, base_channels=2, {kw}) {loss_name} {opt_name}"
         losses = []
         for m in (ref, gpu):
-            opt = SGD(m.parameters(), lr=0.1, momentum=0.9)
-            loss_fn = CrossEntropyLoss(backend=m.backend)
+            opt = getattr(optim, opt_name)(m.parameters(), **(dict(lr=0.1, momentum=0.9) if opt_name == "SGD"
+                                                                else dict(lr=0.01)))
+            loss_fn = {"cross-entropy": CrossEntropyLoss, "softmax Dice": DiceLoss,
+                       "BCE": BCEWithLogitsLoss}[loss_name](backend=m.backend)
             m.zero_grad()
             logits = m.forward(x)
             loss = loss_fn.forward(logits, t)
-            dx = m.backward(loss_fn.backward())
+            dx = m.backward(loss_fn.backward(), input_grad=input_grad)
             grads = {n: backends.to_numpy(p.grad).copy() for n, p in m.named_parameters()}
             opt.step()
             losses.append((logits, loss, dx, grads, m.state_dict()))
         (lr_, l_r, dx_r, g_r, s_r), (lg, l_g, dx_g, g_g, s_g) = losses
         check(f"{tag} logits", lg, lr_, dt)
         check(f"{tag} loss", np.float64(l_g), np.float64(l_r), dt)
-        check(f"{tag} dx", dx_g, dx_r, dt)
+        if input_grad:
+            check(f"{tag} dx", dx_g, dx_r, dt)
+        else:
+            check_equal(f"{tag} dx is None with input_grad=False", (dx_g is None, dx_r is None), (True, True))
         # The bias of a convolution followed by batch-norm has a gradient of exactly 0 in exact
         # arithmetic (the normalisation removes any constant shift): both sides hold rounding noise
         # there, so those are compared relative to the model's largest gradient instead.
@@ -251,24 +290,232 @@ def model_checks(dt):
         for n in g_r:
             check(f"{tag} grad {n}", g_g[n], g_r[n], dt, floor=big if n in before_bn else 0.0)
         for n in s_r:
-            check(f"{tag} after SGD step {n}", s_g[n], s_r[n], dt)
+            check(f"{tag} after {opt_name} step {n}", s_g[n], s_r[n], dt)
 
 
-def main():
+# -- counting launches (to see that work is skipped, or done in one kernel) ---------------------------
+class _Counted:
+    """Stands in for a numba.cuda kernel (kernel[grid, block](...)) or a function, counting calls."""
+
+    def __init__(self, target):
+        self.target, self.calls = target, 0
+
+    def __getitem__(self, config):
+        run = self.target[config]
+
+        def launch(*args):
+            self.calls += 1
+            return run(*args)
+        return launch
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.target(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting(module, *names):
+    """Replace module.<name> by a _Counted for the duration; yields {name: counter}."""
+    saved = {n: getattr(module, n) for n in names}
+    counters = {n: _Counted(k) for n, k in saved.items()}
+    for n, c in counters.items():
+        setattr(module, n, c)
+    try:
+        yield counters
+    finally:
+        for n, k in saved.items():
+            setattr(module, n, k)
+
+
+def check_equal(name, got, want):
+    ok = (got is want) if got is None or want is None else bool(got == want)
+    print(f"{'ok  ' if ok else 'FAIL'} {name:<58s} got {got!r}, expected {want!r}")
+    if not ok:
+        failures.append(name)
+
+
+# -- the table ------------------------------------------------------------------------------------------
+def table_checks():
+    own = [n for n in REF if B.ops[n] is not REF[n]]
+    check_equal("numba-cuda table: primitives", sorted(B.ops), sorted(REF))
+    check_equal("numba-cuda table: primitives that are the reference's", sorted(set(REF) - set(own)), [])
+    check_equal("numba-cuda fused updates", (callable(B.sgd_step), callable(B.adam_step)), (True, True))
+
+
+# -- conv2d_backward(input_grad=False) ---------------------------------------------------------------------
+def input_grad_checks(dt):
+    from unet_np.kernels import cuda_conv
+    cases = [  # x shape, w shape, stride, padding, dilation, bias
+        ((2, 3, 5, 6), (4, 3, 3, 3), 1, 1, 1, True),         # im2col path
+        ((2, 3, 4, 4), (2, 3, 1, 1), 1, 0, 1, True),         # 1x1 path (no column buffer)
+        ((1, 2, 7, 6), (3, 2, 3, 2), 2, ((1, 0), (0, 1)), 2, False),
+    ]
+    for xs, ws, s, p, d, bias in cases:
+        x, w = rnd(*xs, dt=dt), rnd(*ws, dt=dt)
+        b = rnd(ws[0], dt=dt) if bias else None
+        name = f"conv2d x{xs} w{ws} s{s} p{p} d{d} input_grad=False"
+        yr, cr = REF["conv2d_forward"](x, w, b, s, p, d)
+        dy = rnd(*yr.shape, dt=dt)
+        _, dw_r, db_r = REF["conv2d_backward"](dy, cr, input_grad=False)
+        counts = []
+        for input_grad in (True, False):
+            _, cg = B.conv2d_forward(x, w, b, s, p, d)
+            with counting(cuda_gemm, "gemm") as g, counting(cuda_conv, "col2im_kernel") as c:
+                got = B.conv2d_backward(dy, cg, input_grad=input_grad)
+            counts.append((g["gemm"].calls, c["col2im_kernel"].calls))
+            if input_grad:
+                full = got
+        dx, dw, db = got
+        check_equal(name + " dx", dx, None)
+        check(name + " dw", dw, dw_r, dt)
+        check(name + " dw == dw with input_grad", dw, full[1], dt, tol=0.0)
+        if bias:
+            check(name + " db", db, db_r, dt)
+        else:
+            check_equal(name + " db", db, None)
+        (gemms, col2ims), (gemms_no_dx, col2ims_no_dx) = counts
+        check_equal(name + " GEMMs (with dx, without)", (gemms, gemms_no_dx), (2, 1))
+        check_equal(name + " col2im launches without dx", col2ims_no_dx, 0)
+
+
+# -- losses ------------------------------------------------------------------------------------------------
+def _loss_pair(name, fwd, bwd, args, dt):
+    lr_, cr = REF[fwd](*args)
+    lg, cg = B.ops[fwd](*args)
+    check_equal(f"{name} loss dtype and shape", (np.dtype(backends.to_numpy(lg).dtype), np.shape(lg)),
+                (np.dtype(dt), ()))
+    check(f"{name} loss", lg, lr_, dt)
+    check(f"{name} dlogits", B.ops[bwd](cg), REF[bwd](cr), dt)
+
+
+def loss_checks(dt):
+    from unet_np.nn import BCEWithLogitsLoss, DiceLoss
+    x = rnd(2, 3, 3, 4, dt=dt) * 4
+    x.reshape(-1)[:2] = (40.0, -40.0)                          # large logits: no overflow
+    tf = rng.uniform(0, 1, x.shape).astype(dt)
+    for what, pw in (("no pos_weight", None), ("pos_weight (C, 1, 1)", rng.uniform(0.5, 3, (3, 1, 1))),
+                     ("pos_weight (W,)", rng.uniform(0.5, 3, (4,))),
+                     ("pos_weight full", rng.uniform(0.5, 3, x.shape))):
+        pw = None if pw is None else pw.astype(dt)
+        _loss_pair(f"bce_with_logits {what}", "bce_with_logits_forward", "bce_with_logits_backward",
+                   (x, tf, pw), dt)
+    _loss_pair("bce_with_logits 0-d", "bce_with_logits_forward", "bce_with_logits_backward",
+               (np.asarray(-1.5, dtype=dt), np.asarray(0.25, dtype=dt), None), dt)
+    # The eps clamp max(P_c + T_c + smooth, eps): with smooth=0, eps=1 it is active for class / channel 2
+    # alone (absent from the target and, nearly, from the prediction); with eps=60 for every class (the
+    # sums over these 24 pixels stay below 60), where D_c != 0 and beta_c must be 0.
+    x_absent = x.copy()
+    x_absent[:, 2] -= 30
+    tf_absent = tf.copy()
+    tf_absent[:, 2] = 0
+    for what, xx, t, smooth, eps in (("smooth=1", x, tf, 1.0, 1e-7),
+                                     ("smooth=0, eps clamp", x_absent, tf_absent, 0.0, 1.0),
+                                     ("eps clamp on every class", x, tf, 0.5, 60.0)):
+        _loss_pair(f"sigmoid_dice {what}", "sigmoid_dice_forward", "sigmoid_dice_backward",
+                   (xx, t, smooth, eps), dt)
+    t = rng.integers(0, 3, size=(2, 3, 4))
+    t_ign = t.copy()
+    t_ign[0, 0, :3] = -100
+    t_absent = np.where(t == 2, 0, t)
+    for what, xx, tt, smooth, eps, incl in (
+            ("plain", x, t, 1.0, 1e-7, True), ("ignore_index", x, t_ign, 1.0, 1e-7, True),
+            ("no background", x, t_ign, 1.0, 1e-7, False),
+            ("smooth=0, eps clamp", x_absent, t_absent, 0.0, 1.0, True),
+            ("eps clamp on every class", x, t_ign, 0.5, 60.0, True)):
+        _loss_pair(f"softmax_dice {what}", "softmax_dice_forward", "softmax_dice_backward",
+                   (xx, tt, smooth, eps, -100, incl), dt)
+    # through the loss classes, as a model's training step calls them
+    for loss_ref, loss_gpu, target in (
+            (BCEWithLogitsLoss(pos_weight=np.array([[[2.0]], [[0.5]], [[1.0]]])),
+             BCEWithLogitsLoss(pos_weight=np.array([[[2.0]], [[0.5]], [[1.0]]]), backend=B), tf),
+            (DiceLoss(), DiceLoss(backend=B), t_ign),
+            (DiceLoss(mode="sigmoid", smooth=0.5), DiceLoss(mode="sigmoid", smooth=0.5, backend=B), tf)):
+        tag = f"{type(loss_ref).__name__}({loss_ref.extra_repr()})" if hasattr(loss_ref, "extra_repr") else ""
+        lr_ = loss_ref.forward(x, target)
+        lg = loss_gpu.forward(x, target)
+        check(f"{tag} forward", np.float64(lg), np.float64(lr_), dt)
+        check(f"{tag} backward x0.5", loss_gpu.backward(0.5), loss_ref.backward(0.5), dt)
+
+
+# -- fused optimizer updates -------------------------------------------------------------------------------
+OPTIM_CASES = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.01)),    # first step: buf = g
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1)),
+    ("Adam", dict(lr=0.01, betas=(0.3, 0.9))),              # torch's other lerp branch
+    ("Adam", dict(lr=0.01, amsgrad=True)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.05)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+]
+
+
+def optim_checks(dt):
+    from unet_np import optim
+    from unet_np.kernels import cuda_optim
+    from unet_np.nn import Parameter
+    shapes = [(3, 2, 3, 3), (3,), (2, 5)]
+    for name, hp in OPTIM_CASES:
+        tag = f"{name}({', '.join(f'{k}={v}' for k, v in hp.items())})"
+        init = [rnd(*shape, dt=dt) for shape in shapes]
+        ref = [Parameter(a.copy()) for a in init]             # no backend: the array code
+        gpu = [Parameter(B.asarray(a.copy())) for a in init]
+        for p in gpu:
+            p.backend = B                                      # as a numba-cuda module sets it
+        opt_ref = getattr(optim, name)(ref, **hp)
+        opt_gpu = getattr(optim, name)(gpu, **hp)
+        with counting(cuda_optim, "sgd_step_kernel", "adam_step_kernel") as n:
+            for step in range(1, 4):
+                for pr, pg in zip(ref, gpu):
+                    g = rnd(*pr.shape, dt=dt) * (0.1 if step == 2 else 1.0)
+                    pr.grad[...] = g
+                    pg.grad[...] = B.asarray(g)
+                opt_ref.step()
+                opt_gpu.step()
+                check_equal(f"{tag} {np.dtype(dt).name} fused launches after step {step}",
+                            sum(c.calls for c in n.values()), step * len(shapes))
+                for i, (pr, pg) in enumerate(zip(ref, gpu)):
+                    check(f"{tag} step {step} p{i}", pg.data, pr.data, dt)
+                    for buf, value in opt_ref.state[i].items():
+                        check(f"{tag} step {step} p{i} {buf}", opt_gpu.state[i][buf], value, dt)
+        check_equal(f"{tag} state_dict names", sorted(opt_gpu.state_dict()), sorted(opt_ref.state_dict()))
+
+
+SECTIONS = ("kernels", "models", "table", "input_grad", "losses", "optim")
+
+
+def main(argv=()):
     # No sys.setswitchinterval speed-up here: with a 1e-4 s switch interval the simulator gave wrong
     # results in about one run in three (seen in the model checks: loss, dx, first-layer weight
     # gradient), and none in repeated runs at the default interval.
-    print(f"numba-cuda backend: simulator={B.simulated}, xp={B.xp.__name__}")
+    sections = tuple(argv) or SECTIONS
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        print(f"unknown section {unknown[0]!r}: expected some of {', '.join(SECTIONS)}")
+        return 2
+    print(f"numba-cuda backend: simulator={B.simulated}, xp={B.xp.__name__}; sections {', '.join(sections)}")
+    if "table" in sections:
+        table_checks()
     for dt in (np.float32, np.float64):
-        gemm_checks(dt)
-        bias_relu_checks(dt)
-        conv_checks(dt)
-        layer_checks(dt)
-    for dt in (np.float64, np.float32):
-        model_checks(dt)
+        if "kernels" in sections:
+            gemm_checks(dt)
+            bias_relu_checks(dt)
+            conv_checks(dt)
+            layer_checks(dt)
+        if "input_grad" in sections:
+            input_grad_checks(dt)
+        if "losses" in sections:
+            loss_checks(dt)
+        if "optim" in sections:
+            optim_checks(dt)
+    if "models" in sections:
+        for dt in (np.float64, np.float32):
+            model_checks(dt)
     print(f"{len(failures)} failures; {time.time() - T0:.1f} s")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

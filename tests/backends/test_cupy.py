@@ -16,6 +16,7 @@ Every test runs twice, on the fixture ``xb``:
 Tolerances (relative error: max |got - want| / max |want|): float32 1e-4, float64 1e-10.
 """
 import atexit
+import collections
 import ctypes
 import functools
 import os
@@ -31,7 +32,6 @@ import pytest
 
 import unet_np
 from unet_np import backends
-from unet_np.backends import Backend
 from unet_np.backends import cupy_backend as cb
 from unet_np.backends.numpy_backend import reference_ops
 
@@ -134,10 +134,7 @@ def _emu_function(family, name):
 
 @functools.lru_cache(maxsize=None)
 def _emulated():
-    k = cb.CudaKernels(np, _emu_function)
-    backend = Backend("cupy-emulated", np, k.table())
-    backend.kernels = k
-    return backend
+    return cb.backend_from("cupy-emulated", np, cb.CudaKernels(np, _emu_function))
 
 
 class _Target:
@@ -164,6 +161,39 @@ def xb(request):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels cannot be built")
     return _Target("emulated", _emulated())
+
+
+class _CountingXp:
+    """An array module that counts its matmul calls (the GEMMs); everything else is the module's."""
+
+    def __init__(self, xp):
+        self._xp = xp
+        self.matmuls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._xp, name)
+
+    def matmul(self, *args, **kwargs):
+        self.matmuls += 1
+        return self._xp.matmul(*args, **kwargs)
+
+
+def _counting(xb):
+    """(backend, counting array module, Counter of launches by (family, kernel)): the backend under
+    test rebuilt over the same kernels, counting every GEMM and kernel launch."""
+    xp = _CountingXp(xb.xp)
+    launches = collections.Counter()
+    get = xb.k._get
+
+    def counted(family, name):
+        fn = get(family, name)
+
+        def launch(grid, block, args):
+            launches[family, name] += 1
+            return fn(grid, block, args)
+        return launch
+
+    return cb.backend_from(f"{xb.backend.name}-counting", xp, cb.CudaKernels(xp, counted)), xp, launches
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,6 +284,62 @@ def test_conv2d(xb, case, dtype):
             assert g is None
         else:
             close(g, r, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_backward_without_input_grad(xb, case, dtype):
+    """input_grad=False: dx is None, dw and db are those of input_grad=True, and the dx work is not
+    done (one GEMM fewer, no col2im launch)."""
+    N, C, H, W, O, (kh, kw), stride, padding, dilation, bias = case
+    backend, xp, launches = _counting(xb)
+    k = backend.kernels
+    rng = rng_for("conv-no-dx", case, dtype)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((O, C, kh, kw)).astype(dtype)
+    b = rng.standard_normal(O).astype(dtype) if bias else None
+    y_ref, c_ref = REF["conv2d_forward"](x, w, b, stride, padding, dilation)
+    _, c = k.conv2d_forward(xb.put(x), xb.put(w), xb.put(b), stride, padding, dilation)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    counts = []
+    for input_grad in (True, False):
+        xp.matmuls = 0
+        launches.clear()
+        got = k.conv2d_backward(xb.put(dy), c, input_grad=input_grad)
+        counts.append((xp.matmuls, launches["conv", f"col2im_{cb._SUFFIX[np.dtype(dtype)]}"]))
+        if input_grad:
+            full = got
+    dx, dw, db = got
+    _, dw_ref, db_ref = REF["conv2d_backward"](dy, c_ref, input_grad=False)
+    assert dx is None
+    close(dw, dw_ref, "dw")
+    np.testing.assert_array_equal(backends.to_numpy(dw), backends.to_numpy(full[1]))
+    if bias:
+        close(db, db_ref, "db")
+    else:
+        assert db is None
+    (gemms, col2ims), (gemms_no_dx, col2ims_no_dx) = counts
+    assert gemms_no_dx == gemms - 1, f"GEMMs: {gemms} with dx, {gemms_no_dx} without"
+    assert col2ims_no_dx == 0 and col2ims == (0 if ((kh, kw), stride, padding) == ((1, 1), 1, 0) else 1)
+
+
+def test_conv2d_layer_without_input_grad(xb):
+    """Conv2d.needs_input_grad = False reaches the cupy primitive (conv.py passes input_grad=False)."""
+    from unet_np.nn import Conv2d
+    backend, xp, launches = _counting(xb)
+    rng = rng_for("conv-layer-no-dx")
+    x = rng.standard_normal((2, 3, 6, 5))
+    ref = Conv2d(3, 4, 3, padding=1, dtype=np.float64)
+    layer = Conv2d(3, 4, 3, padding=1, dtype=np.float64, backend=backend)
+    layer.load_state_dict(ref.state_dict())
+    ref.needs_input_grad = layer.needs_input_grad = False
+    dy = rng.standard_normal(ref.forward(x).shape)
+    layer.forward(x)
+    launches.clear()
+    assert layer.backward(dy) is None and ref.backward(dy) is None
+    assert launches["conv", "col2im_f64"] == 0
+    close(layer.weight.grad, ref.weight.grad, "dw")
+    close(layer.bias.grad, ref.bias.grad, "db")
 
 
 CONVT_CASES = [
@@ -559,6 +645,71 @@ def test_fused_adam(xb, kind, dtype):
         close(v, opt.state[0]["exp_avg_sq"], "exp_avg_sq")
 
 
+# The optimizers of unet_np.optim on this backend's parameters: one fused kernel per parameter and step
+OPTIM_CASES = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.01)),    # first step: buf = g
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1)),
+    ("Adam", dict(lr=0.01, betas=(0.3, 0.9))),              # torch's other lerp branch
+    ("Adam", dict(lr=0.01, amsgrad=True)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.05)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,hp", OPTIM_CASES,
+                         ids=[f"{n}-" + ",".join(f"{k}={v}" for k, v in hp.items()) for n, hp in OPTIM_CASES])
+def test_optimizer_steps_are_fused(xb, name, hp, dtype):
+    """unet_np.optim on parameters of this backend runs optim.cu once per parameter and step (nothing
+    else), and matches the same optimizer's array code on NumPy parameters, step by step: parameters
+    and every state buffer (the momentum buffer from the first step on, where PyTorch copies g)."""
+    from unet_np import optim
+    from unet_np.nn import Parameter
+    backend, _, launches = _counting(xb)
+    rng = rng_for("optim", name, tuple(sorted(hp.items())), dtype)
+    shapes = [(3, 2, 3, 3), (3,), (2, 5)]
+    init = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    ref = [Parameter(a.copy()) for a in init]                 # no backend: the array code
+    fused = [Parameter(xb.put(a.copy())) for a in init]
+    for p in fused:
+        p.backend = backend                                    # as a module of this backend sets it
+    opt_ref = getattr(optim, name)(ref, **hp)
+    opt = getattr(optim, name)(fused, **hp)
+    kernel = f"{'sgd' if name == 'SGD' else 'adam'}_step_{cb._SUFFIX[np.dtype(dtype)]}"
+    for step in range(1, 5):
+        for pr, pf in zip(ref, fused):
+            g = rng.standard_normal(pr.shape).astype(dtype) * (0.1 if step == 2 else 1.0)
+            pr.grad[...] = g
+            pf.grad[...] = xb.put(g)
+        opt_ref.step()
+        opt.step()
+        assert dict(launches) == {("optim", kernel): step * len(shapes)}
+        for i, (pr, pf) in enumerate(zip(ref, fused)):
+            close(pf.data, pr.data, f"step {step}: parameter {i}")
+            assert sorted(opt.state[i]) == sorted(opt_ref.state[i])
+            for buf, value in opt_ref.state[i].items():
+                close(opt.state[i][buf], value, f"step {step}: parameter {i} {buf}")
+
+
+def test_parameters_carry_their_backend(xb):
+    """A module's parameters know the backend they live on (and follow .to()): the optimizers use its
+    fused updates there, and the array code elsewhere."""
+    from unet_np.nn import Conv2d
+    from unet_np.optim import _fused
+    layer = Conv2d(2, 3, 3, dtype=np.float64, backend=xb.backend)
+    assert layer.weight.backend is xb.backend and layer.bias.backend is xb.backend
+    assert _fused(layer.weight, "sgd_step") == xb.k.sgd_step
+    layer.to("numpy")
+    assert layer.weight.backend is backends.get("numpy")
+    assert _fused(layer.weight, "sgd_step") is None and _fused(layer.bias, "adam_step") is None
+    layer.to(xb.backend)
+    assert _fused(layer.bias, "adam_step") == xb.k.adam_step
+
+
 # ---------------------------------------------------------------------------------------------------
 # The hand-written GEMM (GPU only: the tiles need real 16x16 blocks)
 # ---------------------------------------------------------------------------------------------------
@@ -654,6 +805,70 @@ def test_unet_training_steps(xb, cfg, dtype):
         model.eval()
         x = rng.standard_normal((2, 1) + tuple(hw)).astype(dtype)
         close(model.forward(x), ref.forward(x), "eval-mode logits")
+
+
+ARCH_CASES = [  # model, its arguments, loss, optimizer
+    ("AttentionUNet", dict(num_classes=3), "softmax Dice", "Adam"),
+    ("AttentionUNet", dict(num_classes=2, batchnorm=True, upsample="bilinear"), "sigmoid Dice", "SGD"),
+    ("UNetPlusPlus", dict(num_classes=3, deep_supervision=True), "cross-entropy", "AdamW"),
+    ("UNetPlusPlus", dict(num_classes=1), "BCE", "SGD"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch,kw,loss_name,opt_name", ARCH_CASES, ids=[f"{a}-{l}" for a, _, l, _ in ARCH_CASES])
+def test_other_architectures_and_losses(xb, arch, kw, loss_name, opt_name, dtype):
+    """Attention U-Net and U-Net++ with every loss: logits, loss, every gradient (the backward without
+    the input gradient, as a training step runs it) and one optimizer step, fused (one optim.cu launch
+    per parameter), against the numpy backend."""
+    from unet_np import optim
+    from unet_np.nn import BCEWithLogitsLoss, CrossEntropyLoss, DiceLoss
+    backend, _, launches = _counting(xb)
+    rng = rng_for("arch", arch, tuple(sorted(kw.items())), loss_name, dtype)
+    make = getattr(unet_np, arch)
+    ref = make(1, depth=2, base_channels=4, dtype=dtype, **kw)
+    model = make(1, depth=2, base_channels=4, dtype=dtype, backend=backend, **kw)
+    model.load_state_dict(ref.state_dict())
+    C = kw["num_classes"]
+    x = rng.standard_normal((2, 1, 12, 8)).astype(dtype)
+    if loss_name in ("BCE", "sigmoid Dice"):
+        t = rng.uniform(0, 1, (2, C, 12, 8)).astype(dtype)
+    else:
+        t = rng.integers(0, C, size=(2, 12, 8)).astype(np.int64)
+        t[:, :2, :3] = -100
+    make_loss = {"softmax Dice": lambda b: DiceLoss(backend=b),
+                 "sigmoid Dice": lambda b: DiceLoss(mode="sigmoid", backend=b),
+                 "cross-entropy": lambda b: CrossEntropyLoss(weight=np.arange(1.0, C + 1), backend=b),
+                 "BCE": lambda b: BCEWithLogitsLoss(pos_weight=np.full((C, 1, 1), 2.0), backend=b)}[loss_name]
+    hp = dict(lr=0.05, momentum=0.9) if opt_name == "SGD" else dict(lr=1e-3, eps=1e-5)
+    results = []
+    for m in (ref, model):
+        outs = m.forward(x)
+        heads = outs if isinstance(outs, list) else [outs]
+        losses = [make_loss(m.backend) for _ in heads]
+        values = [fn.forward(y, t) for fn, y in zip(losses, heads)]
+        grads = [fn.backward(1.0 / len(heads)) for fn in losses]
+        m.zero_grad()
+        assert m.backward(grads if isinstance(outs, list) else grads[0], input_grad=False) is None
+        g = {n: backends.to_numpy(p.grad).copy() for n, p in m.named_parameters()}
+        launches.clear()
+        getattr(optim, opt_name)(m.parameters(), **hp).step()
+        results.append((heads, values, g, m.state_dict(), dict(launches)))
+    (h_ref, v_ref, g_ref, s_ref, _), (h, v, g, s, steps) = results
+    for i, (a, b) in enumerate(zip(h, h_ref)):
+        close(a, b, f"logits of head {i}")
+    for a, b in zip(v, v_ref):
+        assert abs(a - b) <= TOL[np.dtype(dtype)] * abs(b), f"loss {a} vs {b}"
+    floor = 1e-2 * max(float(np.max(np.abs(a))) for a in g_ref.values())
+    for n in g_ref:
+        close(g[n], g_ref[n], f"grad of {n}", floor=floor)
+    kernel = f"{'sgd' if opt_name == 'SGD' else 'adam'}_step_{cb._SUFFIX[np.dtype(dtype)]}"
+    assert steps == {("optim", kernel): len(model.parameters())}
+    for n in s_ref:
+        if s_ref[n].dtype.kind == "f":
+            close(s[n], s_ref[n], f"after one {opt_name} step: {n}")
+        else:                                                  # num_batches_tracked
+            np.testing.assert_array_equal(s[n], s_ref[n])
 
 
 def test_model_to_backend_and_back(xb):

@@ -4,7 +4,9 @@ The checks themselves live in numba_cuda_check.py, a script run in a SUBPROCESS:
 simulator (NUMBA_ENABLE_CUDASIM=1 must be set before numba is imported, and would then hold for the
 whole process) without a GPU, and on the real device when one is present. The rest of the test
 session keeps normal numba. Tolerances (stated in the script): relative error < 1e-4 in float32,
-< 1e-10 in float64, for every primitive and for a whole UNet's logits, loss, gradients and SGD step.
+< 1e-10 in float64, for every primitive and loss, for the fused optimizer updates against the
+optimizers' array code, and for whole models' logits, loss, gradients and optimizer step. Under the
+simulator the script runs in two parts (two subprocesses), each named by its sections.
 """
 import os
 import subprocess
@@ -20,12 +22,12 @@ SCRIPT = Path(__file__).with_name("numba_cuda_check.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(simulator, timeout):
+def _run(simulator, timeout, sections=()):
     env = dict(os.environ)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     if simulator:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
-    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(SCRIPT), *sections], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     failed = [line for line in out.splitlines() if line.startswith("FAIL")]
@@ -34,8 +36,19 @@ def _run(simulator, timeout):
 
 
 def test_numba_cuda_kernels_under_the_simulator():
-    out = _run(simulator=True, timeout=300)
+    """Every layer primitive and GEMM kernel; whole models (every architecture and loss)."""
+    out = _run(simulator=True, timeout=300, sections=("kernels", "models"))
     assert "simulator=True" in out and "0 failures" in out
+
+
+def test_numba_cuda_losses_optimizers_input_grad_under_the_simulator():
+    """The table replaces every primitive; conv2d_backward(input_grad=False) skips the dx work; BCE and
+    Dice kernels; the fused SGD / Adam / AdamW updates against unet_np.optim's array code."""
+    out = _run(simulator=True, timeout=300, sections=("table", "input_grad", "losses", "optim"))
+    assert "simulator=True" in out and "0 failures" in out
+    for what in ("fused launches after step 3", "input_grad=False dx", "softmax_dice", "sigmoid_dice",
+                 "bce_with_logits"):
+        assert what in out, f"the checks of {what!r} did not run"
 
 
 def _gpu_present():

@@ -23,7 +23,15 @@ _cache = {}
 
 
 class Backend:
-    """A named table of primitives. ``xp`` is its array module (numpy or cupy)."""
+    """A named table of primitives. ``xp`` is its array module (numpy or cupy).
+
+    A backend may also offer fused optimizer updates, ``sgd_step`` and ``adam_step`` (one kernel
+    pass per parameter, see kernels/cuda/optim.cu and kernels/cuda_optim.py); unet_np.optim calls them
+    for the parameters that live on this backend and runs its array code where they are None.
+    """
+
+    sgd_step = None
+    adam_step = None
 
     def __init__(self, name, xp, ops):
         self.name = name

@@ -1,7 +1,10 @@
 """The ``cupy`` backend: CuPy arrays, cuBLAS GEMMs and hand-written CUDA C kernels.
 
-Every primitive the models use is replaced here; the rest of the table (BCE, Dice) keeps the
-reference functions, which are written on the array module of their input and so run on CuPy too.
+Every layer primitive and the softmax cross-entropy are replaced here; the rest of the table (BCE,
+Dice) keeps the reference functions, which are written on the array module of their input and so run
+on CuPy too (as CuPy array operations, not kernels of this project). conv2d_backward takes
+input_grad=False to skip dx. The optimizers of unet_np.optim update the parameters of a cupy model
+with the fused kernels of optim.cu (``sgd_step`` / ``adam_step``: one pass per parameter).
 
     GEMMs                  cupy.matmul (cuBLAS; TF32 stays off unless CUPY_TF32=1 is set)
     everything else        CUDA C in kernels/cuda/<family>.cu (installed as unet_np.kernels.cuda),
@@ -228,8 +231,9 @@ class CudaKernels:
         y = self._swap01(y2, O, N, Ho * Wo, bias=b)                      # (N, O, Ho*Wo) + b
         return y.reshape(N, O, Ho, Wo), ("cols", x, w, b is not None, geom)
 
-    def conv2d_backward(self, dy, cache):
-        """dy (N, O, Ho, Wo) -> dx (N, C, H, W), dw (O, C, kh, kw), db (O,) or None."""
+    def conv2d_backward(self, dy, cache, input_grad=True):
+        """dy (N, O, Ho, Wo) -> dx (N, C, H, W), dw (O, C, kh, kw), db (O,) or None.
+        input_grad=False skips dx (returned as None): neither its GEMM nor col2im runs."""
         xp = self.xp
         kind, x, w, has_bias, geom = cache
         N, C, H, W, kh, kw, Ho, Wo = geom[:8]
@@ -241,12 +245,17 @@ class CudaKernels:
             dy3 = dy.reshape(N, O, H * W)
             x3 = x.reshape(N, C, H * W)
             dw = xp.matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0)         # sum_n dY_n X_n^T (O, C)
+            dw = self._c(dw).reshape(w.shape)
+            if not input_grad:
+                return None, dw, db
             dx = self._c(xp.matmul(wm.T, dy3))                            # (N, C, H*W)
-            return dx.reshape(N, C, H, W), self._c(dw).reshape(w.shape), db
+            return dx.reshape(N, C, H, W), dw, db
         dy2 = self._swap01(dy.reshape(N, O, Ho * Wo), N, O, Ho * Wo).reshape(O, N * Ho * Wo)
         cols = self._im2col(x, geom)
         dw = self._c(xp.matmul(dy2, cols.T)).reshape(w.shape)           # (O, C*kh*kw)
         del cols
+        if not input_grad:
+            return None, dw, db
         dcols = self._c(xp.matmul(wm.T, dy2))                             # (C*kh*kw, N*Ho*Wo)
         dx = self._col2im(dcols, geom)
         return dx, dw, db
@@ -586,7 +595,7 @@ class CudaKernels:
         self._launch("loss", "xent_bwd", x.dtype, N * M, *args, denom, dx, _i(N), _i(C), _i(M))
         return dx.reshape(shape)
 
-    # -- fused optimizer updates (optim.cu), for callers that want one pass per parameter ------------
+    # -- fused optimizer updates (optim.cu): unet_np.optim's SGD / Adam / AdamW, one pass per parameter --
     @staticmethod
     def _check_inplace(name, *arrays):
         for a in arrays:
@@ -688,9 +697,16 @@ def kernels():
     return k
 
 
+def backend_from(name, xp, k):
+    """The Backend over CudaKernels ``k``: its table of primitives, ``kernels`` (k itself) and the
+    fused optimizer updates that unet_np.optim uses (k.sgd_step, k.adam_step)."""
+    backend = Backend(name, xp, k.table())
+    backend.kernels = k
+    backend.sgd_step, backend.adam_step = k.sgd_step, k.adam_step
+    return backend
+
+
 def make_backend():
     k = kernels()                   # raises a clear error without CuPy, a GPU or a recent driver
     import cupy
-    backend = Backend("cupy", cupy, k.table())
-    backend.kernels = k
-    return backend
+    return backend_from("cupy", cupy, k)

@@ -14,11 +14,12 @@ make_backend() raises RuntimeError when neither a CUDA GPU (numba.cuda.is_availa
 simulator is there; unet_np.backends.get turns that into BackendUnavailable naming the extra.
 
 The table starts from the NumPy reference (unet_np.backends.numpy_backend.reference_ops) and replaces
-every primitive the models and CrossEntropyLoss use: convolution and transposed convolution
-(forward / backward), max-pool, ReLU, sigmoid, bilinear and nearest upsampling, concat, centre crop,
-padding, batch-norm and softmax cross-entropy. BCEWithLogits and the Dice losses keep the reference
-functions, which are written against the array module of their input (NumPy or CuPy). The
-optimizers keep their array-operator updates. Caches are private to this backend.
+every primitive: convolution and transposed convolution (forward / backward; conv2d_backward takes
+input_grad=False to skip dx), max-pool, ReLU, sigmoid, bilinear and nearest upsampling, concat,
+centre crop, padding, batch-norm, and every loss (softmax cross-entropy with class and pixel weights,
+BCE with logits, softmax and sigmoid Dice; kernels/cuda_loss.py). The backend also offers fused
+optimizer updates, ``sgd_step`` and ``adam_step`` (kernels/cuda_optim.py), which unet_np.optim uses
+for the parameters of a numba-cuda model. Caches are private to this backend.
 """
 
 import numpy as np
@@ -100,7 +101,7 @@ def make_backend():
     xp = cupy if cupy is not None else np
 
     from ..kernels import (cuda_conv, cuda_elementwise as ew, cuda_gemm, cuda_launch, cuda_loss,
-                           cuda_norm, cuda_pool, cuda_reduce)
+                           cuda_norm, cuda_optim, cuda_pool, cuda_reduce)
     from .numpy_backend import reference_ops
 
     dev = _Device(cuda, cupy)
@@ -174,7 +175,8 @@ def make_backend():
                  dilation, b is not None)
         return dev.get(y), cache
 
-    def conv2d_backward(dy, cache):
+    def conv2d_backward(dy, cache, input_grad=True):
+        """dy -> (dx, dw, db); input_grad=False skips dx (None): neither its GEMM nor col2im runs."""
         cols, x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, has_bias = cache
         O, _, kh, kw = w_d.shape
         K, P = C * kh * kw, N * Ho * Wo
@@ -184,11 +186,15 @@ def make_backend():
         if cols is None:                                   # 1x1: dW = dY X^T, dX = W^T dY
             gemm(dy_d, x_d, dw, O, C, P, lay.nchw(O, Ho * Wo), lay.nchw(C, H * W, trans=True),
                  lay.dense(C))
+            if not input_grad:
+                return None, dev.get(dw), db
             dx = dev.empty((N, C, H, W), w_d.dtype)
             gemm(w_d, dy_d, dx, C, P, O, lay.dense(C, trans=True), lay.nchw(O, Ho * Wo),
                  lay.nchw(C, H * W))
             return dev.get(dx), dev.get(dw), db
         gemm(dy_d, cols, dw, O, K, P, lay.nchw(O, Ho * Wo), lay.dense(P, trans=True), lay.dense(K))
+        if not input_grad:
+            return None, dev.get(dw), db
         dcols = dev.empty((K, P), w_d.dtype)
         gemm(w_d, dy_d, dcols, K, P, O, lay.dense(K, trans=True), lay.nchw(O, Ho * Wo), lay.dense(P))
         dx = col2im(dcols, (N, C, H, W), kh, kw, Ho, Wo, stride, lead, dilation)
@@ -506,6 +512,144 @@ def make_backend():
     def _to_host(d):
         return d.get() if cupy is not None else d.copy_to_host()
 
+    def _sum(a):
+        """sum(a) of a flat device array, in float64, as a Python float (one block of the tree sum)."""
+        out = channel_reduce(a, 1, 1, a.size, dtype=np.float64)
+        return float(np.asarray(_to_host(out))[0])
+
+    # -- binary cross-entropy with logits --------------------------------------------------------------
+    def bce_with_logits_forward(logits, target, pos_weight=None):
+        x_d = dev.put(logits)
+        t_d = dev.put(target, dtype=logits.dtype)
+        shape = tuple(int(d) for d in logits.shape) or (1,)
+        pstride = np.zeros(len(shape), dtype=np.int64)
+        if pos_weight is None:
+            pw_d = x_d
+        else:                                          # element strides of pos_weight, 0 where broadcast
+            pshape = tuple(int(d) for d in pos_weight.shape)
+            while len(pshape) > len(shape) and pshape[0] == 1:
+                pshape = pshape[1:]
+            pshape = (1,) * (len(shape) - len(pshape)) + pshape
+            step = 1
+            for k in range(len(shape) - 1, -1, -1):
+                if pshape[k] != 1:
+                    pstride[k] = step
+                step *= pshape[k]
+            pw_d = dev.put(pos_weight, dtype=logits.dtype)
+        args = (_flat(x_d), _flat(t_d), _flat(pw_d), pos_weight is not None,
+                dev.put(np.asarray(shape, dtype=np.int64)), dev.put(pstride))
+        n = x_d.size
+        ell = dev.empty((n,), np.float64)
+        launch(cuda_loss.bce_forward_kernel, n, *args, ell)
+        loss = _sum(ell) / n
+        return xp.asarray(loss, dtype=logits.dtype), (args, n, tuple(logits.shape))
+
+    def bce_with_logits_backward(cache):
+        args, n, shape = cache
+        dx = dev.empty(shape, args[0].dtype)
+        launch(cuda_loss.bce_backward_kernel, n, *args, 1.0 / n, _flat(dx))
+        return dev.get(dx)
+
+    # -- soft Dice ---------------------------------------------------------------------------------------
+    def _dice_finish(sums, C, smooth, eps, first, dtype):
+        """(loss as a 0-d xp array, coef = (beta, alpha) on the device) from the (3, C) class sums."""
+        coef = dev.empty((2 * C,), np.float64)
+        loss = dev.empty((1,), np.float64)
+        cuda_loss.dice_finish_kernel[1, 1](sums, C, float(smooth), float(eps), first, coef, loss)
+        return xp.asarray(float(np.asarray(_to_host(loss))[0]), dtype=dtype), coef
+
+    def _class_blocks(C):
+        return C if not cuda_launch.simulated() else 1
+
+    def softmax_dice_forward(logits, target, smooth=1.0, eps=1e-7, ignore_index=-100,
+                             include_background=True):
+        N, C = logits.shape[:2]
+        M = int(np.prod(logits.shape[2:], dtype=np.int64))
+        x_d = dev.put(logits)
+        t_d = dev.put(target, dtype=np.int64)
+        mx = dev.empty((N * M,), np.float64)
+        s = dev.empty((N * M,), np.float64)
+        launch(cuda_loss.softmax_stats_kernel, N * M, _flat(x_d), N, C, M, mx, s)
+        sums = dev.empty((3 * C,), np.float64)
+        T = cuda_launch.reduce_threads()
+        cuda_loss.softmax_dice_sums_kernel(T)[_class_blocks(C), T](_flat(x_d), _flat(t_d), mx, s,
+                                                                  int(ignore_index), N, C, M, sums)
+        loss, coef = _dice_finish(sums, C, smooth, eps, 0 if include_background else 1, logits.dtype)
+        return loss, (x_d, t_d, mx, s, int(ignore_index), coef, (N, C, M))
+
+    def softmax_dice_backward(cache):
+        x_d, t_d, mx, s, ignore, coef, (N, C, M) = cache
+        dx = dev.empty(x_d.shape, x_d.dtype)
+        launch(cuda_loss.softmax_dice_backward_kernel, N * M, _flat(x_d), _flat(t_d), mx, s, ignore, coef,
+               N, C, M, _flat(dx))
+        return dev.get(dx)
+
+    def sigmoid_dice_forward(logits, target, smooth=1.0, eps=1e-7):
+        N, C = logits.shape[:2]
+        M = int(np.prod(logits.shape[2:], dtype=np.int64))
+        x_d = dev.put(logits)
+        t_d = dev.put(target, dtype=logits.dtype)
+        sums = dev.empty((3 * C,), np.float64)
+        T = cuda_launch.reduce_threads()
+        cuda_loss.sigmoid_dice_sums_kernel(T)[_class_blocks(C), T](_flat(x_d), _flat(t_d), N, C, M, sums)
+        loss, coef = _dice_finish(sums, C, smooth, eps, 0, logits.dtype)
+        return loss, (x_d, t_d, coef, (C, M))
+
+    def sigmoid_dice_backward(cache):
+        x_d, t_d, coef, (C, M) = cache
+        dx = dev.empty(x_d.shape, x_d.dtype)
+        launch(cuda_loss.sigmoid_dice_backward_kernel, x_d.size, _flat(x_d), _flat(t_d), coef, C, M,
+               _flat(dx))
+        return dev.get(dx)
+
+    # -- fused optimizer updates (cuda_optim), called by unet_np.optim once per parameter ------------
+    def _updated_in_place(owner, *arrays):
+        """Device arrays for arrays a kernel updates in place: the arrays themselves on CuPy; device
+        copies otherwise, which _write_back copies into the originals after the kernel."""
+        for a in arrays:
+            if a is not None and not a.flags.c_contiguous:
+                raise ValueError(f"{owner}: the arrays updated in place must be C-contiguous")
+        if np.dtype(arrays[0].dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"{owner}: the numba-cuda backend updates float32 or float64 parameters, "
+                            f"got {arrays[0].dtype}")
+        return [None if a is None else dev.put(a) for a in arrays]
+
+    def _write_back(devs, arrays):
+        if cupy is None:
+            for d, a in zip(devs, arrays):
+                if a is not None:
+                    d.copy_to_host(a)
+
+    def sgd_step(p, grad, buf, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 first=False):
+        """One torch.optim.SGD update of p (and of the momentum buffer buf), in place, in one kernel.
+        first: buf is initialised to the gradient (PyTorch's first step). buf may be None when
+        momentum is 0. Same arguments as the cupy backend's sgd_step."""
+        p_d, b_d = _updated_in_place("sgd_step", p, buf)
+        T = np.dtype(p.dtype).type
+        g_d = dev.put(grad, dtype=p.dtype)
+        launch(cuda_optim.sgd_step_kernel, p.size, _flat(p_d), _flat(g_d), _flat(p_d if b_d is None else b_d),
+               T(lr), T(momentum), T(1 - dampening), T(weight_decay), momentum != 0, bool(nesterov),
+               bool(first))
+        _write_back((p_d, b_d), (p, buf))
+
+    def adam_step(p, grad, m, v, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  decoupled=False, vmax=None):
+        """One torch.optim.Adam (decoupled=True: AdamW) update of p, m, v (and vmax: amsgrad) in place,
+        in one kernel. step: the step number t >= 1 after this update (for the bias corrections)."""
+        p_d, m_d, v_d, x_d = _updated_in_place("adam_step", p, m, v, vmax)
+        T = np.dtype(p.dtype).type
+        g_d = dev.put(grad, dtype=p.dtype)
+        b1, b2 = betas
+        w1 = 1 - b1
+        step_size = lr / (1 - b1 ** step)
+        bc2_sqrt = (1 - b2 ** step) ** 0.5
+        launch(cuda_optim.adam_step_kernel, p.size, _flat(p_d), _flat(g_d), _flat(m_d), _flat(v_d),
+               _flat(p_d if x_d is None else x_d), T(weight_decay), T(1 - lr * weight_decay),
+               bool(decoupled), T(w1), T(1 - w1), T(b2), T(1 - b2), T(step_size), T(bc2_sqrt), T(eps),
+               x_d is not None)
+        _write_back((p_d, m_d, v_d, x_d), (p, m, v, vmax))
+
     ops = reference_ops()
     ops.update(
         conv2d_forward=conv2d_forward, conv2d_backward=conv2d_backward,
@@ -524,7 +668,11 @@ def make_backend():
         batchnorm2d_forward=batchnorm2d_forward, batchnorm2d_backward=batchnorm2d_backward,
         softmax_cross_entropy_forward=softmax_cross_entropy_forward,
         softmax_cross_entropy_backward=softmax_cross_entropy_backward,
+        bce_with_logits_forward=bce_with_logits_forward, bce_with_logits_backward=bce_with_logits_backward,
+        softmax_dice_forward=softmax_dice_forward, softmax_dice_backward=softmax_dice_backward,
+        sigmoid_dice_forward=sigmoid_dice_forward, sigmoid_dice_backward=sigmoid_dice_backward,
     )
     backend = Backend("numba-cuda", xp, ops)
     backend.simulated = simulated
+    backend.sgd_step, backend.adam_step = sgd_step, adam_step        # fused updates for unet_np.optim
     return backend

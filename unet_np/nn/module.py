@@ -75,7 +75,14 @@ def check_input(owner, x, ndim=4, channels=None, xp=np, dtype=None):
 
 
 class Parameter:
-    """A trainable array ``data`` and the gradient ``grad`` accumulated into it (same shape)."""
+    """A trainable array ``data`` and the gradient ``grad`` accumulated into it (same shape).
+
+    ``backend``: the Backend its arrays live on, set by the module it is assigned to (and by
+    ``Module.to``); None for a Parameter made on its own. The optimizers use that backend's fused
+    updates when it has them (unet_np.optim).
+    """
+
+    backend = None
 
     def __init__(self, data):
         self.data = data
@@ -105,6 +112,7 @@ class Module:
     def __setattr__(self, name, value):
         if isinstance(value, Parameter):
             self._parameters[name] = value
+            value.backend = self.__dict__.get("backend")
         elif isinstance(value, Module):
             self._modules[name] = value
         object.__setattr__(self, name, value)
@@ -213,6 +221,7 @@ class Module:
             for p in m._parameters.values():
                 p.data = target.asarray(backends.to_numpy(p.data))
                 p.grad = target.asarray(backends.to_numpy(p.grad))
+                p.backend = target
             for name in m._buffers:
                 object.__setattr__(m, name, target.asarray(backends.to_numpy(getattr(m, name))))
             m.backend = target
