@@ -815,18 +815,6 @@ def _check_dy(layer, dy, shape, xp, dtype):
     return xp.asarray(dy, dtype=dtype)
 
 
-def _takes_input_grad(fn, _seen={}):
-    """Whether a conv2d_backward primitive accepts input_grad= (the numpy and numba ones do)."""
-    key = id(fn)
-    if key not in _seen:
-        import inspect
-        try:
-            _seen[key] = "input_grad" in inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            _seen[key] = False
-    return _seen[key]
-
-
 def _set_parameters(layer, w, b):
     """weight (and bias, or None) as Parameters on the layer's backend."""
     layer.weight = Parameter(layer.backend.asarray(w))
@@ -914,13 +902,7 @@ class Conv2d(Module):
     def backward(self, dy):
         cache, out_shape = self._take()
         dy = _check_dy("Conv2d", dy, out_shape, self.xp, self.dtype)
-        if self.needs_input_grad:
-            dx, dw, db = self.ops.conv2d_backward(dy, cache)
-        elif _takes_input_grad(self.ops.conv2d_backward):
-            dx, dw, db = self.ops.conv2d_backward(dy, cache, input_grad=False)
-        else:                                       # a backend whose primitive always computes dx
-            _, dw, db = self.ops.conv2d_backward(dy, cache)
-            dx = None
+        dx, dw, db = self.ops.conv2d_backward(dy, cache, input_grad=self.needs_input_grad)
         _add_grads(self, dw, db)
         self._release()
         return dx
