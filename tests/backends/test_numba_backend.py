@@ -13,6 +13,7 @@ import unet_np  # noqa: E402
 from unet_np import backends  # noqa: E402
 from unet_np.nn import activation, conv, pool  # noqa: E402
 from unet_np.nn.loss import CrossEntropyLoss  # noqa: E402
+from unet_np import optim  # noqa: E402
 from unet_np.optim import SGD  # noqa: E402
 
 TOL = {np.float64: 1e-10, np.float32: 1e-4}
@@ -284,3 +285,50 @@ def test_unet_backward_without_input_grad(backend):
     for a, b in zip(*grads):
         np.testing.assert_array_equal(a, b)
     assert model.enc1.conv[0].needs_input_grad
+
+
+OPTIM_CASES = [
+    (optim.SGD, dict(lr=0.1)),
+    (optim.SGD, dict(lr=0.1, momentum=0.9)),
+    (optim.SGD, dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.01)),
+    (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    (optim.Adam, dict(lr=0.01)),
+    (optim.Adam, dict(lr=0.01, betas=(0.3, 0.99), weight_decay=0.1)),   # torch's other lerp branch
+    (optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
+    (optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    (optim.AdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cls,hyper", OPTIM_CASES)
+def test_fused_optimizer_updates_bit_for_bit(cls, hyper, dtype, monkeypatch):
+    """The numba backend's one-pass SGD / Adam (kernels/cpu_optim.py), which unet_np.optim takes for
+    parameters on this backend, against the array code (the reference) on the same gradients: same
+    operations in the same order, so equal to the last bit, for five steps (the first momentum step
+    sets the buffer to the gradient)."""
+    from unet_np import backends
+    from unet_np.nn import Parameter
+    nb_backend = backends.get("numba")
+    assert nb_backend.sgd_step is not None and nb_backend.adam_step is not None
+    rng = np.random.default_rng(3)
+    shapes = [(4, 3, 3, 3), (4,), (1000,)]
+    fused = [Parameter(rng.standard_normal(s).astype(dtype)) for s in shapes]
+    plain = [Parameter(p.data.copy()) for p in fused]
+    for p in fused:
+        p.backend = nb_backend
+    opts = cls(fused, **hyper), cls(plain, **hyper)
+    name = "sgd_step" if cls is optim.SGD else "adam_step"
+    real, calls = getattr(nb_backend, name), []
+    monkeypatch.setattr(nb_backend, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(5):
+        for a, b in zip(fused, plain):
+            a.grad[...] = b.grad[...] = rng.standard_normal(a.shape).astype(dtype)
+        opts[0].step()
+        opts[1].step()
+        for a, b in zip(fused, plain):
+            assert a.data.dtype == dtype
+            np.testing.assert_array_equal(a.data, b.data)
+    for k, v in opts[1].state_dict().items():
+        np.testing.assert_array_equal(opts[0].state_dict()[k], v)
+    assert len(calls) == 5 * len(shapes)            # one fused pass per parameter and step

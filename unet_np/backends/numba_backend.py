@@ -6,7 +6,9 @@ What changes against the numpy backend:
     ``make_conv_primitives``), with compiled packing (im2col per tile, straight from NCHW), bias,
     pixel-shuffle, channel-sum and col2im helpers (kernels/cpu_conv.py); the GEMMs stay BLAS;
   * the 2x2 stride-2 max-pool is one pass with a compact argmax (kernels/cpu_pool.py);
-  * ReLU forward and backward are single parallel passes (kernels/cpu_activation.py).
+  * ReLU forward and backward are single parallel passes (kernels/cpu_activation.py);
+  * SGD and Adam/AdamW update each parameter in one parallel pass (kernels/cpu_optim.py, taken by
+    unet_np.optim through the backend's sgd_step / adam_step), bit for bit the array code's result.
 Everything else (other pools, upsampling, concatenation, norms, losses) is the reference code.
 Results are deterministic: no kernel reduces in parallel in an unspecified order.
 """
@@ -29,7 +31,7 @@ import os
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
-from ..kernels import cpu_activation, cpu_conv, cpu_pool, cpu_winograd
+from ..kernels import cpu_activation, cpu_conv, cpu_optim, cpu_pool, cpu_winograd
 from ..nn import conv as _conv
 from ..nn import pool as _pool
 
@@ -116,6 +118,43 @@ def relu_backward(dy, y):
     return dx
 
 
+# -- fused optimizer updates (unet_np.optim calls them; same arguments as the GPU backends') ---------
+def _flat(name, a):
+    if not (isinstance(a, np.ndarray) and a.flags.c_contiguous):
+        raise ValueError(f"{name}: the arrays updated in place must be C-contiguous NumPy arrays")
+    return a.reshape(-1)
+
+
+def sgd_step(p, grad, buf, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+             first=False):
+    """One torch.optim.SGD update of p (and of the momentum buffer buf), in place, in one pass.
+    first: buf is initialised to the gradient (PyTorch's first step); buf may be None when momentum
+    is 0."""
+    T = p.dtype.type
+    pf = _flat("sgd_step", p)
+    bf = pf if buf is None else _flat("sgd_step", buf)
+    g = np.ascontiguousarray(grad, dtype=p.dtype).reshape(-1)
+    cpu_optim.sgd_step(pf, g, bf, T(lr), T(momentum), T(1 - dampening), T(weight_decay),
+                       momentum != 0, bool(nesterov), bool(first))
+
+
+def adam_step(p, grad, m, v, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+              decoupled=False, vmax=None):
+    """One torch.optim.Adam (decoupled=True: AdamW) update of p, m, v (and vmax: amsgrad) in place,
+    in one pass. step: the step number t >= 1 after this update (for the bias corrections)."""
+    T = p.dtype.type
+    pf, mf, vf = (_flat("adam_step", a) for a in (p, m, v))
+    xf = pf if vmax is None else _flat("adam_step", vmax)
+    g = np.ascontiguousarray(grad, dtype=p.dtype).reshape(-1)
+    b1, b2 = betas
+    w1 = 1 - b1
+    step_size = lr / (1 - b1 ** step)
+    bc2_sqrt = (1 - b2 ** step) ** 0.5
+    cpu_optim.adam_step(pf, g, mf, vf, xf, T(weight_decay), T(1 - lr * weight_decay), bool(decoupled),
+                        T(w1), T(1 - w1), T(b2), T(1 - b2), T(step_size), T(bc2_sqrt), T(eps),
+                        vmax is not None)
+
+
 def numba_ops():
     """name -> function for every primitive this backend replaces."""
     ops = dict(_conv.make_conv_primitives(NUMBA_CONV_KERNELS))
@@ -127,4 +166,6 @@ def numba_ops():
 def make_backend():
     ops = reference_ops()
     ops.update(numba_ops())
-    return Backend("numba", np, ops)
+    backend = Backend("numba", np, ops)
+    backend.sgd_step, backend.adam_step = sgd_step, adam_step        # fused updates for unet_np.optim
+    return backend
