@@ -628,13 +628,17 @@ def _conv_weight_grad_tiles(x, dy, kh, kw, stride, lead, dilation, kern):
     _, O, Ho, Wo = dy.shape
     K = C * kh * kw
     dy3 = dy.reshape(N, O, Ho * Wo)
-    dwt = np.zeros((K, O), dtype=dy.dtype)
+    dwt = None
     for n0, n1, r0, r1 in _plan(N, Ho, Wo, K, x.itemsize):
         nb, P = n1 - n0, (r1 - r0) * Wo
         cols = _workspace("cols", nb * K * P, x.dtype).reshape(nb, K, P)
         kern.im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride, lead, dilation, cols)
         for k in range(nb):                                             # fixed order: deterministic
-            dwt += np.matmul(cols[k], dy3[n0 + k, :, r0 * Wo:r1 * Wo].T)
+            part = np.matmul(cols[k], dy3[n0 + k, :, r0 * Wo:r1 * Wo].T)
+            if dwt is None:
+                dwt = part                      # (no zeroed buffer to add the first part into)
+            else:
+                dwt += part
     return dwt
 
 
@@ -701,7 +705,10 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
             return None, dw, db
         dx = np.empty(x.shape, dtype=dy.dtype)
         fh, fw = dil[0] * (kh - 1), dil[1] * (kw - 1)                  # the kernel's extent - 1
-        gather = (st == (1, 1) and 4 * C >= O and max(pads[0]) <= fh and max(pads[1]) <= fw)
+        # gather: worth its copy of the flipped weights only when the map is large against C (at
+        # 1024 channels on 8x8, batch 1, the copy took longer than the GEMM)
+        gather = (st == (1, 1) and 4 * C >= O and max(pads[0]) <= fh and max(pads[1]) <= fw
+                  and N * H * W >= C)
         if gather:
             # dx[n, c, h, v] = sum_{o,i,j} w[o, c, i, j] dy[n, o, h + pt - i dh, v + pl - j dw]:
             # a correlation of dy with w flipped in space and transposed (C, O, kh, kw), padded by
@@ -714,12 +721,12 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
                 _conv_tiles(dy, wf.reshape(C, O * kh * kw), None, dx, kh, kw, (1, 1), lead_f, dil,
                             kern_)
         else:
-            wmt = np.ascontiguousarray(w.reshape(O, C * kh * kw).T)     # (C*kh*kw, O)
+            wmt = np.ascontiguousarray(w).reshape(O, C * kh * kw).T     # (C*kh*kw, O), a view
             dy3 = dy.reshape(N, O, Ho * Wo)
             for n in range(N):
                 dcols = _workspace("dcols", C * kh * kw * Ho * Wo, dy.dtype).reshape(C * kh * kw,
                                                                                       Ho * Wo)
-                np.matmul(wmt, dy3[n], out=dcols)
+                np.matmul(wmt, dy3[n], out=dcols)                       # (BLAS reads W transposed)
                 kern_.col2im_image(dcols, dx, n, kh, kw, Ho, Wo, st, lead, dil)
         return dx, dw, db
 
