@@ -623,23 +623,25 @@ def _conv_tiles(x, wm, b, y, kh, kw, stride, lead, dilation, kern):
 
 
 def _conv_weight_grad_tiles(x, dy, kh, kw, stride, lead, dilation, kern):
-    """dW^T (C*kh*kw, O) = sum over tiles of cols_tile @ dy_tile^T, cols packed again from x."""
+    """dW (O, C*kh*kw) = sum over tiles of dy_tile @ cols_tile^T, cols packed again from x. (In
+    this order the result is contiguous in W's layout: the gradient is then added into p.grad in
+    one contiguous pass; a transposed dW^T made that add 4x slower than the GEMM at 1024 channels.)"""
     N, C, H, W = x.shape
     _, O, Ho, Wo = dy.shape
     K = C * kh * kw
     dy3 = dy.reshape(N, O, Ho * Wo)
-    dwt = None
+    dw = None
     for n0, n1, r0, r1 in _plan(N, Ho, Wo, K, x.itemsize):
         nb, P = n1 - n0, (r1 - r0) * Wo
         cols = _workspace("cols", nb * K * P, x.dtype).reshape(nb, K, P)
         kern.im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride, lead, dilation, cols)
         for k in range(nb):                                             # fixed order: deterministic
-            part = np.matmul(cols[k], dy3[n0 + k, :, r0 * Wo:r1 * Wo].T)
-            if dwt is None:
-                dwt = part                      # (no zeroed buffer to add the first part into)
+            part = np.matmul(dy3[n0 + k, :, r0 * Wo:r1 * Wo], cols[k].T)
+            if dw is None:
+                dw = part                       # (no zeroed buffer to add the first part into)
             else:
-                dwt += part
-    return dwt
+                dw += part
+    return dw
 
 
 class _TiledConvCache:
@@ -700,7 +702,7 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
         if _winograd_ok(kern_, C, O, kh, kw, st, dil, N, Ho, Wo):
             dw = _winograd_weight_grad(x, dy, lead, kern_)
         else:
-            dw = _conv_weight_grad_tiles(x, dy, kh, kw, st, lead, dil, kern_).T.reshape(w.shape)
+            dw = _conv_weight_grad_tiles(x, dy, kh, kw, st, lead, dil, kern_).reshape(w.shape)
         if not input_grad:
             return None, dw, db
         dx = np.empty(x.shape, dtype=dy.dtype)
@@ -755,7 +757,7 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
     def conv_transpose2d_backward(dy, cache):
         """Gradients of the transposed convolution (see conv_transpose2d_backward_reference): per
         tile, cols = unshuffle(dy) (Cout*kh*kw, H*W) per image, dx_n = W @ cols_n,
-        dW^T += cols_n @ x_n^T."""
+        dW += x_n @ cols_n^T (in W's own layout, like the conv2d weight gradient)."""
         if not isinstance(cache, _TiledConvTCache):
             return conv_transpose2d_backward_reference(dy, cache)
         x3, w, kern_ = cache.x3, cache.w, cache.kern
@@ -765,15 +767,15 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
         dy = np.ascontiguousarray(dy)
         wm = np.ascontiguousarray(w).reshape(Cin, K)
         dx = np.empty((N, Cin, H * W), dtype=dy.dtype)
-        dwt = np.zeros((K, Cin), dtype=dy.dtype)
+        dw = np.zeros((Cin, K), dtype=dy.dtype)
         for n0, n1, _, _ in _plan(N, 1, H * W, K, dy.itemsize):
             cols = _workspace("cols", (n1 - n0) * K * H * W, dy.dtype).reshape(n1 - n0, K, H * W)
             kern_.unshuffle(dy, n0, n1, kh, kw, cols)
             np.matmul(wm, cols, out=dx[n0:n1])
             for k in range(n1 - n0):
-                dwt += np.matmul(cols[k], x3[n0 + k].T)
+                dw += np.matmul(x3[n0 + k], cols[k].T)
         db = kern_.channel_sum(dy) if cache.has_bias else None
-        return dx.reshape(N, Cin, H, W), dwt.T.reshape(w.shape), db
+        return dx.reshape(N, Cin, H, W), dw.reshape(w.shape), db
 
     return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward,
             "conv_transpose2d_forward": conv_transpose2d_forward,
