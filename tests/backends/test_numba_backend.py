@@ -45,6 +45,9 @@ CONV_CASES = [
     ((1, 6, 5, 5), (2, 6, 5, 5), 1, 2, 1),
     ((2, 3, 6, 6), (3, 3, 1, 1), 1, 0, 1),        # 1x1
     ((2, 3, 6, 8), (3, 3, 2, 2), 2, 0, 1),        # kernel == stride
+    ((3, 32, 2, 2), (24, 32, 3, 3), 1, 1, 1),     # N H W < C: col2im over 3 images per GEMM, and
+                                                  # one weight-gradient GEMM over the 3 images
+    ((3, 8, 7, 7), (20, 8, 3, 3), 2, 1, 1),       # stride 2: col2im, several images per GEMM
 ]
 
 

@@ -635,8 +635,15 @@ def _conv_weight_grad_tiles(x, dy, kh, kw, stride, lead, dilation, kern):
         nb, P = n1 - n0, (r1 - r0) * Wo
         cols = _workspace("cols", nb * K * P, x.dtype).reshape(nb, K, P)
         kern.im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride, lead, dilation, cols)
-        for k in range(nb):                                             # fixed order: deterministic
-            part = np.matmul(dy3[n0 + k, :, r0 * Wo:r1 * Wo], cols[k].T)
+        if nb > 1 and O * K * (nb - 1) > (O + K) * nb * P:
+            # small maps, many channels: one GEMM over the tile's images, (O, nb P) @ (nb P, K),
+            # after copying both operands into that layout, costs less than nb GEMMs each writing
+            # a whole (O, K) product to add up
+            a = dy3[n0:n1].transpose(1, 0, 2).reshape(O, nb * P)
+            parts = [np.matmul(a, cols.transpose(1, 0, 2).reshape(K, nb * P).T)]
+        else:
+            parts = (np.matmul(dy3[n0 + k, :, r0 * Wo:r1 * Wo], cols[k].T) for k in range(nb))
+        for part in parts:                                              # fixed order: deterministic
             if dw is None:
                 dw = part                       # (no zeroed buffer to add the first part into)
             else:
@@ -723,13 +730,20 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
                 _conv_tiles(dy, wf.reshape(C, O * kh * kw), None, dx, kh, kw, (1, 1), lead_f, dil,
                             kern_)
         else:
-            wmt = np.ascontiguousarray(w).reshape(O, C * kh * kw).T     # (C*kh*kw, O), a view
-            dy3 = dy.reshape(N, O, Ho * Wo)
-            for n in range(N):
-                dcols = _workspace("dcols", C * kh * kw * Ho * Wo, dy.dtype).reshape(C * kh * kw,
-                                                                                      Ho * Wo)
-                np.matmul(wmt, dy3[n], out=dcols)                       # (BLAS reads W transposed)
-                kern_.col2im_image(dcols, dx, n, kh, kw, Ho, Wo, st, lead, dil)
+            # dcols (K, nb P) = W^T @ dy for nb images at a time (one GEMM reads W once), then
+            # col2im image by image
+            K, P = C * kh * kw, Ho * Wo
+            wmt = np.ascontiguousarray(w).reshape(O, K).T               # (K, O), a view
+            dy3 = dy.reshape(N, O, P)
+            nb = max(1, min(N, _TILE_BYTES // (K * P * dy.itemsize)))
+            for n0 in range(0, N, nb):
+                n1 = min(N, n0 + nb)
+                a = dy3[n0:n1].transpose(1, 0, 2).reshape(O, (n1 - n0) * P)   # (a view when nb = 1)
+                dcols = _workspace("dcols", K * (n1 - n0) * P, dy.dtype).reshape(K, (n1 - n0) * P)
+                np.matmul(wmt, a, out=dcols)                            # (BLAS reads W transposed)
+                for k in range(n1 - n0):
+                    kern_.col2im_image(dcols[:, k * P:(k + 1) * P], dx, n0 + k, kh, kw, Ho, Wo, st,
+                                       lead, dil)
         return dx, dw, db
 
     def conv_transpose2d_forward(x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
