@@ -616,7 +616,13 @@ def _conv_tiles(x, wm, b, y, kh, kw, stride, lead, dilation, kern):
         cols = _workspace("cols", nb * K * P, x.dtype).reshape(nb, K, P)
         kern.im2col_tile(x, n0, n1, r0, r1, kh, kw, Ho, Wo, stride, lead, dilation, cols)
         out = y3[n0:n1, :, r0 * Wo:r1 * Wo]                             # a view into y
-        np.matmul(wm, cols, out=out)
+        if nb > 1 and O * K * (nb - 1) > (O + K) * nb * P:
+            # small maps, many channels: one GEMM (O, K) @ (K, nb P) reads W once, not nb times;
+            # cols and the result are copied into and out of that layout
+            out[...] = np.matmul(wm, cols.transpose(1, 0, 2).reshape(K, nb * P)).reshape(
+                O, nb, P).transpose(1, 0, 2)
+        else:
+            np.matmul(wm, cols, out=out)
         if b is not None:
             kern.add_bias(out, b)
     return y
