@@ -39,6 +39,8 @@ import traceback
 
 import numpy as np
 
+from benchmarks.cpu import _torch_twin_classes
+
 NETS = {
     "article": dict(desc="article net: UNet(1, 2, depth=2, base_channels=64)",
                     kwargs=dict(in_channels=1, num_classes=2, depth=2, base_channels=64)),
@@ -130,16 +132,9 @@ def _free_gpu_memory(smoke):
 # ---------------------------------------------------------------------------------------------------
 # Models on both sides, with the same weights
 # ---------------------------------------------------------------------------------------------------
-def _torch_twin_classes():
-    """The PyTorch networks of tests/models/torch_reference.py, validated against unet_np there.
-    The benchmarks run from the source checkout (python -m benchmarks....), where tests/ is importable."""
-    from tests.models.torch_reference import ArticleUNet, TorchUNet
-    return ArticleUNet, TorchUNet, "tests.models.torch_reference"
-
-
 def torch_model(net, seed, device):
     import torch
-    ArticleUNet, TorchUNet = _torch_twin_classes()
+    ArticleUNet, TorchUNet, _ = _torch_twin_classes()
     torch.manual_seed(seed)
     kw = NETS[net]["kwargs"]
     if net == "article":

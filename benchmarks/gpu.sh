@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine (no network): set up, run the GPU tests, run the GPU benchmark.
+# One script for a lent GPU machine (no network): set up, run the GPU checks, run the GPU benchmark.
 #
-#   bash benchmarks/gpu.sh            # from anywhere; results are copied into $OUT when it is set
+#   bash benchmarks/gpu.sh            # from anywhere; logs and results are copied into $OUT when it is set
 #
-# The machine has Python 3.12 with torch, cupy-cuda13x, numba + numba-cuda installed. Its NumPy
-# (2.5.x) is too new for numba, so a NumPy 2.4.6 cp312 wheel carried under wheels/ is installed first
-# when one is there (pip install --no-index: nothing is downloaded). Then this repository is
-# installed in editable mode without dependencies, the tests in tests/backends run (the CPU emulation
-# of the kernels is skipped here: it runs in CI), and benchmarks/gpu.py runs with whatever is left of
-# the time budget. The whole script stays within ~8 minutes (BUDGET_S, default 470 s).
+# The machine has Python 3.12 with torch, cupy-cuda13x, numba + numba-cuda, pytest and pytest-xdist
+# installed. Its NumPy (2.5.x) is too new for numba, so a NumPy 2.4.6 cp312 wheel carried under wheels/
+# is installed first when one is there (pip install --no-index: nothing is downloaded). Then this
+# repository is installed in editable mode without dependencies, and two phases run:
+#   1. the checks, all at once (16 cores; each compiles its own kernels): the cupy tests on the real
+#      device (tests/backends/test_cupy.py + test_cuda_compile.py; UNET_NP_EMULATION=0 leaves the CPU
+#      emulation to CI) and every section of tests/backends/numba_cuda_check.py in its own process
+#      (the script that tests/backends/test_numba_cuda.py runs; here without the simulator);
+#   2. benchmarks/gpu.py, alone on the GPU, with whatever is left of the time budget.
+# The whole script stays within BUDGET_S seconds (default 500); the checks get at most CHECK_S (200).
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-500}
+CHECK_S=${CHECK_S:-200}
 PY=${PYTHON:-python3}
-LOGDIR=benchmarks/results/gpu-logs
+LOGDIR=${LOGDIR:-/tmp/unet_np-gpu-logs}
+rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR"
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( BUDGET_S - $(date +%s) + START )); }
@@ -22,6 +28,7 @@ left() { echo $(( BUDGET_S - $(date +%s) + START )); }
 echo "== machine ($(date -u +%FT%TZ))"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
 $PY --version
+nproc
 
 echo "== setup"
 whl=$(ls wheels/numpy-2.4.6-*cp312*.whl 2>/dev/null | head -n 1)
@@ -34,43 +41,60 @@ fi
 $PY -m pip install --no-deps --no-build-isolation --quiet -e . 2>&1 | tail -n 3
 $PY - <<'PYEOF'
 import importlib
-for name in ("numpy", "cupy", "torch", "numba", "numba_cuda", "pytest", "hypothesis", "unet_np"):
+for name in ("numpy", "cupy", "torch", "numba", "numba.cuda", "pytest", "xdist", "hypothesis", "unet_np"):
     try:
         m = importlib.import_module(name)
-        print(f"  {name:11s} {getattr(m, '__version__', '?')}")
+        print(f"  {name:11s} {getattr(m, '__version__', '')}")
     except Exception as exc:
         print(f"  {name:11s} NOT importable: {type(exc).__name__}: {exc}")
+try:
+    from numba import cuda
+    print("  numba.cuda.is_available():", cuda.is_available())
+except Exception as exc:
+    print("  numba.cuda:", type(exc).__name__, exc)
 PYEOF
 echo "setup done after $(elapsed) s"
 
-# tests/conftest.py needs hypothesis; without it, run the backend tests without the conftest.
+echo "== phase 1: checks (at most ${CHECK_S} s, all at once)"
+export UNET_NP_EMULATION=0          # the CPU emulation of the kernels runs in CI, not on device time
 PYTEST_ARGS="-q -rs -p no:cacheprovider"
 if ! $PY -c "import hypothesis" 2>/dev/null; then
-    echo "hypothesis is not installed: running pytest with --noconftest"
-    PYTEST_ARGS="$PYTEST_ARGS --noconftest"
+    PYTEST_ARGS="$PYTEST_ARGS --noconftest"          # tests/conftest.py needs hypothesis
 fi
-export UNET_NP_EMULATION=0          # the CPU emulation of the kernels runs in CI, not on device time
+if $PY -c "import xdist" 2>/dev/null; then
+    PYTEST_ARGS="$PYTEST_ARGS -n 4"
+fi
+( timeout "$CHECK_S" $PY -m pytest $PYTEST_ARGS tests/backends/test_cupy.py tests/backends/test_cuda_compile.py \
+      > "$LOGDIR/pytest-cupy.txt" 2>&1
+  echo "exit status $? after $(elapsed) s" >> "$LOGDIR/pytest-cupy.txt" ) &
+SECTIONS="kernels models table input_grad losses optim"
+for s in $SECTIONS; do
+    ( timeout "$CHECK_S" $PY tests/backends/numba_cuda_check.py "$s" > "$LOGDIR/numba-cuda-$s.log" 2>&1
+      echo "exit status $? after $(elapsed) s" >> "$LOGDIR/numba-cuda-$s.log" ) &
+done
+wait
+for s in $SECTIONS; do
+    echo "---- numba_cuda_check.py $s"
+    cat "$LOGDIR/numba-cuda-$s.log"
+done > "$LOGDIR/numba-cuda.txt"
+rm -f "$LOGDIR"/numba-cuda-*.log
+echo "-- cupy tests (tail)"
+tail -n 45 "$LOGDIR/pytest-cupy.txt"
+echo "-- numba-cuda checks (FAIL lines, then each section's last lines)"
+grep -E "^FAIL" "$LOGDIR/numba-cuda.txt" | head -n 40
+grep -E "^----|failures;|exit status|Error|error" "$LOGDIR/numba-cuda.txt" | head -n 60
+echo "checks done after $(elapsed) s"
 
-echo "== tests: the cupy backend (tests/backends/test_cupy.py, test_cuda_compile.py)"
-timeout 150 $PY -m pytest $PYTEST_ARGS tests/backends/test_cupy.py tests/backends/test_cuda_compile.py \
-    2>&1 | tee "$LOGDIR/pytest-cupy.txt" | tail -n 60
-echo "exit status ${PIPESTATUS[0]} after $(elapsed) s"
-
-echo "== tests: the rest of tests/backends"
-timeout $(( $(left) > 330 ? 110 : 60 )) $PY -m pytest $PYTEST_ARGS tests/backends \
-    --ignore=tests/backends/test_cupy.py --ignore=tests/backends/test_cuda_compile.py \
-    2>&1 | tee "$LOGDIR/pytest-rest.txt" | tail -n 40
-echo "exit status ${PIPESTATUS[0]} after $(elapsed) s"
-
-echo "== benchmark (benchmarks/gpu.py)"
+echo "== phase 2: benchmark (benchmarks/gpu.py)"
 REMAIN=$(left)
-SOFT=$(( REMAIN - 70 ))
+SOFT=$(( REMAIN - 60 ))
 if [ "$SOFT" -lt 60 ]; then SOFT=60; fi
-HARD=$(( REMAIN - 10 ))
+HARD=$(( REMAIN - 5 ))
 if [ "$HARD" -lt 70 ]; then HARD=70; fi
 echo "soft budget ${SOFT} s, hard limit ${HARD} s"
-timeout "$HARD" $PY -m benchmarks.gpu --budget-s "$SOFT" "$@" 2>&1 | tee "$LOGDIR/benchmark.txt"
-echo "exit status ${PIPESTATUS[0]} after $(elapsed) s"
+timeout "$HARD" $PY -m benchmarks.gpu --budget-s "$SOFT" "$@" > "$LOGDIR/benchmark.txt" 2>&1
+echo "exit status $? after $(elapsed) s" >> "$LOGDIR/benchmark.txt"
+cat "$LOGDIR/benchmark.txt"
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"

@@ -78,3 +78,22 @@ def test_harness_runs_on_a_tiny_network_and_writes_its_outputs(tmp_path):
     assert abs(sum(e["percent"] for e in data["profile"]["by_type"]) - 100) < 1.0
     md = (tmp_path / "cpu-latest.md").read_text()
     assert "| tiny | train | 1 | 16 |" in md and "How memory was measured" in md
+
+
+def test_gpu_harness_smoke_runs_on_the_cpu_and_writes_its_outputs(tmp_path):
+    """benchmarks/gpu.py --smoke: the whole GPU harness (both sides, the weight check, the per-layer
+    breakdown, the outputs) with the numpy backend in place of the GPU ones and PyTorch on the CPU.
+    Only the plumbing is checked here; the GPU run itself happens on a lent machine (benchmarks/gpu.sh)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--smoke", "--nets", "article", "--repeats", "1",
+                        "--warmup", "1", "--gemm-n", "0", "--out", str(tmp_path)], cwd=root, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    jsons = list(tmp_path.glob("gpu-*.json"))
+    assert len(jsons) == 1 and jsons[0].with_suffix(".md").exists()
+    data = json.loads(jsons[0].read_text())
+    assert data["nets"]["article"]["check_rel_err"] < 1e-4          # same weights on both sides
+    assert "| article | train |" in r.stdout and "Where the cupy training step goes" in r.stdout
