@@ -11,6 +11,11 @@ tests/backends/numba_cuda_check.py:
   gemm_blocked   register blocking: a block computes a BM x BN tile of C with (BM/TM) x (BN/TN)
                  threads, each thread a TM x TN sub-tile kept in registers, so every value read
                  from shared memory feeds TM (or TN) FMAs. The default on a GPU.
+                 Split-K: when C has few tiles and K is long (a weight gradient: 64 x 576 outputs,
+                 each a sum over the N*H*W = 1M pixels of a batch), block row y of the grid sums
+                 only its slice of K into a partial C of its own, and ``sum_splits_kernel`` adds the
+                 partials (then alpha, bias, ReLU). Without it such a GEMM ran on 9 blocks of the
+                 H100's 132 multiprocessors.
 
 Operand layouts. Convolutions keep activations in NCHW, while the GEMMs see them as matrices with
 the batch folded into the columns, (C, N*H*W). Instead of copying into that layout, every operand is
@@ -29,6 +34,8 @@ accumulators have the operands' dtype) and per tile shape; ``gemm()`` picks and 
 import math
 
 from numba import cuda, float32, float64
+
+from .cuda_launch import grid_1d
 
 BIG = 1 << 62          # a "P" larger than any index: s // BIG = 0, s % BIG = s
 
@@ -122,6 +129,9 @@ def gemm_tiled_kernel(dtype, tile):
 #    columns). Per K-step all threads load As (BM x BK) and Bs (BK x BN) together, t, t + nthreads,
 #    ...; then for each kk the thread reads TM values of As's column kk and TN of Bs's row kk into
 #    registers and does TM*TN FMAs with them.
+#    Split-K (gridDim.y = S > 1): block row y sums k in [y*kchunk, min(K, (y+1)*kchunk)) and writes
+#    C + y*M*N (the caller passes a dense S x M x N partial buffer, no bias, no ReLU, alpha 1);
+#    with S = 1 the slice is all of K and the offset 0.
 # ---------------------------------------------------------------------------------------------------
 _blocked_cache = {}
 
@@ -136,7 +146,7 @@ def gemm_blocked_kernel(dtype, BM, BN, BK, TM, TN):
     nt = _numba_type(dtype)
 
     @cuda.jit
-    def kernel(A, B, C, M, N, K, la, lb, lc, bias, has_bias, relu, alpha):
+    def kernel(A, B, C, M, N, K, la, lb, lc, bias, has_bias, relu, alpha, kchunk):
         As = cuda.shared.array((BM, BK), dtype=nt)
         Bs = cuda.shared.array((BK, BN), dtype=nt)
         acc = cuda.local.array((TM, TN), dtype=nt)
@@ -147,25 +157,28 @@ def gemm_blocked_kernel(dtype, BM, BN, BK, TM, TN):
         tx = t % RX
         tiles_n = (N + BN - 1) // BN
         tiles = ((M + BM - 1) // BM) * tiles_n
+        k_begin = cuda.blockIdx.y * kchunk               # this block row's slice of K
+        k_end = min(K, k_begin + kchunk)
+        c_off = cuda.blockIdx.y * M * N                  # and its partial C (0 without split-K)
         for tile_id in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
             m0 = (tile_id // tiles_n) * BM
             n0 = (tile_id % tiles_n) * BN
             for i in range(TM):
                 for j in range(TN):
                     acc[i, j] = nt(0)
-            for k0 in range(0, K, BK):
+            for k0 in range(k_begin, k_end, BK):
                 for e in range(t, BM * BK, NT):          # As[r, c] = op(A)[m0 + r, k0 + c]
                     r = e // BK
                     c = e % BK
                     m = m0 + r
                     k = k0 + c
-                    As[r, c] = A[_at(m, k, la)] if (m < M and k < K) else nt(0)
+                    As[r, c] = A[_at(m, k, la)] if (m < M and k < k_end) else nt(0)
                 for e in range(t, BK * BN, NT):          # Bs[r, c] = op(B)[k0 + r, n0 + c]
                     r = e // BN
                     c = e % BN
                     k = k0 + r
                     n = n0 + c
-                    Bs[r, c] = B[_at(k, n, lb)] if (k < K and n < N) else nt(0)
+                    Bs[r, c] = B[_at(k, n, lb)] if (k < k_end and n < N) else nt(0)
                 cuda.syncthreads()
                 for kk in range(BK):
                     for i in range(TM):
@@ -187,17 +200,46 @@ def gemm_blocked_kernel(dtype, BM, BN, BK, TM, TN):
                                 v += bias[m]
                             if relu and v < 0:
                                 v = nt(0)
-                            C[_at(m, n, lc)] = v
+                            C[c_off + _at(m, n, lc)] = v
 
     _blocked_cache[key] = kernel
     return kernel
 
 
+@cuda.jit
+def sum_splits_kernel(part, C, M, N, S, lc, bias, has_bias, relu, alpha):
+    """C (layout lc) = alpha * sum_s part[s] [+ bias[m]] [ReLU]; part: S dense M x N partials."""
+    for e in range(cuda.grid(1), M * N, cuda.gridsize(1)):
+        v = part[e]
+        for s in range(1, S):
+            v += part[s * M * N + e]
+        m = e // N
+        v *= alpha
+        if has_bias:
+            v += bias[m]
+        if relu and v < 0:
+            v -= v                       # a zero of v's own type
+        C[_at(m, e % N, lc)] = v
+
+
 # Tile shapes: on a GPU 64x64 tiles of 16x16 threads with 4x4 outputs each; under the simulator
 # (every thread a Python thread, the cost of a launch growing with the threads) 8x8 tiles of 2x2
 # threads and one block walking every tile, so tests finish in seconds.
-GPU_CONFIG = dict(kind="blocked", BM=64, BN=64, BK=8, TM=4, TN=4, max_blocks=65535)
-SIM_CONFIG = dict(kind="blocked", BM=8, BN=8, BK=8, TM=4, TN=4, max_blocks=1)
+# Split-K (blocked kernel only): when C has fewer than ``split_blocks`` tiles, K is cut into up to
+# split_blocks / tiles slices of at least ``split_min_k``. On a GPU: fill about two waves of the
+# H100's 132 multiprocessors. Under the simulator the default never splits (one block walks every
+# tile anyway); the checks split on purpose with a config of their own.
+GPU_CONFIG = dict(kind="blocked", BM=64, BN=64, BK=8, TM=4, TN=4, max_blocks=65535,
+                  split_blocks=264, split_min_k=512)
+SIM_CONFIG = dict(kind="blocked", BM=8, BN=8, BK=8, TM=4, TN=4, max_blocks=1,
+                  split_blocks=1, split_min_k=8)
+
+
+def k_splits(tiles, K, config):
+    """How many slices of K the blocked GEMM sums separately (1: no split-K)."""
+    if tiles >= config.get("split_blocks", 1):
+        return 1
+    return max(1, min(config["split_blocks"] // tiles, K // config["split_min_k"]))
 
 
 def default_config():
@@ -210,7 +252,8 @@ def gemm(A, B, C, M, N, K, la, lb, lc, bias=None, relu=False, alpha=1.0, config=
 
     A, B, C: flat device arrays (Numba device arrays or CuPy arrays) of one float dtype; op(A) is
     M x K, op(B) K x N; la, lb, lc: layouts from ``dense`` / ``nchw``; bias: (M,) or None.
-    config: dict(kind='blocked', BM, BN, BK, TM, TN, max_blocks) or dict(kind='tiled', tile, max_blocks).
+    config: dict(kind='blocked', BM, BN, BK, TM, TN, max_blocks, split_blocks, split_min_k) or
+    dict(kind='tiled', tile, max_blocks).
     """
     config = config or default_config()
     if M == 0 or N == 0:
@@ -222,11 +265,22 @@ def gemm(A, B, C, M, N, K, la, lb, lc, bias=None, relu=False, alpha=1.0, config=
         kern = gemm_tiled_kernel(C.dtype, T)
         tiles = math.ceil(M / T) * math.ceil(N / T)
         grid, block = min(tiles, config["max_blocks"]), (T, T)
-    else:
-        kern = gemm_blocked_kernel(C.dtype, config["BM"], config["BN"], config["BK"], config["TM"],
-                                   config["TN"])
-        tiles = math.ceil(M / config["BM"]) * math.ceil(N / config["BN"])
-        block = (config["BM"] // config["TM"]) * (config["BN"] // config["TN"])
-        grid = min(tiles, config["max_blocks"])
-    kern[grid, block](A, B, C, M, N, K, la, lb, lc, b, has_bias, bool(relu), float(alpha))
+        kern[grid, block](A, B, C, M, N, K, la, lb, lc, b, has_bias, bool(relu), float(alpha))
+        return C
+    kern = gemm_blocked_kernel(C.dtype, config["BM"], config["BN"], config["BK"], config["TM"],
+                               config["TN"])
+    tiles = math.ceil(M / config["BM"]) * math.ceil(N / config["BN"])
+    block = (config["BM"] // config["TM"]) * (config["BN"] // config["TN"])
+    grid = min(tiles, config["max_blocks"])
+    S = k_splits(tiles, K, config)
+    if S == 1:
+        kern[grid, block](A, B, C, M, N, K, la, lb, lc, b, has_bias, bool(relu), float(alpha), K)
+        return C
+    BK = config["BK"]
+    kchunk = math.ceil(math.ceil(K / S) / BK) * BK            # whole K-steps per slice
+    S = math.ceil(K / kchunk)
+    part = cuda.device_array(S * M * N, dtype=C.dtype)
+    kern[(grid, S), block](A, B, part, M, N, K, la, lb, dense(N), part, False, False, 1.0, kchunk)
+    blocks, threads = grid_1d(M * N)
+    sum_splits_kernel[blocks, threads](part, C, M, N, S, lc, b, has_bias, bool(relu), float(alpha))
     return C

@@ -13,9 +13,20 @@
 // GATHERS the column entries that were copied from it (no atomics, so the result is deterministic).
 //
 // Every kernel is a grid-stride loop over its outputs: any launch size is correct (the tests even run
-// them with one thread on the CPU), the Python side picks one for speed. Indices are 64-bit.
+// them with one thread on the CPU), the Python side picks one for speed.
 // Both dtypes: a template body and two extern "C" entry points, <name>_f32 and <name>_f64.
+//
+// Index arithmetic: the bodies are templates over the index type I as well. Every element takes a few
+// divisions and remainders (flat index -> (n, c, h, w)), and a 64-bit integer division is a long
+// software routine on a GPU, a 32-bit one a few instructions: on an H100, im2col of a 64-channel
+// 256x256 batch of 16 took longer than the GEMM that reads its output. So an entry point runs the
+// body with I = int when every index it forms is below INDEX32_LIMIT (2^31 - 1), else with
+// I = long long. (The tests build this file a second time with -DINDEX32_LIMIT=0 and compare.)
+#ifndef INDEX32_LIMIT
+#define INDEX32_LIMIT 2147483647LL
+#endif
 
+// The loop counter stays 64-bit (additions are cheap); the body converts it to I once.
 #define GRID_STRIDE(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (long long)blockDim.x * gridDim.x)
@@ -23,20 +34,18 @@
 // ---------------------------------------------------------------------------------------------------
 // im2col: x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo). One thread per column entry (writes coalesced).
 // ---------------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename I>
 __device__ void im2col(const T* __restrict__ x, T* __restrict__ cols,
-                       long long N, long long C, long long H, long long W,
-                       long long kh, long long kw, long long Ho, long long Wo,
-                       long long sh, long long sw, long long ph, long long pw,
-                       long long dh, long long dw) {
-    const long long M = N * Ho * Wo;                  // columns
-    const long long total = C * kh * kw * M;
-    GRID_STRIDE(idx, total) {
-        const long long row = idx / M, col = idx % M;
-        const long long j = row % kw, i = (row / kw) % kh, c = row / (kw * kh);
-        const long long wo = col % Wo, ho = (col / Wo) % Ho, n = col / (Wo * Ho);
-        const long long h = ho * sh - ph + i * dh;
-        const long long w = wo * sw - pw + j * dw;
+                       I N, I C, I H, I W, I kh, I kw, I Ho, I Wo, I sh, I sw, I ph, I pw, I dh, I dw) {
+    const I M = N * Ho * Wo;                          // columns
+    const long long total = (long long)C * kh * kw * M;
+    GRID_STRIDE(k, total) {
+        const I idx = (I)k;
+        const I row = idx / M, col = idx % M;
+        const I j = row % kw, i = (row / kw) % kh, c = row / (kw * kh);
+        const I wo = col % Wo, ho = (col / Wo) % Ho, n = col / (Wo * Ho);
+        const I h = ho * sh - ph + i * dh;
+        const I w = wo * sw - pw + j * dw;
         T v = (T)0;
         if (h >= 0 && h < H && w >= 0 && w < W) v = x[((n * C + c) * H + h) * W + w];
         cols[idx] = v;
@@ -48,29 +57,27 @@ __device__ void im2col(const T* __restrict__ x, T* __restrict__ cols,
 // One thread per image pixel (n, c, h, w): it sums every column entry (c, i, j, n, ho, wo) with
 // ho*sh - ph + i*dh == h and wo*sw - pw + j*dw == w. Pixels no window reaches get 0 (or the bias).
 // ---------------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename I>
 __device__ void col2im(const T* __restrict__ cols, T* __restrict__ x, const T* __restrict__ bias,
                        long long has_bias,
-                       long long N, long long C, long long H, long long W,
-                       long long kh, long long kw, long long Ho, long long Wo,
-                       long long sh, long long sw, long long ph, long long pw,
-                       long long dh, long long dw) {
-    const long long M = N * Ho * Wo;
-    const long long total = N * C * H * W;
-    GRID_STRIDE(idx, total) {
-        const long long w = idx % W, h = (idx / W) % H, c = (idx / (W * H)) % C, n = idx / (W * H * C);
+                       I N, I C, I H, I W, I kh, I kw, I Ho, I Wo, I sh, I sw, I ph, I pw, I dh, I dw) {
+    const I M = N * Ho * Wo;
+    const long long total = (long long)N * C * H * W;
+    GRID_STRIDE(k, total) {
+        const I idx = (I)k;
+        const I w = idx % W, h = (idx / W) % H, c = (idx / (W * H)) % C, n = idx / (W * H * C);
         T acc = has_bias ? bias[c] : (T)0;
-        for (long long i = 0; i < kh; ++i) {
-            const long long hh = h + ph - i * dh;     // = ho * sh for the window that reads h
+        for (I i = 0; i < kh; ++i) {
+            const I hh = h + ph - i * dh;             // = ho * sh for the window that reads h
             if (hh < 0 || hh % sh != 0) continue;
-            const long long ho = hh / sh;
+            const I ho = hh / sh;
             if (ho >= Ho) continue;
-            for (long long j = 0; j < kw; ++j) {
-                const long long ww = w + pw - j * dw;
+            for (I j = 0; j < kw; ++j) {
+                const I ww = w + pw - j * dw;
                 if (ww < 0 || ww % sw != 0) continue;
-                const long long wo = ww / sw;
+                const I wo = ww / sw;
                 if (wo >= Wo) continue;
-                const long long row = (c * kh + i) * kw + j;
+                const I row = (c * kh + i) * kw + j;
                 acc += cols[row * M + (n * Ho + ho) * Wo + wo];
             }
         }
@@ -85,13 +92,14 @@ __device__ void col2im(const T* __restrict__ cols, T* __restrict__ x, const T* _
 // layout change NCHW (N, C, L) -> (C, N, L) (_channels_first) or back (_batch_first).
 // One thread per destination entry (writes coalesced; reads coalesced along l).
 // ---------------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename I>
 __device__ void swap01_bias_act(const T* __restrict__ src, T* __restrict__ dst,
                                 const T* __restrict__ bias, long long has_bias, long long relu,
-                                long long A, long long B, long long L) {
-    const long long total = A * B * L;
-    GRID_STRIDE(idx, total) {
-        const long long l = idx % L, a = (idx / L) % A, b = idx / (L * A);   // dst index (b, a, l)
+                                I A, I B, I L) {
+    const long long total = (long long)A * B * L;
+    GRID_STRIDE(k, total) {
+        const I idx = (I)k;
+        const I l = idx % L, a = (idx / L) % A, b = idx / (L * A);          // dst index (b, a, l)
         T v = src[(a * B + b) * L + l];
         if (has_bias) v += bias[a];
         if (relu && v < (T)0) v = (T)0;               // max(v, 0); a NaN stays NaN, as np.maximum
@@ -103,10 +111,11 @@ __device__ void swap01_bias_act(const T* __restrict__ src, T* __restrict__ dst,
 // bias_act_inplace: y (N, C, L) += bias[c], then ReLU when relu != 0. The 1x1 convolution's epilogue
 // (its GEMM writes NCHW directly).
 // ---------------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename I>
 __device__ void bias_act_inplace(T* __restrict__ y, const T* __restrict__ bias, long long has_bias,
-                                 long long relu, long long C, long long L, long long total) {
-    GRID_STRIDE(idx, total) {
+                                 long long relu, I C, I L, long long total) {
+    GRID_STRIDE(k, total) {
+        const I idx = (I)k;
         T v = y[idx];
         if (has_bias) v += bias[(idx / L) % C];
         if (relu && v < (T)0) v = (T)0;
@@ -121,35 +130,47 @@ __device__ void bias_act_inplace(T* __restrict__ y, const T* __restrict__ bias, 
     long long Ho, long long Wo, long long sh, long long sw, long long ph, long long pw, long long dh, long long dw
 #define IM2COL_PASS N, C, H, W, kh, kw, Ho, Wo, sh, sw, ph, pw, dh, dw
 
+// The largest index each kernel forms: im2col and col2im index both x (N*C*H*W) and cols
+// (C*kh*kw * N*Ho*Wo); swap01 and bias_act their arrays.
+#define IM2COL_FITS32 (C * kh * kw * N * Ho * Wo < INDEX32_LIMIT && N * C * H * W < INDEX32_LIMIT)
+
 extern "C" __global__ void im2col_f32(const float* x, float* cols, IM2COL_ARGS) {
-    im2col<float>(x, cols, IM2COL_PASS);
+    if (IM2COL_FITS32) im2col<float, int>(x, cols, IM2COL_PASS);
+    else im2col<float, long long>(x, cols, IM2COL_PASS);
 }
 extern "C" __global__ void im2col_f64(const double* x, double* cols, IM2COL_ARGS) {
-    im2col<double>(x, cols, IM2COL_PASS);
+    if (IM2COL_FITS32) im2col<double, int>(x, cols, IM2COL_PASS);
+    else im2col<double, long long>(x, cols, IM2COL_PASS);
 }
 extern "C" __global__ void col2im_f32(const float* cols, float* x, const float* bias, long long has_bias,
                                       IM2COL_ARGS) {
-    col2im<float>(cols, x, bias, has_bias, IM2COL_PASS);
+    if (IM2COL_FITS32) col2im<float, int>(cols, x, bias, has_bias, IM2COL_PASS);
+    else col2im<float, long long>(cols, x, bias, has_bias, IM2COL_PASS);
 }
 extern "C" __global__ void col2im_f64(const double* cols, double* x, const double* bias, long long has_bias,
                                       IM2COL_ARGS) {
-    col2im<double>(cols, x, bias, has_bias, IM2COL_PASS);
+    if (IM2COL_FITS32) col2im<double, int>(cols, x, bias, has_bias, IM2COL_PASS);
+    else col2im<double, long long>(cols, x, bias, has_bias, IM2COL_PASS);
 }
 extern "C" __global__ void swap01_bias_act_f32(const float* src, float* dst, const float* bias,
                                                long long has_bias, long long relu,
                                                long long A, long long B, long long L) {
-    swap01_bias_act<float>(src, dst, bias, has_bias, relu, A, B, L);
+    if (A * B * L < INDEX32_LIMIT) swap01_bias_act<float, int>(src, dst, bias, has_bias, relu, A, B, L);
+    else swap01_bias_act<float, long long>(src, dst, bias, has_bias, relu, A, B, L);
 }
 extern "C" __global__ void swap01_bias_act_f64(const double* src, double* dst, const double* bias,
                                                long long has_bias, long long relu,
                                                long long A, long long B, long long L) {
-    swap01_bias_act<double>(src, dst, bias, has_bias, relu, A, B, L);
+    if (A * B * L < INDEX32_LIMIT) swap01_bias_act<double, int>(src, dst, bias, has_bias, relu, A, B, L);
+    else swap01_bias_act<double, long long>(src, dst, bias, has_bias, relu, A, B, L);
 }
 extern "C" __global__ void bias_act_inplace_f32(float* y, const float* bias, long long has_bias, long long relu,
                                                 long long C, long long L, long long total) {
-    bias_act_inplace<float>(y, bias, has_bias, relu, C, L, total);
+    if (total < INDEX32_LIMIT) bias_act_inplace<float, int>(y, bias, has_bias, relu, C, L, total);
+    else bias_act_inplace<float, long long>(y, bias, has_bias, relu, C, L, total);
 }
 extern "C" __global__ void bias_act_inplace_f64(double* y, const double* bias, long long has_bias, long long relu,
                                                 long long C, long long L, long long total) {
-    bias_act_inplace<double>(y, bias, has_bias, relu, C, L, total);
+    if (total < INDEX32_LIMIT) bias_act_inplace<double, int>(y, bias, has_bias, relu, C, L, total);
+    else bias_act_inplace<double, long long>(y, bias, has_bias, relu, C, L, total);
 }

@@ -81,14 +81,18 @@ def rnd(*shape, dt=np.float64):
 
 
 def gemm_checks(dt):
-    M, N, K = 7, 13, 9
-    for cfg in (dict(kind="tiled", tile=4, max_blocks=3), cuda_gemm.SIM_CONFIG):
+    M, N, K = 7, 13, 37
+    # split-K: C has 2 tiles of 8x8, so with split_blocks=64 K = 37 is cut into 3 slices of 16, 16, 5
+    split = dict(cuda_gemm.SIM_CONFIG, split_blocks=64, split_min_k=8)
+    assert cuda_gemm.k_splits(2, K, split) == 4 and cuda_gemm.k_splits(2, K, cuda_gemm.SIM_CONFIG) == 1
+    for cfg in (dict(kind="tiled", tile=4, max_blocks=3), cuda_gemm.SIM_CONFIG, split):
+        kind = cfg["kind"] + (" split-K" if cfg is split else "")
         a, b, bias = rnd(M, K, dt=dt), rnd(K, N, dt=dt), rnd(M, dt=dt)
         c = cuda.device_array(M * N, dt)
         cuda_gemm.gemm(cuda.to_device(a.ravel()), cuda.to_device(b.ravel()), c, M, N, K,
                        cuda_gemm.dense(K), cuda_gemm.dense(N), cuda_gemm.dense(N),
                        bias=cuda.to_device(bias), relu=True, config=cfg)
-        check(f"gemm {cfg['kind']} + bias + relu", c.copy_to_host().reshape(M, N),
+        check(f"gemm {kind} + bias + relu", c.copy_to_host().reshape(M, N),
               np.maximum(a @ b + bias[:, None], 0), dt)
         # transposed A, B read from NCHW (batch folded into the columns), C written as NCHW
         n, plane = 2, 5
@@ -99,7 +103,7 @@ def gemm_checks(dt):
                        cuda_gemm.dense(M, trans=True), cuda_gemm.nchw(K, plane),
                        cuda_gemm.nchw(M, plane), config=cfg)
         ref = np.einsum("km,nkp->nmp", at, b4)
-        check(f"gemm {cfg['kind']} A^T, NCHW B and C", c4.copy_to_host().reshape(n, M, plane), ref, dt)
+        check(f"gemm {kind} A^T, NCHW B and C", c4.copy_to_host().reshape(n, M, plane), ref, dt)
 
 
 def bias_relu_checks(dt):

@@ -75,12 +75,14 @@ def _parse_param(text):
 
 
 @functools.lru_cache(maxsize=None)
-def _emu_library(family):
-    """(ctypes library, {kernel name: [(base type, is pointer), ...]}) for kernels/cuda/<family>.cu."""
+def _emu_library(family, defines=()):
+    """(ctypes library, {kernel name: [(base type, is pointer), ...]}) for kernels/cuda/<family>.cu,
+    built with the macro definitions ``defines`` ('NAME=VALUE', ...)."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels cannot be built")
     tmp = tempfile.mkdtemp(prefix=f"unet_np_emu_{family}_")
+    dflags = [f"-D{d}" for d in defines]
     atexit.register(shutil.rmtree, tmp, True)
     src = os.path.join(tmp, f"{family}.cu")
     with open(src, "w") as f:
@@ -89,9 +91,9 @@ def _emu_library(family):
     with open(header, "w") as f:
         f.write(EMU_HEADER)
     lib = os.path.join(tmp, f"lib{family}.so")
-    subprocess.run([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-x", "c++", "-include", header, src,
-                    "-o", lib], check=True, capture_output=True, text=True)
-    pre = subprocess.run([gxx, "-E", "-P", "-x", "c++", "-D__global__=", "-D__device__=",
+    subprocess.run([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-x", "c++", *dflags, "-include", header,
+                    src, "-o", lib], check=True, capture_output=True, text=True)
+    pre = subprocess.run([gxx, "-E", "-P", "-x", "c++", *dflags, "-D__global__=", "-D__device__=",
                           "-D__forceinline__=inline", "-D__shared__=static", src],
                          check=True, capture_output=True, text=True).stdout
     sigs = {}
@@ -100,8 +102,8 @@ def _emu_library(family):
     return ctypes.CDLL(lib), sigs
 
 
-def _emu_function(family, name):
-    lib, sigs = _emu_library(family)
+def _emu_function(family, name, defines=()):
+    lib, sigs = _emu_library(family, tuple(defines))
     if name not in sigs:
         raise AssertionError(f"{family}.cu has no kernel {name!r}")
     params = sigs[name]
@@ -372,6 +374,44 @@ def test_conv_transpose2d(xb, case, dtype):
             assert g is None
         else:
             close(g, r, name)
+
+
+def test_conv_kernels_64bit_index_path():
+    """conv.cu runs its index arithmetic in 32-bit ints when every index fits (fast on a GPU), else in
+    64-bit. The tests' small shapes always fit, so this builds conv.cu a second time with
+    -DINDEX32_LIMIT=0 (always the 64-bit path) and checks the convolutions against the reference."""
+    if os.environ.get("UNET_NP_EMULATION", "1") == "0":
+        pytest.skip("UNET_NP_EMULATION=0: the CPU emulation of the kernels is switched off")
+    fn = functools.partial(_emu_function, defines=("INDEX32_LIMIT=0",))
+    k = cb.CudaKernels(np, lambda family, name: (fn if family == "conv" else _emu_function)(family, name))
+    for case in CONV_CASES:
+        N, C, H, W, O, (kh, kw), stride, padding, dilation, bias = case
+        rng = rng_for("conv64", case)
+        x, w = rng.standard_normal((N, C, H, W)), rng.standard_normal((O, C, kh, kw))
+        b = rng.standard_normal(O) if bias else None
+        y_ref, c_ref = REF["conv2d_forward"](x, w, b, stride, padding, dilation)
+        y, c = k.conv2d_forward(x, w, b, stride, padding, dilation)
+        close(y, y_ref, f"y {case}")
+        dy = rng.standard_normal(y_ref.shape)
+        for name, g, r in zip(("dx", "dw", "db"), k.conv2d_backward(dy, c),
+                              REF["conv2d_backward"](dy, c_ref)):
+            assert (g is None) == (r is None)
+            if r is not None:
+                close(g, r, f"{name} {case}")
+    for case in CONVT_CASES:
+        N, Cin, H, W, Cout, (kh, kw), stride, padding, op, dilation, bias = case
+        rng = rng_for("convt64", case)
+        x, w = rng.standard_normal((N, Cin, H, W)), rng.standard_normal((Cin, Cout, kh, kw))
+        b = rng.standard_normal(Cout) if bias else None
+        y_ref, c_ref = REF["conv_transpose2d_forward"](x, w, b, stride, padding, op, dilation)
+        y, c = k.conv_transpose2d_forward(x, w, b, stride, padding, op, dilation)
+        close(y, y_ref, f"convT y {case}")
+        dy = rng.standard_normal(y_ref.shape)
+        for name, g, r in zip(("dx", "dw", "db"), k.conv_transpose2d_backward(dy, c),
+                              REF["conv_transpose2d_backward"](dy, c_ref)):
+            assert (g is None) == (r is None)
+            if r is not None:
+                close(g, r, f"convT {name} {case}")
 
 
 def test_conv_accepts_non_contiguous_input(xb):

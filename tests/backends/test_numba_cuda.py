@@ -39,6 +39,7 @@ def test_numba_cuda_kernels_under_the_simulator():
     """Every layer primitive and GEMM kernel; whole models (every architecture and loss)."""
     out = _run(simulator=True, timeout=300, sections=("kernels", "models"))
     assert "simulator=True" in out and "0 failures" in out
+    assert "gemm blocked split-K + bias + relu" in out and "gemm blocked split-K A^T, NCHW B and C" in out
 
 
 def test_numba_cuda_losses_optimizers_input_grad_under_the_simulator():
