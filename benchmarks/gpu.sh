@@ -93,7 +93,7 @@ rm -f "$LOGDIR"/numba-cuda-*.log
 [ -f "$LOGDIR/pytest-cupy.txt" ] && { echo "-- cupy tests (tail)"; tail -n 45 "$LOGDIR/pytest-cupy.txt"; }
 echo "-- numba-cuda checks (FAIL lines, then each section's last lines)"
 grep -E "^FAIL" "$LOGDIR/numba-cuda.txt" | head -n 40
-grep -E "^----|failures;|exit status|Error|error" "$LOGDIR/numba-cuda.txt" | head -n 60
+grep -E "^----|failures;|exit status|Traceback|Error:" "$LOGDIR/numba-cuda.txt" | head -n 60
 echo "checks done after $(elapsed) s"
 
 echo "== phase 2: benchmark (benchmarks/gpu.py)"
