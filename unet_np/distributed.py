@@ -271,8 +271,8 @@ class SyncBatchNorm(BatchNorm2d):
         dx -= _per_channel(dbeta_g / M)
         dx *= _per_channel(inv_std if gamma is None else gamma * inv_std)
         if self.affine:
-            self.weight.grad += dgamma_l
-            self.bias.grad += dbeta_l
+            self.weight.add_grad(dgamma_l)
+            self.bias.add_grad(dbeta_l)
         self._release()
         return dx
 
@@ -324,6 +324,7 @@ class GradientBuffer:
             v = self.buf[self.offsets[i]:self.offsets[i + 1]].reshape(p.grad.shape)
             v[...] = p.grad
             p.grad = v
+            p.keep_grad_array = True         # the layers must add into this view, not replace it
             self.views[i] = v
 
     def allreduce(self):

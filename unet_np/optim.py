@@ -115,9 +115,10 @@ class Optimizer:
 
     # -- running -----------------------------------------------------------------------------
     def zero_grad(self):
-        """Set every parameter's gradient to zero (in place; the arrays stay allocated)."""
+        """Every parameter's gradient back to zero (deferred until the next backward or the next
+        read of .grad: see unet_np.nn.Parameter)."""
         for p in self.params:
-            p.grad[...] = 0
+            p.zero_grad()
 
     def step(self):
         """One update of every parameter from its current ``.grad``."""

@@ -80,13 +80,51 @@ class Parameter:
     ``backend``: the Backend its arrays live on, set by the module it is assigned to (and by
     ``Module.to``); None for a Parameter made on its own. The optimizers use that backend's fused
     updates when it has them (unet_np.optim).
+
+    ``zero_grad()`` is deferred, as PyTorch's ``set_to_none``: the next backward's gradient becomes
+    ``.grad`` itself (``add_grad``), with no zero fill and no add; reading ``.grad`` before that gives
+    zeros. So the array behind ``.grad`` may change from step to step; ``keep_grad_array = True``
+    (set by unet_np.distributed.GradientBuffer, whose views they are) keeps it the same array.
+    On the depth-4 U-Net at 64x64 (31M parameters) the fill and the add took 7% of a training step.
     """
 
     backend = None
 
     def __init__(self, data):
         self.data = data
-        self.grad = data * 0
+        self._grad = data * 0
+        self._zero_pending = False          # zero_grad() called, no gradient added since
+        self.keep_grad_array = False
+
+    @property
+    def grad(self):
+        if self._zero_pending:
+            self._grad[...] = 0
+            self._zero_pending = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad = value
+        self._zero_pending = False
+
+    def zero_grad(self):
+        """The gradient back to zero (deferred: see the class docstring)."""
+        self._zero_pending = True
+
+    def add_grad(self, g):
+        """Accumulate one backward's gradient ``g`` into ``.grad``. The caller hands ``g`` over: after
+        ``zero_grad()`` a C-contiguous ``g`` of the same type, shape and dtype becomes ``.grad``."""
+        if not self._zero_pending:
+            self._grad += g
+            return
+        self._zero_pending = False
+        old = self._grad
+        if (not self.keep_grad_array and type(g) is type(old) and g.shape == old.shape
+                and g.dtype == old.dtype and g.flags.c_contiguous):
+            self._grad = g
+        else:
+            old[...] = g
 
     @property
     def shape(self):
@@ -151,7 +189,7 @@ class Module:
 
     def zero_grad(self):
         for p in self.parameters():
-            p.grad[...] = 0
+            p.zero_grad()
 
     def train(self, mode=True):
         for _, m in self.named_modules():

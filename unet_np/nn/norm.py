@@ -186,8 +186,8 @@ class BatchNorm2d(Module):
                              f"{tuple(dy.shape)}")
         dx, dgamma, dbeta = self.ops.batchnorm2d_backward(dy, cache)
         if self.affine:
-            self.weight.grad += dgamma
-            self.bias.grad += dbeta
+            self.weight.add_grad(dgamma)
+            self.bias.add_grad(dbeta)
         self._release()
         return dx
 
