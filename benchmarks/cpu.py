@@ -6,7 +6,11 @@
 What it does (see benchmarks/README.md for how to read it):
   * cleans its own environment: OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on some machines for old
     OpenBLAS builds, they slow a current NumPy) are removed by re-executing itself without them, and
-    OMP/OPENBLAS/MKL/NUMBA thread counts are set to --threads, all before NumPy is imported;
+    OMP/OPENBLAS/MKL/NUMBA thread counts are set to --threads, all before NumPy is imported; and
+    OPENBLAS_THREAD_TIMEOUT=4 (unless set, or --blas-spin): OpenBLAS's idle threads go to sleep at once
+    instead of spinning for about 0.1 s after each GEMM. In this interleaved comparison the spinning
+    threads took a core from whatever ran next: unet_np's Numba kernels, and PyTorch's own step (at
+    batch 1, 64x64 PyTorch's step took 0.19-0.22 s with them spinning and 0.12 s without);
   * measures the machine's float32 GEMM peak (np.matmul 2048^3);
   * times a training step (forward, cross-entropy, backward, SGD momentum 0.9) and a forward alone
     for the article's UNet(1, 2, depth=2, base_channels=64) and a depth-4 UNet(1, 2, depth=4,
@@ -32,6 +36,7 @@ _REMOVE = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
                 "VECLIB_MAXIMUM_THREADS")
 _UNSET_NOTE = "UNET_NP_BENCH_UNSET"  # what the re-exec removed, for the report
+_QUIET_BLAS = ("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles of spinning, then sleep (default 2^28)
 
 
 def _default_threads():
@@ -66,14 +71,19 @@ def build_parser():
     p.add_argument("--profile-batch", type=int, default=8)
     p.add_argument("--profile-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blas-spin", action="store_true",
+                   help="leave OPENBLAS_THREAD_TIMEOUT unset (OpenBLAS threads spin ~0.1 s after each GEMM)")
     return p
 
 
 def bootstrap(argv):
     """Settle the environment of this process before NumPy is imported: re-exec without
-    OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE if either is set, and set the thread-count variables."""
+    OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE if either is set, and set the thread-count variables and
+    (without --blas-spin, unless already set) OPENBLAS_THREAD_TIMEOUT."""
     args = build_parser().parse_args(argv)
     threads = str(max(1, args.threads))
+    if not args.blas_spin:
+        os.environ.setdefault(*_QUIET_BLAS)
     present = {k: os.environ[k] for k in _REMOVE if k in os.environ}
     if present:
         if "numpy" in sys.modules:
@@ -651,6 +661,8 @@ def to_markdown(res):
                      f"({b.get('prefix')}), kernel {b.get('architecture', '-')}, {b.get('num_threads')} threads, "
                      f"{b.get('threading_layer', '')} |")
     lines.append(f"| env removed | {res['env'].get('unset') or 'none were set'} |")
+    lines.append(f"| OPENBLAS_THREAD_TIMEOUT | {res['env'].get('OPENBLAS_THREAD_TIMEOUT') or 'unset (--blas-spin)'}"
+                 f" (idle OpenBLAS threads sleep instead of spinning into the next step, ours or PyTorch's) |")
     if res.get("loadavg_start"):
         lines.append(f"| load average | {res['loadavg_start'][0]:.2f} at start, "
                      f"{(res.get('loadavg_end') or [float('nan')])[0]:.2f} at end (1 min; our own run included) |")
@@ -775,6 +787,7 @@ def collect(args, log=print):
                mode="profile-only" if args.profile_only else ("quick" if args.quick else "full"),
                argv=sys.argv[1:], threads=threads, backend=args.backend,
                env=dict(unset=unset, **{k: os.environ.get(k) for k in _THREAD_VARS},
+                        OPENBLAS_THREAD_TIMEOUT=os.environ.get(_QUIET_BLAS[0]),
                         torch_num_threads=torch.get_num_threads()),
                machine=machine_info(threads), versions=versions(), blas=blas_info(),
                loadavg_start=list(os.getloadavg()))
