@@ -267,25 +267,30 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d(xb, case, dtype):
+def _check_conv2d(k, put, case, dtype):
+    """conv2d forward and backward of kernels ``k`` against the reference on one CONV_CASES case."""
     N, C, H, W, O, (kh, kw), stride, padding, dilation, bias = case
     rng = rng_for("conv", case, dtype)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((O, C, kh, kw)).astype(dtype)
     b = rng.standard_normal(O).astype(dtype) if bias else None
     y_ref, c_ref = REF["conv2d_forward"](x, w, b, stride, padding, dilation)
-    y, c = xb.k.conv2d_forward(xb.put(x), xb.put(w), xb.put(b), stride, padding, dilation)
-    close(y, y_ref, "y")
+    y, c = k.conv2d_forward(put(x), put(w), put(b), stride, padding, dilation)
+    close(y, y_ref, f"y {case}")
     dy = rng.standard_normal(y_ref.shape).astype(dtype)
     ref = REF["conv2d_backward"](dy, c_ref)
-    got = xb.k.conv2d_backward(xb.put(dy), c)
+    got = k.conv2d_backward(put(dy), c)
     for name, g, r in zip(("dx", "dw", "db"), got, ref):
         if r is None:
             assert g is None
         else:
-            close(g, r, name)
+            close(g, r, f"{name} {case}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d(xb, case, dtype):
+    _check_conv2d(xb.k, xb.put, case, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -355,25 +360,30 @@ CONVT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CONVT_CASES)
-def test_conv_transpose2d(xb, case, dtype):
+def _check_conv_transpose2d(k, put, case, dtype):
+    """The transposed convolution of kernels ``k`` against the reference on one CONVT_CASES case."""
     N, Cin, H, W, Cout, (kh, kw), stride, padding, op, dilation, bias = case
     rng = rng_for("convt", case, dtype)
     x = rng.standard_normal((N, Cin, H, W)).astype(dtype)
     w = rng.standard_normal((Cin, Cout, kh, kw)).astype(dtype)
     b = rng.standard_normal(Cout).astype(dtype) if bias else None
     y_ref, c_ref = REF["conv_transpose2d_forward"](x, w, b, stride, padding, op, dilation)
-    y, c = xb.k.conv_transpose2d_forward(xb.put(x), xb.put(w), xb.put(b), stride, padding, op, dilation)
-    close(y, y_ref, "y")
+    y, c = k.conv_transpose2d_forward(put(x), put(w), put(b), stride, padding, op, dilation)
+    close(y, y_ref, f"y {case}")
     dy = rng.standard_normal(y_ref.shape).astype(dtype)
     ref = REF["conv_transpose2d_backward"](dy, c_ref)
-    got = xb.k.conv_transpose2d_backward(xb.put(dy), c)
+    got = k.conv_transpose2d_backward(put(dy), c)
     for name, g, r in zip(("dx", "dw", "db"), got, ref):
         if r is None:
             assert g is None
         else:
-            close(g, r, name)
+            close(g, r, f"{name} {case}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONVT_CASES)
+def test_conv_transpose2d(xb, case, dtype):
+    _check_conv_transpose2d(xb.k, xb.put, case, dtype)
 
 
 def test_conv_kernels_64bit_index_path():
@@ -382,36 +392,13 @@ def test_conv_kernels_64bit_index_path():
     -DINDEX32_LIMIT=0 (always the 64-bit path) and checks the convolutions against the reference."""
     if os.environ.get("UNET_NP_EMULATION", "1") == "0":
         pytest.skip("UNET_NP_EMULATION=0: the CPU emulation of the kernels is switched off")
-    fn = functools.partial(_emu_function, defines=("INDEX32_LIMIT=0",))
-    k = cb.CudaKernels(np, lambda family, name: (fn if family == "conv" else _emu_function)(family, name))
-    for case in CONV_CASES:
-        N, C, H, W, O, (kh, kw), stride, padding, dilation, bias = case
-        rng = rng_for("conv64", case)
-        x, w = rng.standard_normal((N, C, H, W)), rng.standard_normal((O, C, kh, kw))
-        b = rng.standard_normal(O) if bias else None
-        y_ref, c_ref = REF["conv2d_forward"](x, w, b, stride, padding, dilation)
-        y, c = k.conv2d_forward(x, w, b, stride, padding, dilation)
-        close(y, y_ref, f"y {case}")
-        dy = rng.standard_normal(y_ref.shape)
-        for name, g, r in zip(("dx", "dw", "db"), k.conv2d_backward(dy, c),
-                              REF["conv2d_backward"](dy, c_ref)):
-            assert (g is None) == (r is None)
-            if r is not None:
-                close(g, r, f"{name} {case}")
-    for case in CONVT_CASES:
-        N, Cin, H, W, Cout, (kh, kw), stride, padding, op, dilation, bias = case
-        rng = rng_for("convt64", case)
-        x, w = rng.standard_normal((N, Cin, H, W)), rng.standard_normal((Cin, Cout, kh, kw))
-        b = rng.standard_normal(Cout) if bias else None
-        y_ref, c_ref = REF["conv_transpose2d_forward"](x, w, b, stride, padding, op, dilation)
-        y, c = k.conv_transpose2d_forward(x, w, b, stride, padding, op, dilation)
-        close(y, y_ref, f"convT y {case}")
-        dy = rng.standard_normal(y_ref.shape)
-        for name, g, r in zip(("dx", "dw", "db"), k.conv_transpose2d_backward(dy, c),
-                              REF["conv_transpose2d_backward"](dy, c_ref)):
-            assert (g is None) == (r is None)
-            if r is not None:
-                close(g, r, f"convT {name} {case}")
+    conv64 = functools.partial(_emu_function, defines=("INDEX32_LIMIT=0",))
+    k = cb.CudaKernels(np, lambda family, name: (conv64 if family == "conv" else _emu_function)(family, name))
+    for dtype in DTYPES:
+        for case in CONV_CASES:
+            _check_conv2d(k, lambda a: a, case, dtype)
+        for case in CONVT_CASES:
+            _check_conv_transpose2d(k, lambda a: a, case, dtype)
 
 
 def test_conv_accepts_non_contiguous_input(xb):
