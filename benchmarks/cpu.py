@@ -82,7 +82,9 @@ def bootstrap(argv):
     (without --blas-spin, unless already set) OPENBLAS_THREAD_TIMEOUT."""
     args = build_parser().parse_args(argv)
     threads = str(max(1, args.threads))
-    if not args.blas_spin:
+    if args.blas_spin:
+        os.environ.pop(_QUIET_BLAS[0], None)
+    else:
         os.environ.setdefault(*_QUIET_BLAS)
     present = {k: os.environ[k] for k in _REMOVE if k in os.environ}
     if present:

@@ -20,7 +20,7 @@ START=$(date +%s)
 BUDGET_S=${BUDGET_S:-500}
 CHECK_S=${CHECK_S:-200}
 PY=${PYTHON:-python3}
-LOGDIR=${LOGDIR:-/tmp/unet_np-gpu-logs}
+LOGDIR=${UNET_NP_GPU_LOGDIR:-/tmp/unet_np-gpu-logs}
 rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR"
 elapsed() { echo $(( $(date +%s) - START )); }

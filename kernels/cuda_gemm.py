@@ -218,7 +218,7 @@ def sum_splits_kernel(part, C, M, N, S, lc, bias, has_bias, relu, alpha):
         if has_bias:
             v += bias[m]
         if relu and v < 0:
-            v -= v                       # a zero of v's own type
+            v = 0.0                      # (v is float64 here: alpha is a float)
         C[_at(m, e % N, lc)] = v
 
 

@@ -331,6 +331,8 @@ class GradientBuffer:
         """Sum every gradient over all ranks (one Allreduce, in place)."""
         if self.comm.Get_size() == 1:
             return
+        for p in self.params:
+            p.grad  # noqa: B018  (reading .grad fills a pending zero_grad: buf is summed directly)
         self._bind()  # a grad array replaced since (Module.to, load...) is copied in and re-bound
         if not self.host:  # device arrays: stage through the host buffer
             for i, p in enumerate(self.params):

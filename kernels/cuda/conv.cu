@@ -132,7 +132,9 @@ __device__ void bias_act_inplace(T* __restrict__ y, const T* __restrict__ bias, 
 
 // The largest index each kernel forms: im2col and col2im index both x (N*C*H*W) and cols
 // (C*kh*kw * N*Ho*Wo); swap01 and bias_act their arrays.
-#define IM2COL_FITS32 (C * kh * kw * N * Ho * Wo < INDEX32_LIMIT && N * C * H * W < INDEX32_LIMIT)
+// The row and column offsets (ho*sh - ph + i*dh, ...) must fit as well.
+#define IM2COL_FITS32 (C * kh * kw * N * Ho * Wo < INDEX32_LIMIT && N * C * H * W < INDEX32_LIMIT && \
+                       Ho * sh + kh * dh + ph + H < INDEX32_LIMIT && Wo * sw + kw * dw + pw + W < INDEX32_LIMIT)
 
 extern "C" __global__ void im2col_f32(const float* x, float* cols, IM2COL_ARGS) {
     if (IM2COL_FITS32) im2col<float, int>(x, cols, IM2COL_PASS);

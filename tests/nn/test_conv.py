@@ -558,3 +558,16 @@ def test_conv_transpose2d_bad_arguments(kwargs, exc, words):
     args.update(kwargs)
     with pytest.raises(exc, match=words):
         ConvTranspose2d(**args)
+
+
+def test_primitives_on_an_empty_batch_give_zero_weight_gradients():
+    """The tiled drivers sum per-tile weight gradients; an empty batch has no tiles: zeros, not None."""
+    from unet_np.nn.conv import (conv2d_backward, conv2d_forward, conv_transpose2d_backward,
+                                 conv_transpose2d_forward)
+    x = np.zeros((0, 3, 8, 8))
+    y, c = conv2d_forward(x, np.ones((4, 3, 3, 3)), np.ones(4), 1, 1)
+    dx, dw, db = conv2d_backward(np.zeros(y.shape), c)
+    assert y.shape == (0, 4, 8, 8) and dx.shape == x.shape and dw.shape == (4, 3, 3, 3) and not dw.any()
+    y, c = conv_transpose2d_forward(x, np.ones((3, 2, 2, 2)), None, 2)
+    dx, dw, db = conv_transpose2d_backward(np.zeros(y.shape), c)
+    assert y.shape == (0, 2, 16, 16) and dx.shape == x.shape and dw.shape == (3, 2, 2, 2) and not dw.any()

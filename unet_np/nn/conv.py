@@ -469,8 +469,8 @@ def _np_add_bias(y3, b):
 
 def _np_channel_sum(a):
     """(N, C, H, W) -> (C,): the sum over n, h, w (a bias gradient)."""
-    N, C = a.shape[:2]
-    return a.reshape(N, C, -1).sum(axis=2).sum(axis=0)
+    N, C, H, W = a.shape
+    return a.reshape(N, C, H * W).sum(axis=2).sum(axis=0)
 
 
 def _np_col2im_image(dcols, dx, n, kh, kw, Ho, Wo, stride, lead, dilation):
@@ -619,15 +619,16 @@ def _one_gemm_per_tile(nb, M, N, P):
     return nb > 1 and M * N * (nb - 1) > (M + N) * nb * P
 
 
-def _sum_in_order(parts):
-    """Sum of the arrays in ``parts`` in a fixed order (deterministic), the first one taken as is."""
+def _sum_in_order(parts, shape, dtype):
+    """Sum of the arrays in ``parts`` in a fixed order (deterministic), the first one taken as is;
+    zeros of ``shape`` when there are none (an empty batch)."""
     total = None
     for part in parts:
         if total is None:
             total = part                        # (no zeroed buffer to add the first part into)
         else:
             total += part
-    return total
+    return np.zeros(shape, dtype=dtype) if total is None else total
 
 
 def _conv_tiles(x, wm, b, y, kh, kw, stride, lead, dilation, kern):
@@ -668,7 +669,7 @@ def _conv_weight_grad_tiles(x, dy, kh, kw, stride, lead, dilation, kern):
             else:
                 for k in range(nb):
                     yield np.matmul(dy3[n0 + k, :, r0 * Wo:r1 * Wo], cols[k].T)
-    return _sum_in_order(tile_parts())
+    return _sum_in_order(tile_parts(), (O, K), dy.dtype)
 
 
 class _TiledConvCache:
@@ -815,7 +816,7 @@ def make_conv_primitives(kern=NUMPY_KERNELS):
                 else:
                     for k in range(nb):
                         yield np.matmul(x3[n0 + k], cols[k].T)
-        dw = _sum_in_order(tile_parts())
+        dw = _sum_in_order(tile_parts(), (Cin, K), dy.dtype)
         db = kern_.channel_sum(dy) if cache.has_bias else None
         return dx.reshape(N, Cin, H, W), dw.reshape(w.shape), db
 

@@ -121,7 +121,7 @@ class Parameter:
         self._zero_pending = False
         old = self._grad
         if (not self.keep_grad_array and type(g) is type(old) and g.shape == old.shape
-                and g.dtype == old.dtype and g.flags.c_contiguous):
+                and g.dtype == old.dtype and g.flags.c_contiguous and getattr(g.flags, "writeable", True)):
             self._grad = g
         else:
             old[...] = g
