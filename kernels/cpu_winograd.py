@@ -1,41 +1,104 @@
-"""Numba CPU kernels for the Winograd F(2x2, 3x3) convolution (the numba backend); the driver is
+"""Numba CPU kernels for the Winograd F(4x4, 3x3) convolution (the numba backend); the driver is
 ``_winograd_*`` in unet_np/nn/conv.py, the reference the im2col path of the same file.
 
-F(2x2, 3x3) (Lavin & Gray 2015) computes a 2x2 block of a 3x3 stride-1 correlation from a 4x4
-input tile d with 16 multiplications instead of 36:  Y = A^T [(G g G^T) * (B^T d B)] A,
-    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
-    G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
-    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-Summed over input channels, each of the 16 products becomes one GEMM (O, C) @ (C, tiles): 2.25x
-fewer multiply-adds than im2col. Its adjoint in g gives the weight gradient from the same input
-transform: dg = G^T [(A dY A^T) * (B^T d B)] G, the sum over tiles again 16 GEMMs.
-The transforms use only additions and subtractions (B, A) and halves (G, applied to the weights
-in NumPy), so the rounding stays that of a direct convolution's order of magnitude.
+F(4x4, 3x3) (Lavin & Gray 2015) computes a 4x4 block of a 3x3 stride-1 correlation from a 6x6
+input tile d (neighbouring tiles overlap by 2) with 36 multiplications instead of 144:
+    Y = A^T [(G g G^T) * (B^T d B)] A          (* element-wise, all 6x6 but Y 4x4, g 3x3)
+with the interpolation points 0, 1, -1, 2, -2 and infinity:
+    B^T = [[4,  0, -5,  0, 1, 0],         G = [[ 1/4,     0,    0],      A^T = [[1, 1,  1, 1,  1, 0],
+           [0, -4, -4,  1, 1, 0],              [-1/6,  -1/6, -1/6],             [0, 1, -1, 2, -2, 0],
+           [0,  4, -4, -1, 1, 0],              [-1/6,   1/6, -1/6],             [0, 1,  1, 4,  4, 0],
+           [0, -2, -1,  2, 1, 0],              [1/24,  1/12,  1/6],             [0, 1, -1, 8, -8, 1]]
+           [0,  2, -1, -2, 1, 0],              [1/24, -1/12,  1/6],
+           [0,  4,  0, -5, 0, 1]]              [   0,     0,    1]]
+Summed over input channels, each of the 36 products becomes one GEMM (O, C) @ (C, tiles): 4x fewer
+multiply-adds than im2col, and the transformed input (36 values per 16 outputs) is 2.25x the input
+where F(2x2, 3x3) (16 per 4) made it 4x. Its adjoint in g gives the weight gradient from the same
+input transform: dg = G^T [(A dY A^T) * (B^T d B)] G, the sum over tiles again 36 GEMMs.
+
+Rounding: the transforms multiply by up to 8 (A) and 5 (B), so a float32 result is about 10x
+further from the exact one than a direct convolution's (relative 1e-6 against 1e-7, measured on 64
+channels); to keep it there every transform runs in float64 and is rounded once when stored.
+
+Each 2-D transform is the 1-D one applied to the 6 columns, then to the 6 rows (``_bt``, ``_at``,
+``_a``, ``_g``, ``_gt`` below, one line per row of the matrix).
 
 Layouts: a chunk of whole tile rows r0 <= r < r1, r = n * TH + th, holding tiles
-t = r * TW + tw - r0 * TW, tile (th, tw) covering output rows 2 th, 2 th + 1 and columns 2 tw,
-2 tw + 1; V (16, C, (r1 - r0) TW), M and Z (16, O, (r1 - r0) TW). Each tile row is first copied
-into a small zero-padded strip, so the loop over the tiles of a row has no bounds checks.
-Every parallel loop writes disjoint outputs, so results are the same from run to run.
+t = r * TW + tw - r0 * TW, tile (th, tw) covering output rows 4 th .. 4 th + 3 and columns
+4 tw .. 4 tw + 3; V (36, C, (r1 - r0) TW), M and Z (36, O, (r1 - r0) TW), index 6 k + l for the
+tile position (k, l). Each tile row is first copied into a small zero-padded strip, so the loop
+over the tiles of a row has no bounds checks. Every parallel loop writes disjoint outputs, so
+results are the same from run to run.
 """
 import numpy as np
 from numba import njit, prange
 
 
+# -- the 1-D transforms (float64 in, float64 out) -------------------------------------------------
+@njit(inline="always")
+def _bt(d0, d1, d2, d3, d4, d5):
+    """B^T d for a 6-vector d."""
+    return (4.0 * d0 - 5.0 * d2 + d4,
+            -4.0 * (d1 + d2) + d3 + d4,
+            4.0 * (d1 - d2) - d3 + d4,
+            2.0 * (d3 - d1) - d2 + d4,
+            2.0 * (d1 - d3) - d2 + d4,
+            4.0 * d1 - 5.0 * d3 + d5)
+
+
+@njit(inline="always")
+def _at(m0, m1, m2, m3, m4, m5):
+    """A^T m for a 6-vector m: 4 values."""
+    s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return (m0 + s12 + s34,
+            d12 + 2.0 * d34,
+            s12 + 4.0 * s34,
+            d12 + 8.0 * d34 + m5)
+
+
+@njit(inline="always")
+def _a(g0, g1, g2, g3):
+    """A g for a 4-vector g (the adjoint of _at): 6 values."""
+    s02, s13 = g0 + g2, g1 + g3
+    e02, e13 = g0 + 4.0 * g2, 2.0 * g1 + 8.0 * g3
+    return (g0, s02 + s13, s02 - s13, e02 + e13, e02 - e13, g3)
+
+
+@njit(inline="always")
+def _g(g0, g1, g2):
+    """G g for a 3-vector g: 6 values."""
+    return (0.25 * g0,
+            -(g0 + g1 + g2) / 6.0,
+            -(g0 - g1 + g2) / 6.0,
+            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+            g2)
+
+
+@njit(inline="always")
+def _gt(d0, d1, d2, d3, d4, d5):
+    """G^T d for a 6-vector d (the adjoint of _g): 3 values."""
+    return (0.25 * d0 - (d1 + d2) / 6.0 + (d3 + d4) / 24.0,
+            (d2 - d1) / 6.0 + (d3 - d4) / 12.0,
+            -(d1 + d2) / 6.0 + (d3 + d4) / 6.0 + d5)
+
+
+# -- the kernels ------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True, fastmath=False)
 def input_transform(x, r0, r1, TH, TW, pt, pl, V):
-    """V[:, c, t] = B^T d B for the 4x4 tile of channel c at input rows 2 th - pt .. + 3 and
-    columns 2 tw - pl .. + 3 (zero outside x)."""
+    """V[:, c, t] = B^T d B for the 6x6 tile of channel c at input rows 4 th - pt .. + 5 and
+    columns 4 tw - pl .. + 5 (zero outside x)."""
     N, C, H, W = x.shape
-    SW = 2 * TW + 2
+    SW = 4 * TW + 2
     for c in prange(C):
-        S = np.zeros((4, SW), dtype=x.dtype)
-        L = np.empty((16, TW), dtype=x.dtype)
+        S = np.zeros((6, SW), dtype=np.float64)                 # the strip, already in float64
+        P = np.empty((6, SW), dtype=np.float64)                 # B^T S: the column pass
+        L = np.empty((36, TW), dtype=V.dtype)
         for r in range(r0, r1):
             n = r // TH
             th = r - n * TH
-            for a in range(4):                                  # the zero-padded strip
-                h = 2 * th - pt + a
+            for a in range(6):
+                h = 4 * th - pt + a
                 if h < 0 or h >= H:
                     S[a, :] = 0
                     continue
@@ -44,85 +107,53 @@ def input_transform(x, r0, r1, TH, TW, pt, pl, V):
                 S[a, :lo] = 0
                 S[a, lo:hi] = x[n, c, h, lo - pl:hi - pl]
                 S[a, hi:] = 0
+            for j in range(SW):                                 # B^T d for every column of the strip
+                P[0, j], P[1, j], P[2, j], P[3, j], P[4, j], P[5, j] = _bt(
+                    S[0, j], S[1, j], S[2, j], S[3, j], S[4, j], S[5, j])
+            for k in range(6):                                  # (B^T d) B for every tile, row k
+                q = 6 * k
+                for tw in range(TW):
+                    j = 4 * tw
+                    (L[q, tw], L[q + 1, tw], L[q + 2, tw], L[q + 3, tw], L[q + 4, tw],
+                     L[q + 5, tw]) = _bt(P[k, j], P[k, j + 1], P[k, j + 2], P[k, j + 3],
+                                         P[k, j + 4], P[k, j + 5])
             base = (r - r0) * TW
-            for tw in range(TW):
-                j = 2 * tw
-                # B^T d, column by column
-                a0 = S[0, j] - S[2, j]
-                a1 = S[0, j + 1] - S[2, j + 1]
-                a2 = S[0, j + 2] - S[2, j + 2]
-                a3 = S[0, j + 3] - S[2, j + 3]
-                b0 = S[1, j] + S[2, j]
-                b1 = S[1, j + 1] + S[2, j + 1]
-                b2 = S[1, j + 2] + S[2, j + 2]
-                b3 = S[1, j + 3] + S[2, j + 3]
-                c0 = S[2, j] - S[1, j]
-                c1 = S[2, j + 1] - S[1, j + 1]
-                c2 = S[2, j + 2] - S[1, j + 2]
-                c3 = S[2, j + 3] - S[1, j + 3]
-                d0 = S[1, j] - S[3, j]
-                d1 = S[1, j + 1] - S[3, j + 1]
-                d2 = S[1, j + 2] - S[3, j + 2]
-                d3 = S[1, j + 3] - S[3, j + 3]
-                # (B^T d) B, row by row
-                L[0, tw] = a0 - a2
-                L[1, tw] = a1 + a2
-                L[2, tw] = a2 - a1
-                L[3, tw] = a1 - a3
-                L[4, tw] = b0 - b2
-                L[5, tw] = b1 + b2
-                L[6, tw] = b2 - b1
-                L[7, tw] = b1 - b3
-                L[8, tw] = c0 - c2
-                L[9, tw] = c1 + c2
-                L[10, tw] = c2 - c1
-                L[11, tw] = c1 - c3
-                L[12, tw] = d0 - d2
-                L[13, tw] = d1 + d2
-                L[14, tw] = d2 - d1
-                L[15, tw] = d1 - d3
-            for q in range(16):                                 # 16 runs of TW (not 16 strided streams)
+            for q in range(36):                                 # 36 runs of TW (not 36 strided streams)
                 V[q, c, base:base + TW] = L[q]
     return V
 
 
 @njit(parallel=True, cache=True, fastmath=False)
 def output_transform(M, r0, r1, TH, TW, b, has_bias, y):
-    """y[n, o, 2 th + a, 2 tw + s] = (A^T M[:, o, t] A)[a, s] (+ b[o]; b (O,) is always given);
+    """y[n, o, 4 th + a, 4 tw + s] = (A^T M[:, o, t] A)[a, s] (+ b[o]; b (O,) is always given);
     rows and columns past the output's edge are dropped."""
     N, O, Ho, Wo = y.shape
     for o in prange(O):
-        S = np.empty((2, 2 * TW), dtype=y.dtype)
-        bias = b[o]
+        Q = np.empty((4, 6, TW), dtype=np.float64)              # A^T m for every tile of the row
+        S = np.empty((4, 4 * TW), dtype=y.dtype)                # the 4 output rows
+        bias = np.float64(b[o]) if has_bias else 0.0
         for r in range(r0, r1):
             n = r // TH
             th = r - n * TH
             base = (r - r0) * TW
-            for tw in range(TW):
-                k = base + tw
-                u00 = M[0, o, k] + M[4, o, k] + M[8, o, k]
-                u01 = M[1, o, k] + M[5, o, k] + M[9, o, k]
-                u02 = M[2, o, k] + M[6, o, k] + M[10, o, k]
-                u03 = M[3, o, k] + M[7, o, k] + M[11, o, k]
-                u10 = M[4, o, k] - M[8, o, k] - M[12, o, k]
-                u11 = M[5, o, k] - M[9, o, k] - M[13, o, k]
-                u12 = M[6, o, k] - M[10, o, k] - M[14, o, k]
-                u13 = M[7, o, k] - M[11, o, k] - M[15, o, k]
-                y00 = u00 + u01 + u02
-                y01 = u01 - u02 - u03
-                y10 = u10 + u11 + u12
-                y11 = u11 - u12 - u13
-                if has_bias:
-                    y00 += bias
-                    y01 += bias
-                    y10 += bias
-                    y11 += bias
-                S[0, 2 * tw] = y00
-                S[0, 2 * tw + 1] = y01
-                S[1, 2 * tw] = y10
-                S[1, 2 * tw + 1] = y11
-            for a in range(2):
-                h = 2 * th + a
+            for l in range(6):                                  # A^T m, column l of every tile
+                for tw in range(TW):
+                    k = base + tw
+                    Q[0, l, tw], Q[1, l, tw], Q[2, l, tw], Q[3, l, tw] = _at(
+                        np.float64(M[l, o, k]), np.float64(M[6 + l, o, k]),
+                        np.float64(M[12 + l, o, k]), np.float64(M[18 + l, o, k]),
+                        np.float64(M[24 + l, o, k]), np.float64(M[30 + l, o, k]))
+            for a in range(4):                                  # (A^T m) A, row a of every tile
+                for tw in range(TW):
+                    y0, y1, y2, y3 = _at(Q[a, 0, tw], Q[a, 1, tw], Q[a, 2, tw], Q[a, 3, tw],
+                                         Q[a, 4, tw], Q[a, 5, tw])
+                    j = 4 * tw
+                    S[a, j] = y0 + bias
+                    S[a, j + 1] = y1 + bias
+                    S[a, j + 2] = y2 + bias
+                    S[a, j + 3] = y3 + bias
+            for a in range(4):
+                h = 4 * th + a
                 if h < Ho:
                     y[n, o, h, :] = S[a, :Wo]
     return y
@@ -130,93 +161,70 @@ def output_transform(M, r0, r1, TH, TW, b, has_bias, y):
 
 @njit(parallel=True, cache=True, fastmath=False)
 def grad_transform(dy, r0, r1, TH, TW, Z):
-    """Z[:, o, t] = A g A^T for the 2x2 block g of dy[n, o] at tile (th, tw) (zero past the
+    """Z[:, o, t] = A g A^T for the 4x4 block g of dy[n, o] at tile (th, tw) (zero past the
     edge): the adjoint of the output transform."""
     N, O, Ho, Wo = dy.shape
     for o in prange(O):
-        S = np.zeros((2, 2 * TW), dtype=dy.dtype)
-        L = np.empty((16, TW), dtype=dy.dtype)
+        S = np.zeros((4, 4 * TW), dtype=np.float64)             # the 4 rows of dy
+        R = np.empty((4, 6, TW), dtype=np.float64)              # g A^T: the row pass
+        L = np.empty((36, TW), dtype=Z.dtype)
         for r in range(r0, r1):
             n = r // TH
             th = r - n * TH
-            for a in range(2):
-                h = 2 * th + a
+            for a in range(4):
+                h = 4 * th + a
                 if h < Ho:
                     S[a, :Wo] = dy[n, o, h, :]
                     S[a, Wo:] = 0
                 else:
                     S[a, :] = 0
+            for a in range(4):                                  # g A^T, row a of every block
+                for tw in range(TW):
+                    j = 4 * tw
+                    R[a, 0, tw], R[a, 1, tw], R[a, 2, tw], R[a, 3, tw], R[a, 4, tw], R[a, 5, tw] = _a(
+                        S[a, j], S[a, j + 1], S[a, j + 2], S[a, j + 3])
+            for l in range(6):                                  # A (g A^T), column l of every block
+                for tw in range(TW):
+                    (L[l, tw], L[6 + l, tw], L[12 + l, tw], L[18 + l, tw], L[24 + l, tw],
+                     L[30 + l, tw]) = _a(R[0, l, tw], R[1, l, tw], R[2, l, tw], R[3, l, tw])
             base = (r - r0) * TW
-            for tw in range(TW):
-                g00 = S[0, 2 * tw]
-                g01 = S[0, 2 * tw + 1]
-                g10 = S[1, 2 * tw]
-                g11 = S[1, 2 * tw + 1]
-                # p = A g (4x2): rows g0, g0 + g1, g0 - g1, -g1
-                p10 = g00 + g10
-                p11 = g01 + g11
-                p20 = g00 - g10
-                p21 = g01 - g11
-                # Z = p A^T (4x4): columns p0, p0 + p1, p0 - p1, -p1
-                L[0, tw] = g00
-                L[1, tw] = g00 + g01
-                L[2, tw] = g00 - g01
-                L[3, tw] = -g01
-                L[4, tw] = p10
-                L[5, tw] = p10 + p11
-                L[6, tw] = p10 - p11
-                L[7, tw] = -p11
-                L[8, tw] = p20
-                L[9, tw] = p20 + p21
-                L[10, tw] = p20 - p21
-                L[11, tw] = -p21
-                L[12, tw] = -g10
-                L[13, tw] = -g10 - g11
-                L[14, tw] = g11 - g10
-                L[15, tw] = g11
-            for q in range(16):
+            for q in range(36):
                 Z[q, o, base:base + TW] = L[q]
     return Z
 
 
 @njit(parallel=True, cache=True, fastmath=False)
 def weight_transform(w, U):
-    """U[4k + l, o, c] = (G w[o, c] G^T)[k, l] for w (O, C, 3, 3), U (16, O, C); the halves are
-    taken in float64 and rounded once to U's dtype. Reference: _wino_weights in unet_np/nn/conv.py."""
+    """U[6 k + l, o, c] = (G w[o, c] G^T)[k, l] for w (O, C, 3, 3), U (36, O, C), in float64 and
+    rounded once to U's dtype. Reference: _wino_weights in unet_np/nn/conv.py."""
     O, C = w.shape[:2]
     for o in prange(O):
-        t = np.empty((4, 3))
+        t = np.empty((6, 3))
         for c in range(C):
-            for j in range(3):                                  # t = G g (4x3)
-                g0, g1, g2 = np.float64(w[o, c, 0, j]), np.float64(w[o, c, 1, j]), np.float64(w[o, c, 2, j])
-                t[0, j] = g0
-                t[1, j] = 0.5 * (g0 + g1 + g2)
-                t[2, j] = 0.5 * (g0 - g1 + g2)
-                t[3, j] = g2
-            for k in range(4):                                  # U = t G^T (4x4)
-                U[4 * k, o, c] = t[k, 0]
-                U[4 * k + 1, o, c] = 0.5 * (t[k, 0] + t[k, 1] + t[k, 2])
-                U[4 * k + 2, o, c] = 0.5 * (t[k, 0] - t[k, 1] + t[k, 2])
-                U[4 * k + 3, o, c] = t[k, 2]
+            for j in range(3):                                  # t = G g (6x3), column by column
+                t[0, j], t[1, j], t[2, j], t[3, j], t[4, j], t[5, j] = _g(
+                    np.float64(w[o, c, 0, j]), np.float64(w[o, c, 1, j]), np.float64(w[o, c, 2, j]))
+            for k in range(6):                                  # U = t G^T (6x6), row by row
+                q = 6 * k
+                (U[q, o, c], U[q + 1, o, c], U[q + 2, o, c], U[q + 3, o, c], U[q + 4, o, c],
+                 U[q + 5, o, c]) = _g(t[k, 0], t[k, 1], t[k, 2])
     return U
 
 
 @njit(parallel=True, cache=True, fastmath=False)
 def weight_grad_transform(dU, dw):
-    """dw[o, c] = G^T dU[:, o, c] G (the adjoint of weight_transform) for dU (16, O, C), dw
+    """dw[o, c] = G^T dU[:, o, c] G (the adjoint of weight_transform) for dU (36, O, C), dw
     (O, C, 3, 3), in float64 and rounded once to dw's dtype."""
     O, C = dw.shape[:2]
     for o in prange(O):
-        s = np.empty((3, 4))
+        s = np.empty((3, 6))
         for c in range(C):
-            for l in range(4):                                  # s = G^T D (3x4)
-                d0, d1 = np.float64(dU[l, o, c]), np.float64(dU[4 + l, o, c])
-                d2, d3 = np.float64(dU[8 + l, o, c]), np.float64(dU[12 + l, o, c])
-                s[0, l] = d0 + 0.5 * (d1 + d2)
-                s[1, l] = 0.5 * (d1 - d2)
-                s[2, l] = 0.5 * (d1 + d2) + d3
-            for i in range(3):                                  # dw = s G (3x3)
-                dw[o, c, i, 0] = s[i, 0] + 0.5 * (s[i, 1] + s[i, 2])
-                dw[o, c, i, 1] = 0.5 * (s[i, 1] - s[i, 2])
-                dw[o, c, i, 2] = 0.5 * (s[i, 1] + s[i, 2]) + s[i, 3]
+            for l in range(6):                                  # s = G^T D (3x6), column by column
+                s[0, l], s[1, l], s[2, l] = _gt(
+                    np.float64(dU[l, o, c]), np.float64(dU[6 + l, o, c]),
+                    np.float64(dU[12 + l, o, c]), np.float64(dU[18 + l, o, c]),
+                    np.float64(dU[24 + l, o, c]), np.float64(dU[30 + l, o, c]))
+            for i in range(3):                                  # dw = s G (3x3), row by row
+                dw[o, c, i, 0], dw[o, c, i, 1], dw[o, c, i, 2] = _gt(
+                    s[i, 0], s[i, 1], s[i, 2], s[i, 3], s[i, 4], s[i, 5])
     return dw

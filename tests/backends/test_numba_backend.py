@@ -200,7 +200,9 @@ def test_workspace_is_never_returned():
 WINOGRAD_CASES = [
     # x shape, w shape, padding: 3x3 stride-1 convolutions with >= 16 channels (the Winograd path)
     ((2, 16, 8, 8), (16, 16, 3, 3), 1),
-    ((2, 20, 7, 9), (24, 20, 3, 3), 1),             # odd sizes: partial 2x2 output blocks
+    ((2, 20, 7, 9), (24, 20, 3, 3), 1),             # odd sizes: partial 4x4 output blocks
+    ((1, 16, 10, 13), (16, 16, 3, 3), 1),           # blocks with 2 and 1 valid columns
+    ((2, 128, 12, 12), (64, 128, 3, 3), 1),         # U-Net widths: float32 rounding of the transforms
     ((1, 16, 6, 5), (17, 16, 3, 3), 0),             # valid padding
     ((2, 32, 5, 6), (16, 32, 3, 3), ((1, 2), (0, 1))),
     ((1, 16, 1, 1), (16, 16, 3, 3), 1),             # 1x1 map
@@ -213,7 +215,7 @@ WINOGRAD_CASES = [
 @pytest.mark.parametrize("tile_bytes", [None, 64])
 def test_conv2d_winograd_matches_reference(case, tile_bytes, dtype, nb, monkeypatch):
     xs, ws, p = case
-    monkeypatch.setattr(conv, "_WINO_MIN_TILES", 1)  # these maps are far smaller than the threshold
+    monkeypatch.setattr(conv, "_WINO_MIN_PIXELS", 1)  # these maps are far smaller than the threshold
     assert conv._winograd_ok(nb_kernels(), ws[1], ws[0], 3, 3, (1, 1), (1, 1), *xs[:1], *xs[2:])
     if tile_bytes is not None:                       # one tile row per chunk
         monkeypatch.setattr(conv, "_TILE_BYTES", tile_bytes)
@@ -241,28 +243,30 @@ def test_winograd_weight_transforms_match_numpy(dtype):
     from unet_np.kernels import cpu_winograd
     rng = np.random.default_rng(7)
     w = rng.standard_normal((5, 3, 3, 3)).astype(dtype)
-    dU = rng.standard_normal((16, 5, 3)).astype(dtype)
-    U = cpu_winograd.weight_transform(w, np.empty((16, 5, 3), dtype=dtype))
+    dU = rng.standard_normal((36, 5, 3)).astype(dtype)
+    U = cpu_winograd.weight_transform(w, np.empty((36, 5, 3), dtype=dtype))
     dw = cpu_winograd.weight_grad_transform(dU, np.empty((5, 3, 3, 3), dtype=dtype))
     assert U.dtype == dw.dtype == dtype
     assert rel(U, conv._wino_weights(w)) < TOL[dtype]
     assert rel(dw, conv._wino_weight_grad(dU)) < TOL[dtype]
-    if dtype == np.float64:                           # 1e-12: sums of ~150 products of size ~1
+    if dtype == np.float64:                           # 1e-12: sums of ~540 products of size <= 1
         lhs, rhs = np.sum(U * dU), np.sum(w * dw)
         assert abs(lhs - rhs) < 1e-12 * max(abs(lhs), 1.0)
-    # and G g G^T of a 3x3 kernel is its value at the 4x4 Winograd points (here for one entry)
+    # and G g G^T of a 3x3 kernel is its value at the 6x6 Winograd points (here for one entry)
     G = conv._WINO_G
-    np.testing.assert_allclose(U[:, 1, 2].reshape(4, 4), G @ w[1, 2].astype(np.float64) @ G.T,
+    np.testing.assert_allclose(U[:, 1, 2].reshape(6, 6), G @ w[1, 2].astype(np.float64) @ G.T,
                                rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def test_winograd_only_for_enough_tiles():
-    """Small maps (few 2x2 output tiles) take the im2col path: the weight transforms would cost
-    more than the Winograd GEMMs save."""
+def test_winograd_only_for_enough_pixels():
+    """Small maps (few output pixels over the batch) take the im2col path: the weight transforms
+    would cost more than the Winograd GEMMs save; so do thin layers (few channels)."""
     k = nb_kernels()
-    assert conv._winograd_ok(k, 64, 64, 3, 3, (1, 1), (1, 1), 1, 64, 64)      # 1024 tiles
+    assert conv._winograd_ok(k, 64, 64, 3, 3, (1, 1), (1, 1), 1, 64, 64)      # 4096 pixels
     assert not conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 1, 8, 8)
-    assert conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 32, 8, 8)   # 512 tiles
+    assert conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 32, 8, 8)   # 2048 pixels
+    assert not conv._winograd_ok(k, 8, 64, 3, 3, (1, 1), (1, 1), 8, 64, 64)
+    assert not conv._winograd_ok(k, 64, 64, 3, 3, (2, 2), (1, 1), 8, 64, 64)
 
 
 def nb_kernels():

@@ -67,7 +67,7 @@ def _channel_sum(a):
 
 
 class _Winograd:
-    """The Winograd F(2x2, 3x3) transforms (kernels/cpu_winograd.py) for the conv drivers."""
+    """The Winograd F(4x4, 3x3) transforms (kernels/cpu_winograd.py) for the conv drivers."""
     input_transform = staticmethod(cpu_winograd.input_transform)
     output_transform = staticmethod(cpu_winograd.output_transform)
     grad_transform = staticmethod(cpu_winograd.grad_transform)

@@ -513,8 +513,9 @@ class ConvKernels:
         self.shuffle = shuffle
         self.unshuffle = unshuffle
         # None, or an object with input_transform / output_transform / grad_transform /
-        # weight_transform / weight_grad_transform (the Winograd F(2x2, 3x3) transforms, kernels/cpu_winograd.py): 3x3 stride-1 convolutions
-        # then run as 16 GEMMs with K = C instead of one with K = 9C (2.25x fewer FLOPs).
+        # weight_transform / weight_grad_transform (the Winograd F(4x4, 3x3) transforms,
+        # kernels/cpu_winograd.py): 3x3 stride-1 convolutions then run as 36 GEMMs with K = C
+        # instead of one with K = 9C (4x fewer FLOPs).
         self.winograd = winograd
 
 
@@ -522,49 +523,54 @@ NUMPY_KERNELS = ConvKernels(_np_im2col_tile, _np_add_bias, _np_channel_sum, _np_
                             _np_shuffle, _np_unshuffle)
 
 
-# -- Winograd F(2x2, 3x3) drivers (used when the kernel table has the transforms) ---------------------
-# A 3x3 stride-1 convolution, output cut into 2x2 blocks ("tiles"): for a chunk of tiles,
-#   V (16, C, tiles) = B^T d B per 4x4 input tile,  M_k = U_k @ V_k for the 16 positions k, with
-#   U (16, O, C) = G g G^T per (o, c),  y = A^T M A per tile (+ bias).
+# -- Winograd F(4x4, 3x3) drivers (used when the kernel table has the transforms) ---------------------
+# A 3x3 stride-1 convolution, output cut into 4x4 blocks ("tiles", read from 6x6 input tiles): for a
+#   chunk of tiles, V (36, C, tiles) = B^T d B per 6x6 input tile,  M_k = U_k @ V_k for the 36
+#   positions k, with U (36, O, C) = G g G^T per (o, c),  y = A^T M A per tile (+ bias).
 # Weight gradient (the adjoint in g): Z = A dY A^T per tile, dU_k = sum over chunks Z_k @ V_k^T,
 #   dg = G^T dU G. The input gradient is the same forward run on dy with the flipped, transposed
 #   kernel (the gather of the tiled path). Derivation and matrices: kernels/cpu_winograd.py.
-_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-_WINO_MIN_CHANNELS = 16         # below this the 16 GEMMs with K = C run too far from BLAS peak
-_WINO_MIN_TILES = 512           # below this the weight transforms (16 O C values) cost more than
-                                # the 2.25x the GEMMs save (measured: 1024 channels at 8x8, batch 1,
-                                # ran 8x slower than im2col; 64x64 at batch 1, 1024 tiles, faster)
+_WINO_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                    [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+_WINO_MIN_CHANNELS = 16         # below this the 36 GEMMs with K = C run too far from BLAS peak
+_WINO_MIN_PIXELS = 2048         # output pixels (all images); below this the weight transforms
+                                # (36 O C values) cost more than the 4x the GEMMs save
+
+
+def _wino_tiles(Ho, Wo):
+    """(TH, TW): the 4x4 output blocks covering an Ho x Wo map (the last ones partial)."""
+    return (Ho + 3) // 4, (Wo + 3) // 4
 
 
 def _winograd_ok(kern, C, O, kh, kw, stride, dilation, N, Ho, Wo):
     """Whether a convolution of C -> O channels with N x Ho x Wo outputs runs as Winograd."""
     return (_FAST_PATHS and kern.winograd is not None and (kh, kw) == (3, 3) and stride == (1, 1)
             and dilation == (1, 1) and min(C, O) >= _WINO_MIN_CHANNELS
-            and N * ((Ho + 1) // 2) * ((Wo + 1) // 2) >= _WINO_MIN_TILES)
+            and N * Ho * Wo >= _WINO_MIN_PIXELS)
 
 
 def _wino_weights(w):
-    """w (O, C, 3, 3) -> U (16, O, C) with U[4k + l, o, c] = (G w[o, c] G^T)[k, l], in float64
+    """w (O, C, 3, 3) -> U (36, O, C) with U[6k + l, o, c] = (G w[o, c] G^T)[k, l], in float64
     and rounded once. The plain version of the kernel table's weight_transform."""
     O, C = w.shape[:2]
-    t = np.tensordot(w.astype(np.float64), _WINO_G, axes=([3], [1]))  # (O, C, 3, 4): w G^T
-    u = np.tensordot(_WINO_G, t, axes=([1], [2]))                      # (4, O, C, 4): G w G^T
-    return np.ascontiguousarray(u.transpose(0, 3, 1, 2), dtype=w.dtype).reshape(16, O, C)
+    t = np.tensordot(w.astype(np.float64), _WINO_G, axes=([3], [1]))  # (O, C, 3, 6): w G^T
+    u = np.tensordot(_WINO_G, t, axes=([1], [2]))                      # (6, O, C, 6): G w G^T
+    return np.ascontiguousarray(u.transpose(0, 3, 1, 2), dtype=w.dtype).reshape(36, O, C)
 
 
 def _wino_weight_grad(dU):
-    """dU (16, O, C) -> dw (O, C, 3, 3) = G^T dU[:, o, c] G (the adjoint of _wino_weights), in
+    """dU (36, O, C) -> dw (O, C, 3, 3) = G^T dU[:, o, c] G (the adjoint of _wino_weights), in
     float64 and rounded once. The plain version of the kernel table's weight_grad_transform."""
     _, O, C = dU.shape
-    t = np.tensordot(_WINO_G, dU.astype(np.float64).reshape(4, 4, O, C), axes=([0], [0]))
-    dw = np.tensordot(t, _WINO_G, axes=([1], [0]))       # t (3, 4, O, C) = G^T dU; dw (3, O, C, 3)
+    t = np.tensordot(_WINO_G, dU.astype(np.float64).reshape(6, 6, O, C), axes=([0], [0]))
+    dw = np.tensordot(t, _WINO_G, axes=([1], [0]))       # t (3, 6, O, C) = G^T dU; dw (3, O, C, 3)
     return np.ascontiguousarray(dw.transpose(1, 2, 0, 3), dtype=dU.dtype)
 
 
 def _wino_chunks(R, TW, width, itemsize):
-    """Chunks (r0, r1) of the R = N * TH tile rows whose (16, width, (r1 - r0) TW) buffers fit the
+    """Chunks (r0, r1) of the R = N * TH tile rows whose (36, width, (r1 - r0) TW) buffers fit the
     tile budget (at least one row)."""
-    rc = max(1, _TILE_BYTES // (16 * width * TW * itemsize))
+    rc = max(1, _TILE_BYTES // (36 * width * TW * itemsize))
     return [(r0, min(R, r0 + rc)) for r0 in range(0, R, rc)]
 
 
@@ -573,15 +579,15 @@ def _winograd_conv(x, w, b, y, lead, kern):
     (the trailing padding follows from Ho, Wo)."""
     N, C, H, W = x.shape
     _, O, Ho, Wo = y.shape
-    TH, TW = (Ho + 1) // 2, (Wo + 1) // 2
+    TH, TW = _wino_tiles(Ho, Wo)
     wg = kern.winograd
-    U = wg.weight_transform(np.ascontiguousarray(w), np.empty((16, O, C), dtype=w.dtype))
+    U = wg.weight_transform(np.ascontiguousarray(w), np.empty((36, O, C), dtype=w.dtype))
     bias = np.zeros(O, dtype=y.dtype) if b is None else np.ascontiguousarray(b, dtype=y.dtype)
     for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):
         T = (r1 - r0) * TW
-        V = _workspace("wino_v", 16 * C * T, x.dtype).reshape(16, C, T)
+        V = _workspace("wino_v", 36 * C * T, x.dtype).reshape(36, C, T)
         wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
-        M = _workspace("wino_m", 16 * O * T, x.dtype).reshape(16, O, T)
+        M = _workspace("wino_m", 36 * O * T, x.dtype).reshape(36, O, T)
         np.matmul(U, V, out=M)
         wg.output_transform(M, r0, r1, TH, TW, bias, b is not None, y)
     return y
@@ -591,14 +597,14 @@ def _winograd_weight_grad(x, dy, lead, kern):
     """dw (O, C, 3, 3) of the 3x3 stride-1 convolution of x with leading padding ``lead``."""
     N, C, H, W = x.shape
     _, O, Ho, Wo = dy.shape
-    TH, TW = (Ho + 1) // 2, (Wo + 1) // 2
+    TH, TW = _wino_tiles(Ho, Wo)
     wg = kern.winograd
-    dU = np.zeros((16, O, C), dtype=dy.dtype)
+    dU = np.zeros((36, O, C), dtype=dy.dtype)
     for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):     # fixed order: deterministic
         T = (r1 - r0) * TW
-        V = _workspace("wino_v", 16 * C * T, x.dtype).reshape(16, C, T)
+        V = _workspace("wino_v", 36 * C * T, x.dtype).reshape(36, C, T)
         wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
-        Z = _workspace("wino_m", 16 * O * T, x.dtype).reshape(16, O, T)
+        Z = _workspace("wino_m", 36 * O * T, x.dtype).reshape(36, O, T)
         wg.grad_transform(dy, r0, r1, TH, TW, Z)
         dU += np.matmul(Z, V.transpose(0, 2, 1))
     return wg.weight_grad_transform(dU, np.empty((O, C, 3, 3), dtype=dy.dtype))
