@@ -143,9 +143,9 @@ def test_relu_numba_matches_reference(dtype, nb):
     np.testing.assert_array_equal(nb.relu_forward(xt)[0], activation.relu_forward(xt)[0])
 
 
-def _step(backend, dtype, state=None, steps=1, seed=0):
+def _step(backend, dtype, state=None, steps=1, seed=0, base_channels=4):
     """A UNet training step on backend: logits, loss, every gradient and the weights after SGD."""
-    model = unet_np.UNet(1, 3, depth=2, base_channels=4, dtype=dtype, backend=backend)
+    model = unet_np.UNet(1, 3, depth=2, base_channels=base_channels, dtype=dtype, backend=backend)
     if state is not None:
         model.load_state_dict(state)
     rng = np.random.default_rng(seed)
@@ -164,10 +164,15 @@ def _step(backend, dtype, state=None, steps=1, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_unet_step_numba_matches_numpy(dtype):
-    state = unet_np.UNet(1, 3, depth=2, base_channels=4, dtype=dtype).state_dict()
-    ref = _step("numpy", dtype, state)
-    got = _step("numba", dtype, state)
+@pytest.mark.parametrize("base_channels", [4, 16])
+def test_unet_step_numba_matches_numpy(dtype, base_channels, monkeypatch):
+    """base_channels 16: every 3x3 convolution with >= 16 channels in and out (forward, weight and
+    input gradients) runs as Winograd on the numba backend, im2col on the numpy one."""
+    if base_channels == 16:
+        monkeypatch.setattr(conv, "_WINO_MIN_PIXELS", 1)
+    state = unet_np.UNet(1, 3, depth=2, base_channels=base_channels, dtype=dtype).state_dict()
+    ref = _step("numpy", dtype, state, base_channels=base_channels)
+    got = _step("numba", dtype, state, base_channels=base_channels)
     assert rel(got[0], ref[0]) < TOL[dtype]
     assert abs(got[1] - ref[1]) <= TOL[dtype] * abs(ref[1])
     for g, r in zip(got[2], ref[2]):
