@@ -409,7 +409,10 @@ _workspaces = threading.local()
 
 def _workspace(key, count, dtype):
     """A flat scratch array of ``count`` elements, private to the calling thread and reused across
-    calls (one per key and dtype; it grows to the largest request). Never hand it to a caller."""
+    calls (one per key and dtype; it grows to the largest request). Never hand it to a caller.
+    Two keys serve every driver, as no driver needs more at once: "cols" for a packed GEMM operand
+    (im2col columns, the transposed convolution's columns, Winograd's V) and "dcols" for a GEMM
+    product still to be scattered (col2im's input, Winograd's M and Z)."""
     bufs = _workspaces.__dict__.setdefault("bufs", {})
     dtype = np.dtype(dtype)
     buf = bufs.get((key, dtype))
@@ -585,9 +588,9 @@ def _winograd_conv(x, w, b, y, lead, kern):
     bias = np.zeros(O, dtype=y.dtype) if b is None else np.ascontiguousarray(b, dtype=y.dtype)
     for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):
         T = (r1 - r0) * TW
-        V = _workspace("wino_v", 36 * C * T, x.dtype).reshape(36, C, T)
+        V = _workspace("cols", 36 * C * T, x.dtype).reshape(36, C, T)
         wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
-        M = _workspace("wino_m", 36 * O * T, x.dtype).reshape(36, O, T)
+        M = _workspace("dcols", 36 * O * T, x.dtype).reshape(36, O, T)
         np.matmul(U, V, out=M)
         wg.output_transform(M, r0, r1, TH, TW, bias, b is not None, y)
     return y
@@ -602,9 +605,9 @@ def _winograd_weight_grad(x, dy, lead, kern):
     dU = np.zeros((36, O, C), dtype=dy.dtype)
     for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):     # fixed order: deterministic
         T = (r1 - r0) * TW
-        V = _workspace("wino_v", 36 * C * T, x.dtype).reshape(36, C, T)
+        V = _workspace("cols", 36 * C * T, x.dtype).reshape(36, C, T)
         wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
-        Z = _workspace("wino_m", 36 * O * T, x.dtype).reshape(36, O, T)
+        Z = _workspace("dcols", 36 * O * T, x.dtype).reshape(36, O, T)
         wg.grad_transform(dy, r0, r1, TH, TW, Z)
         dU += np.matmul(Z, V.transpose(0, 2, 1))
     return wg.weight_grad_transform(dU, np.empty((O, C, 3, 3), dtype=dy.dtype))
