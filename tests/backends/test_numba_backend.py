@@ -270,6 +270,7 @@ def test_winograd_only_for_enough_pixels():
     assert conv._winograd_ok(k, 64, 64, 3, 3, (1, 1), (1, 1), 1, 64, 64)      # 4096 pixels
     assert not conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 1, 8, 8)
     assert conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 32, 8, 8)   # 2048 pixels
+    assert not conv._winograd_ok(k, 256, 256, 3, 3, (1, 1), (1, 1), 1, 16, 16)
     assert not conv._winograd_ok(k, 8, 64, 3, 3, (1, 1), (1, 1), 8, 64, 64)
     assert not conv._winograd_ok(k, 64, 64, 3, 3, (2, 2), (1, 1), 8, 64, 64)
 

@@ -5,7 +5,7 @@ What changes against the numpy backend:
   * convolutions run the same tiled GEMM drivers as the numpy backend (unet_np/nn/conv.py,
     ``make_conv_primitives``), with compiled packing (im2col per tile, straight from NCHW), bias,
     pixel-shuffle, channel-sum and col2im helpers (kernels/cpu_conv.py); the GEMMs stay BLAS;
-  * 3x3 stride-1 convolutions with >= 16 channels on >= 2048 output pixels run as Winograd
+  * 3x3 stride-1 convolutions with >= 16 channels on >= 1024 output pixels run as Winograd
     F(4x4, 3x3): 36 GEMMs with K = C between compiled tile transforms (kernels/cpu_winograd.py),
     4x fewer multiply-adds than im2col, for the forward, the weight and the input gradient;
   * the 2x2 stride-2 max-pool is one pass with a compact argmax (kernels/cpu_pool.py);
