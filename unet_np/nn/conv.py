@@ -604,14 +604,16 @@ def _winograd_weight_grad(x, dy, lead, kern):
     _, O, Ho, Wo = dy.shape
     TH, TW = _wino_tiles(Ho, Wo)
     wg = kern.winograd
-    dU = np.zeros((36, O, C), dtype=dy.dtype)
-    for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):     # fixed order: deterministic
-        T = (r1 - r0) * TW
-        V = _workspace("cols", 36 * C * T, x.dtype).reshape(36, C, T)
-        wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
-        Z = _workspace("dcols", 36 * O * T, x.dtype).reshape(36, O, T)
-        wg.grad_transform(dy, r0, r1, TH, TW, Z)
-        dU += np.matmul(Z, V.transpose(0, 2, 1))
+
+    def chunk_parts():                                                  # Z_k @ V_k^T per chunk
+        for r0, r1 in _wino_chunks(N * TH, TW, max(C, O), x.itemsize):
+            T = (r1 - r0) * TW
+            V = _workspace("cols", 36 * C * T, x.dtype).reshape(36, C, T)
+            wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
+            Z = _workspace("dcols", 36 * O * T, x.dtype).reshape(36, O, T)
+            wg.grad_transform(dy, r0, r1, TH, TW, Z)
+            yield np.matmul(Z, V.transpose(0, 2, 1))
+    dU = _sum_in_order(chunk_parts(), (36, O, C), dy.dtype)
     return wg.weight_grad_transform(dU, np.empty((O, C, 3, 3), dtype=dy.dtype))
 
 
