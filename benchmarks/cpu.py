@@ -11,6 +11,8 @@ What it does (see benchmarks/README.md for how to read it):
     instead of spinning for about 0.1 s after each GEMM. In this interleaved comparison the spinning
     threads took a core from whatever ran next: unet_np's Numba kernels, and PyTorch's own step (at
     batch 1, 64x64 PyTorch's step took 0.19-0.22 s with them spinning and 0.12 s without);
+  * sleeps --settle-s (0.05 s, untimed) before each timed call, so that the threads the other side
+    left spinning (PyTorch's OpenMP workers, some milliseconds after each op) are idle when it starts;
   * measures the machine's float32 GEMM peak (np.matmul 2048^3);
   * times a training step (forward, cross-entropy, backward, SGD momentum 0.9) and a forward alone
     for the article's UNet(1, 2, depth=2, base_channels=64) and a depth-4 UNet(1, 2, depth=4,
@@ -71,6 +73,9 @@ def build_parser():
     p.add_argument("--profile-batch", type=int, default=8)
     p.add_argument("--profile-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settle-s", type=float, default=0.05,
+                   help="untimed pause before each timed call, so that the other side's spinning threads "
+                        "have gone idle (PyTorch's OpenMP workers spin some milliseconds after each op)")
     p.add_argument("--blas-spin", action="store_true",
                    help="leave OPENBLAS_THREAD_TIMEOUT unset (OpenBLAS threads spin ~0.1 s after each GEMM)")
     return p
@@ -363,10 +368,11 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def time_interleaved(fa, fb, target_s=10.0, min_repeats=3, max_repeats=15, warmup=None):
+def time_interleaved(fa, fb, target_s=10.0, min_repeats=3, max_repeats=15, warmup=None, settle_s=0.0):
     """Time fa and fb alternately (a, b, a, b, ...) after warm-up; the number of repeats is chosen
-    from the warm-up times so that the measurement takes about target_s. Returns two lists of
-    seconds and the warm-up count."""
+    from the warm-up times so that the measurement takes about target_s. Before each timed call the
+    process sleeps settle_s (untimed), so that the threads the other side left spinning have gone
+    idle. Returns two lists of seconds and the warm-up count."""
     wa = _timed(fa)
     wb = _timed(fb)
     if warmup is None:
@@ -378,7 +384,9 @@ def time_interleaved(fa, fb, target_s=10.0, min_repeats=3, max_repeats=15, warmu
     ta, tb = [], []
     for _ in range(repeats):
         gc.collect()
+        time.sleep(settle_s)
         ta.append(_timed(fa))
+        time.sleep(settle_s)
         tb.append(_timed(fb))
     return ta, tb, warmup
 
@@ -534,7 +542,7 @@ def _available_bytes():
 
 def run_benchmark(nets=None, cases=None, threads=1, backend="numpy", seed=0, peak_gflops=None,
                   target_s=10.0, min_repeats=3, max_repeats=15, warmup=None, max_step_s=25.0,
-                  memory=True, memory_sides=("unet_np", "torch"), log=print):
+                  memory=True, memory_sides=("unet_np", "torch"), settle_s=0.0, log=print):
     """Time every case (dict net, mode, batch, size) on both sides, interleaved; return the record.
 
     nets: name -> spec (as NETS); peak_gflops: the sgemm peak the percentages refer to;
@@ -592,7 +600,8 @@ def run_benchmark(nets=None, cases=None, threads=1, backend="numpy", seed=0, pea
         fns = step_fns(ours, theirs, x, t)
         gc.collect()
         ta, tb, w = time_interleaved(fns["unet_np"][mode], fns["torch"][mode], target_s=target_s,
-                                     min_repeats=min_repeats, max_repeats=max_repeats, warmup=warmup)
+                                     min_repeats=min_repeats, max_repeats=max_repeats, warmup=warmup,
+                                     settle_s=settle_s)
         del fns, x, t
         ma, mb = statistics.median(ta), statistics.median(tb)
         last_rate[(name, mode)] = ma / flops
@@ -665,6 +674,9 @@ def to_markdown(res):
     lines.append(f"| env removed | {res['env'].get('unset') or 'none were set'} |")
     lines.append(f"| OPENBLAS_THREAD_TIMEOUT | {res['env'].get('OPENBLAS_THREAD_TIMEOUT') or 'unset (--blas-spin)'}"
                  f" (idle OpenBLAS threads sleep instead of spinning into the next step, ours or PyTorch's) |")
+    if res.get("settle_s") is not None:
+        lines.append(f"| pause before each timed call | {res['settle_s']:g} s, not timed (--settle-s: the "
+                     f"other side's spinning threads go idle first) |")
     if res.get("loadavg_start"):
         lines.append(f"| load average | {res['loadavg_start'][0]:.2f} at start, "
                      f"{(res.get('loadavg_end') or [float('nan')])[0]:.2f} at end (1 min; our own run included) |")
@@ -787,7 +799,7 @@ def collect(args, log=print):
     unset = json.loads(os.environ.get(_UNSET_NOTE, "null"))
     res = dict(schema="unet_np-cpu-bench/1", date=datetime.datetime.now().isoformat(timespec="seconds"),
                mode="profile-only" if args.profile_only else ("quick" if args.quick else "full"),
-               argv=sys.argv[1:], threads=threads, backend=args.backend,
+               argv=sys.argv[1:], threads=threads, backend=args.backend, settle_s=args.settle_s,
                env=dict(unset=unset, **{k: os.environ.get(k) for k in _THREAD_VARS},
                         OPENBLAS_THREAD_TIMEOUT=os.environ.get(_QUIET_BLAS[0]),
                         torch_num_threads=torch.get_num_threads()),
@@ -827,7 +839,8 @@ def collect(args, log=print):
         res.update(run_benchmark(NETS, cases, threads=threads, backend=args.backend, seed=args.seed,
                                  peak_gflops=res["sgemm"]["gflops"], target_s=target,
                                  min_repeats=args.min_repeats, max_repeats=args.max_repeats,
-                                 max_step_s=args.max_step_s, memory=not args.no_memory, log=log))
+                                 max_step_s=args.max_step_s, memory=not args.no_memory,
+                                 settle_s=args.settle_s, log=log))
     res["profile"] = None
     if args.profile_only or not args.no_profile:
         prof = run_profile(NETS[args.profile_net], args.profile_batch, args.profile_size,
