@@ -26,7 +26,7 @@ setup(
     package_data={"unet_np.kernels.cuda": ["*.cu"]},
     install_requires=["numpy>=1.24"],
     extras_require={
-        "numba": ["numba>=0.59"],
+        "numba": ["numba>=0.59", "threadpoolctl>=3"],
         "cuda12": ["cupy-cuda12x>=13"],
         "cuda13": ["cupy-cuda13x>=13"],
         "numba-cuda": ["numba>=0.59", "numba-cuda>=0.20"],

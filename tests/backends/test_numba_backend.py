@@ -275,6 +275,28 @@ def test_winograd_only_for_enough_pixels():
     assert not conv._winograd_ok(k, 64, 64, 3, 3, (2, 2), (1, 1), 8, 64, 64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matmul_stack_splits_positions_over_threads(dtype, threads):
+    """The Winograd GEMM stack (positions shared out between threads, each a single-threaded BLAS
+    call) gives np.matmul's products, also for a transposed operand (the weight gradient's V^T) and
+    for more threads than positions; BLAS's own thread count is restored afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from unet_np.backends.numba_backend import matmul_stack
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((36, 7, 5)).astype(dtype)
+    b = rng.standard_normal((36, 9, 5)).astype(dtype).transpose(0, 2, 1)         # (36, 5, 9) view
+    few = rng.standard_normal((2, 5, 9)).astype(dtype)
+    with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+        before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        out = matmul_stack(a, b, np.full((36, 7, 9), np.nan, dtype=dtype))
+        out2 = matmul_stack(a[:2], few, np.full((2, 7, 9), np.nan, dtype=dtype))
+        after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert before == after
+    assert out.dtype == dtype and rel(out, np.matmul(a, b)) < TOL[dtype] / 100
+    assert rel(out2, np.matmul(a[:2], few)) < TOL[dtype] / 100
+
+
 def nb_kernels():
     from unet_np.backends.numba_backend import NUMBA_CONV_KERNELS
     return NUMBA_CONV_KERNELS

@@ -26,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba
     raise ImportError("the numba backend needs the numba package: pip install 'unet-np[numba]'") from exc
 
 import os
+import threading
 
 # Numba's OpenMP threading layer keeps its threads spinning after each parallel loop, which on a
 # small machine steals the cores OpenBLAS needs for the GEMM that follows (measured: the numba
@@ -69,13 +70,68 @@ def _channel_sum(a):
     return cpu_conv.channel_sum(np.ascontiguousarray(a))
 
 
+# -- the Winograd GEMM stacks: the 36 positions split over threads -----------------------------------
+# np.matmul on a (36, O, C) @ (36, C, T) stack makes 36 BLAS calls one after the other, each split
+# over all BLAS threads; on the small maps of batch 1 each call is too small to split well (64 -> 64
+# channels on 64x64, T = 256: 1.08 ms with 2 BLAS threads against 1.26 with one). Giving each thread
+# its own positions, every BLAS call single-threaded, took 0.65 ms; on large maps the two ways are
+# within a few percent (64 -> 64, T = 4096: 15.0 against 13.1 ms). Measured with 2 threads here.
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - threadpoolctl comes with the numba extra
+    ThreadpoolController = None
+
+_blas = None                    # threadpoolctl's controller of the loaded BLAS, made on first use
+_gemm_pool = None               # (n_threads, process id, ThreadPoolExecutor of n_threads - 1)
+_gemm_lock = threading.Lock()   # one stack at a time: two overlapping limit() blocks could leave
+                                # BLAS at one thread (each restores what it found)
+
+
+def _blas_threads():
+    global _blas
+    if ThreadpoolController is None:
+        return 1
+    if _blas is None:
+        _blas = ThreadpoolController().select(user_api="blas")
+    return min((lib.num_threads for lib in _blas.lib_controllers), default=1)
+
+
+def matmul_stack(a, b, out):
+    """out[k] = a[k] @ b[k] for k < len(a) (three-dimensional arrays, b may be a transposed
+    view): with n BLAS threads, n Python threads each take a contiguous share of the k and call
+    np.matmul on it with BLAS limited to one thread (it releases the GIL); np.matmul(a, b, out=out)
+    when BLAS has one thread or threadpoolctl is missing. Returns out."""
+    global _gemm_pool
+    with _gemm_lock:
+        n = min(_blas_threads(), len(a))
+        if n < 2:
+            return np.matmul(a, b, out=out)
+        if _gemm_pool is None or _gemm_pool[:2] != (n, os.getpid()):
+            # (a new pool also in a forked child: the parent's worker threads do not exist there)
+            from concurrent.futures import ThreadPoolExecutor
+            if _gemm_pool is not None and _gemm_pool[1] == os.getpid():
+                _gemm_pool[2].shutdown(wait=False)
+            _gemm_pool = (n, os.getpid(),
+                          ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="unet_np-gemm"))
+        cut = [len(a) * i // n for i in range(n + 1)]
+        with _blas.limit(limits=1):
+            futures = [_gemm_pool[2].submit(np.matmul, a[i:j], b[i:j], out=out[i:j])
+                       for i, j in zip(cut[1:-1], cut[2:])]
+            np.matmul(a[:cut[1]], b[:cut[1]], out=out[:cut[1]])        # the first share: this thread
+            for f in futures:
+                f.result()
+    return out
+
+
 class _Winograd:
-    """The Winograd F(4x4, 3x3) transforms (kernels/cpu_winograd.py) for the conv drivers."""
+    """The Winograd F(4x4, 3x3) transforms (kernels/cpu_winograd.py) and GEMM stack for the conv
+    drivers."""
     input_transform = staticmethod(cpu_winograd.input_transform)
     output_transform = staticmethod(cpu_winograd.output_transform)
     grad_transform = staticmethod(cpu_winograd.grad_transform)
     weight_transform = staticmethod(cpu_winograd.weight_transform)
     weight_grad_transform = staticmethod(cpu_winograd.weight_grad_transform)
+    matmul_stack = staticmethod(matmul_stack)
 
 
 NUMBA_CONV_KERNELS = _conv.ConvKernels(_im2col_tile, _add_bias, _channel_sum, _col2im_image,

@@ -517,8 +517,9 @@ class ConvKernels:
         self.unshuffle = unshuffle
         # None, or an object with input_transform / output_transform / grad_transform /
         # weight_transform / weight_grad_transform (the Winograd F(4x4, 3x3) transforms,
-        # kernels/cpu_winograd.py): 3x3 stride-1 convolutions then run as 36 GEMMs with K = C
-        # instead of one with K = 9C (4x fewer FLOPs).
+        # kernels/cpu_winograd.py) and matmul_stack(a, b, out) (np.matmul's result, for the 36
+        # GEMMs): 3x3 stride-1 convolutions then run as 36 GEMMs with K = C instead of one with
+        # K = 9C (4x fewer FLOPs).
         self.winograd = winograd
 
 
@@ -593,7 +594,7 @@ def _winograd_conv(x, w, b, y, lead, kern):
         V = _workspace("cols", 36 * C * T, x.dtype).reshape(36, C, T)
         wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
         M = _workspace("dcols", 36 * O * T, x.dtype).reshape(36, O, T)
-        np.matmul(U, V, out=M)
+        wg.matmul_stack(U, V, M)
         wg.output_transform(M, r0, r1, TH, TW, bias, b is not None, y)
     return y
 
@@ -612,7 +613,7 @@ def _winograd_weight_grad(x, dy, lead, kern):
             wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
             Z = _workspace("dcols", 36 * O * T, x.dtype).reshape(36, O, T)
             wg.grad_transform(dy, r0, r1, TH, TW, Z)
-            yield np.matmul(Z, V.transpose(0, 2, 1))
+            yield wg.matmul_stack(Z, V.transpose(0, 2, 1), np.empty((36, O, C), dtype=dy.dtype))
     dU = _sum_in_order(chunk_parts(), (36, O, C), dy.dtype)
     return wg.weight_grad_transform(dU, np.empty((O, C, 3, 3), dtype=dy.dtype))
 
