@@ -794,6 +794,8 @@ def write_outputs(res, out_dir, stamp=None):
 def collect(args, log=print):
     """The whole run for parsed arguments: header, sgemm, sweep, profile. Returns the record."""
     threads = max(1, args.threads)
+    # torch before unet_np's numba backend: so PyTorch keeps its own OpenMP library with its default
+    # settings, and Numba gets a second one with a short spin (see unet_np/backends/numba_backend.py)
     import torch
     torch.set_num_threads(threads)
     unset = json.loads(os.environ.get(_UNSET_NOTE, "null"))

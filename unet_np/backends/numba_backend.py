@@ -12,7 +12,9 @@ What changes against the numpy backend:
   * ReLU forward and backward are single parallel passes (kernels/cpu_activation.py);
   * SGD and Adam/AdamW update each parameter in one parallel pass (kernels/cpu_optim.py, taken by
     unet_np.optim through the backend's sgd_step / adam_step), bit for bit the array code's result.
-Everything else (other pools, upsampling, concatenation, norms, losses) is the reference code.
+Numba's threads run on OpenMP with a short spin (below), Winograd's GEMM stacks on one BLAS thread
+per share of positions. Everything else (other pools, upsampling, concatenation, norms, losses) is
+the reference code.
 Results are deterministic: no kernel reduces in parallel in an unspecified order.
 """
 import numpy as np
@@ -26,14 +28,57 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba
     raise ImportError("the numba backend needs the numba package: pip install 'unet-np[numba]'") from exc
 
 import os
+import sys
 import threading
 
-# Numba's OpenMP threading layer keeps its threads spinning after each parallel loop, which on a
-# small machine steals the cores OpenBLAS needs for the GEMM that follows (measured: the numba
-# backend 1.5-2.7x slower than with 'workqueue'). Unless the user chose a layer, use 'workqueue'.
-# (This only takes effect if no parallel Numba code has run in this process yet.)
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+# Numba's threading layer. The 'workqueue' layer wakes its threads through the OS for every parallel
+# loop (26-46 us per call measured here, and a small training step makes some hundreds). The 'omp'
+# layer (GNU OpenMP) hands a loop to threads still spinning from the last one (3 us), but by default
+# they spin about 10 ms after each loop and take the cores that the OpenBLAS GEMM coming next needs
+# (1.5-2.7x slower than 'workqueue'). So: 'omp' with a short spin, GOMP_SPINCOUNT=1000 (KMP_BLOCKTIME=0
+# for Intel's or LLVM's OpenMP), put in the environment only while Numba starts its threads and
+# then taken out again, so that no other OpenMP user in the process (PyTorch loads its own copy)
+# sees it. Measured, article net training step at batch 1, 64x64: 100-106 ms with 'workqueue',
+# 65-74 ms with this. Left alone: a layer the user chose (NUMBA_THREADING_LAYER), Numba threads
+# already started. 'workqueue' when the user set an OpenMP spin variable (we would not know what
+# the spin is) or no OpenMP layer loads.
+# One OpenMP library per process is the rule on Linux, so two cases: PyTorch imported *before* this
+# backend keeps its own library and default spin (Numba's module is loaded with RTLD_DEEPBIND and
+# gets a second library, with the short spin); PyTorch imported *after* it finds the library already
+# loaded and shares it, short spin included (its CPU training step was 10-30% slower so, measured
+# alone). Import torch first, or set NUMBA_THREADING_LAYER=workqueue, when both run in one process
+# (benchmarks/cpu.py imports torch first).
+_SHORT_SPIN = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
+
+
+def _start_numba_threads():
+    from numba.np.ufunc import parallel
+    launch = getattr(parallel, "_launch_threads", None)
+    if "NUMBA_THREADING_LAYER" in os.environ or launch is None or getattr(parallel, "_is_initialized", True):
+        return
+    if any(k in os.environ for k in (*_SHORT_SPIN, "OMP_WAIT_POLICY")):
+        numba.config.THREADING_LAYER = "workqueue"
+        return
+    os.environ.update(_SHORT_SPIN)
+    flags = sys.getdlopenflags()
+    try:
+        numba.config.THREADING_LAYER = "omp"
+        # RTLD_DEEPBIND: Numba's OpenMP module calls the OpenMP library it loads itself (a fresh
+        # one, reading the short spin), not one that PyTorch loaded first into the global scope
+        sys.setdlopenflags(flags | getattr(os, "RTLD_DEEPBIND", 0))
+        try:
+            launch()
+        except (ValueError, ImportError, OSError):                    # no OpenMP layer here
+            sys.setdlopenflags(flags)
+            numba.config.THREADING_LAYER = "workqueue"
+            launch()
+    finally:
+        sys.setdlopenflags(flags)
+        for k in _SHORT_SPIN:
+            os.environ.pop(k, None)
+
+
+_start_numba_threads()
 
 from ..kernels import cpu_activation, cpu_conv, cpu_optim, cpu_pool, cpu_winograd
 from ..nn import conv as _conv
