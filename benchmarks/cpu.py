@@ -11,8 +11,9 @@ What it does (see benchmarks/README.md for how to read it):
     instead of spinning for about 0.1 s after each GEMM. In this interleaved comparison the spinning
     threads took a core from whatever ran next: unet_np's Numba kernels, and PyTorch's own step (at
     batch 1, 64x64 PyTorch's step took 0.19-0.22 s with them spinning and 0.12 s without);
-  * sleeps --settle-s (0.05 s, untimed) before each timed call, so that the threads the other side
-    left spinning (PyTorch's OpenMP workers, some milliseconds after each op) are idle when it starts;
+  * waits --settle-s (0.05 s, untimed, busy on the main thread) before each timed call, so that the
+    threads the other side left spinning (PyTorch's OpenMP workers, ~10 ms after each op) are idle
+    when it starts;
   * measures the machine's float32 GEMM peak (np.matmul 2048^3);
   * times a training step (forward, cross-entropy, backward, SGD momentum 0.9) and a forward alone
     for the article's UNet(1, 2, depth=2, base_channels=64) and a depth-4 UNet(1, 2, depth=4,
@@ -74,7 +75,7 @@ def build_parser():
     p.add_argument("--profile-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settle-s", type=float, default=0.05,
-                   help="untimed pause before each timed call, so that the other side's spinning threads "
+                   help="untimed busy wait before each timed call, so that the other side's spinning threads "
                         "have gone idle (PyTorch's OpenMP workers spin some milliseconds after each op)")
     p.add_argument("--blas-spin", action="store_true",
                    help="leave OPENBLAS_THREAD_TIMEOUT unset (OpenBLAS threads spin ~0.1 s after each GEMM)")
@@ -368,10 +369,19 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
+def _settle(seconds):
+    """Wait ``seconds`` busily on this thread. (A sleep instead let the next timed call start slow:
+    article net forward at batch 1, 64x64, ratio 1.23 after a 50 ms sleep, 0.81 after the busy wait,
+    0.73-0.83 with no wait, in one session.)"""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def time_interleaved(fa, fb, target_s=10.0, min_repeats=3, max_repeats=15, warmup=None, settle_s=0.0):
     """Time fa and fb alternately (a, b, a, b, ...) after warm-up; the number of repeats is chosen
     from the warm-up times so that the measurement takes about target_s. Before each timed call the
-    process sleeps settle_s (untimed), so that the threads the other side left spinning have gone
+    process waits settle_s (untimed), so that the threads the other side left spinning have gone
     idle. Returns two lists of seconds and the warm-up count."""
     wa = _timed(fa)
     wb = _timed(fb)
@@ -384,9 +394,9 @@ def time_interleaved(fa, fb, target_s=10.0, min_repeats=3, max_repeats=15, warmu
     ta, tb = [], []
     for _ in range(repeats):
         gc.collect()
-        time.sleep(settle_s)
+        _settle(settle_s)
         ta.append(_timed(fa))
-        time.sleep(settle_s)
+        _settle(settle_s)
         tb.append(_timed(fb))
     return ta, tb, warmup
 
