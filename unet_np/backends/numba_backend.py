@@ -54,8 +54,9 @@ _SHORT_SPIN = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
 def _start_numba_threads():
     from numba.np.ufunc import parallel
     launch = getattr(parallel, "_launch_threads", None)
-    if "NUMBA_THREADING_LAYER" in os.environ or launch is None or getattr(parallel, "_is_initialized", True):
-        return
+    if ("NUMBA_THREADING_LAYER" in os.environ or launch is None or not hasattr(sys, "getdlopenflags")
+            or getattr(parallel, "_is_initialized", True)):
+        return                                          # (no dlopen flags: not a Unix)
     if any(k in os.environ for k in (*_SHORT_SPIN, "OMP_WAIT_POLICY")):
         numba.config.THREADING_LAYER = "workqueue"
         return
