@@ -35,30 +35,37 @@ import threading
 # loop (26-46 us per call measured here, and a small training step makes some hundreds). The 'omp'
 # layer (GNU OpenMP) hands a loop to threads still spinning from the last one (3 us), but by default
 # they spin about 10 ms after each loop and take the cores that the OpenBLAS GEMM coming next needs
-# (1.5-2.7x slower than 'workqueue'). So: 'omp' with a short spin, GOMP_SPINCOUNT=1000 (KMP_BLOCKTIME=0
-# for Intel's or LLVM's OpenMP), put in the environment only while Numba starts its threads and
-# then taken out again, so that no other OpenMP user in the process (PyTorch loads its own copy)
-# sees it. Measured, article net training step at batch 1, 64x64: 100-106 ms with 'workqueue',
-# 65-74 ms with this. Left alone: a layer the user chose (NUMBA_THREADING_LAYER), Numba threads
-# already started. 'workqueue' when the user set an OpenMP spin variable (we would not know what
-# the spin is) or no OpenMP layer loads.
-# One OpenMP library per process is the rule on Linux, so two cases: PyTorch imported *before* this
-# backend keeps its own library and default spin (Numba's module is loaded with RTLD_DEEPBIND and
-# gets a second library, with the short spin); PyTorch imported *after* it finds the library already
-# loaded and shares it, short spin included (its CPU training step was 10-30% slower so, measured
-# alone). Import torch first, or set NUMBA_THREADING_LAYER=workqueue, when both run in one process
-# (benchmarks/cpu.py imports torch first).
+# (1.5-2.7x slower than 'workqueue'). So, on Linux: 'omp' with a short spin, GOMP_SPINCOUNT=1000
+# (KMP_BLOCKTIME=0 for Intel's or LLVM's OpenMP), put in the environment only while Numba starts
+# its threads and then taken out again, so that no other OpenMP user in the process sees it.
+# Measured, article net training step at batch 1, 64x64: 100-106 ms with 'workqueue', 65-74 ms with
+# this. Left alone: a layer the user chose (NUMBA_THREADING_LAYER, NUMBA_THREADING_LAYER_PRIORITY,
+# a Numba config file or numba.config in code), Numba threads already started. 'workqueue' (as
+# before) on other systems, when the user set an OpenMP spin variable (we would not know the spin),
+# or when no OpenMP layer loads.
+# Two things follow from OpenMP, as with Numba's own default layer or PyTorch:
+#   * fork: a process that has started OpenMP threads cannot use them in a fork()ed child (Numba
+#     stops such a child). Use multiprocessing's 'spawn' or 'forkserver', or
+#     NUMBA_THREADING_LAYER=workqueue, to run the numba backend in worker processes;
+#   * one OpenMP library per process: PyTorch imported *before* this backend keeps its own library
+#     and default spin (Numba's module is loaded with RTLD_DEEPBIND and binds to a second one, with
+#     the short spin); PyTorch imported *after* it finds the library loaded and shares it, short
+#     spin included (its CPU step was 10-30% slower so, measured alone). benchmarks/cpu.py imports
+#     torch first. (Nor does the short spin apply where the process already holds the OpenMP library
+#     Numba links to, e.g. a PyTorch built against the system libgomp imported first.)
 _SHORT_SPIN = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
 
 
 def _start_numba_threads():
     from numba.np.ufunc import parallel
     launch = getattr(parallel, "_launch_threads", None)
-    if ("NUMBA_THREADING_LAYER" in os.environ or launch is None or not hasattr(sys, "getdlopenflags")
-            or getattr(parallel, "_is_initialized", True)):
-        return                                          # (no dlopen flags: not a Unix)
-    if any(k in os.environ for k in (*_SHORT_SPIN, "OMP_WAIT_POLICY")):
+    if (launch is None or getattr(parallel, "_is_initialized", True)
+            or numba.config.THREADING_LAYER != "default" or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ):
+        return                                      # threads running, or the user chose a layer
+    if (not sys.platform.startswith("linux") or not hasattr(sys, "getdlopenflags")
+            or any(k in os.environ for k in (*_SHORT_SPIN, "OMP_WAIT_POLICY"))):
         numba.config.THREADING_LAYER = "workqueue"
+        launch()
         return
     os.environ.update(_SHORT_SPIN)
     flags = sys.getdlopenflags()
@@ -128,9 +135,19 @@ except ImportError:  # pragma: no cover - threadpoolctl comes with the numba ext
     ThreadpoolController = None
 
 _blas = None                    # threadpoolctl's controller of the loaded BLAS, made on first use
-_gemm_pool = None               # (n_threads, process id, ThreadPoolExecutor of n_threads - 1)
+_gemm_pool = None               # (n_threads, ThreadPoolExecutor of n_threads - 1), made on first use
 _gemm_lock = threading.Lock()   # one stack at a time: two overlapping limit() blocks could leave
                                 # BLAS at one thread (each restores what it found)
+
+
+def _reset_after_fork():
+    """In a forked child the parent's pool threads do not exist and the lock may be held."""
+    global _gemm_pool, _gemm_lock
+    _gemm_pool, _gemm_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _blas_threads():
@@ -152,18 +169,20 @@ def matmul_stack(a, b, out):
         n = min(_blas_threads(), len(a))
         if n < 2:
             return np.matmul(a, b, out=out)
-        if _gemm_pool is None or _gemm_pool[:2] != (n, os.getpid()):
-            # (a new pool also in a forked child: the parent's worker threads do not exist there)
+        if _gemm_pool is None or _gemm_pool[0] != n:
             from concurrent.futures import ThreadPoolExecutor
-            if _gemm_pool is not None and _gemm_pool[1] == os.getpid():
-                _gemm_pool[2].shutdown(wait=False)
-            _gemm_pool = (n, os.getpid(),
-                          ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="unet_np-gemm"))
+            if _gemm_pool is not None:
+                _gemm_pool[1].shutdown(wait=False)
+            _gemm_pool = (n, ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="unet_np-gemm"))
         cut = [len(a) * i // n for i in range(n + 1)]
         with _blas.limit(limits=1):
-            futures = [_gemm_pool[2].submit(np.matmul, a[i:j], b[i:j], out=out[i:j])
+            futures = [_gemm_pool[1].submit(np.matmul, a[i:j], b[i:j], out=out[i:j])
                        for i, j in zip(cut[1:-1], cut[2:])]
-            np.matmul(a[:cut[1]], b[:cut[1]], out=out[:cut[1]])        # the first share: this thread
+            try:
+                np.matmul(a[:cut[1]], b[:cut[1]], out=out[:cut[1]])    # the first share: this thread
+            finally:
+                for f in futures:                  # all shares done before the limit is lifted
+                    f.exception()
             for f in futures:
                 f.result()
     return out

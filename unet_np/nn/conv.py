@@ -613,7 +613,7 @@ def _winograd_weight_grad(x, dy, lead, kern):
             wg.input_transform(x, r0, r1, TH, TW, lead[0], lead[1], V)
             Z = _workspace("dcols", 36 * O * T, x.dtype).reshape(36, O, T)
             wg.grad_transform(dy, r0, r1, TH, TW, Z)
-            yield wg.matmul_stack(Z, V.transpose(0, 2, 1), np.empty((36, O, C), dtype=dy.dtype))
+            yield wg.matmul_stack(Z, V.transpose(0, 2, 1), np.empty((36, O, C), dtype=np.result_type(Z, V)))
     dU = _sum_in_order(chunk_parts(), (36, O, C), dy.dtype)
     return wg.weight_grad_transform(dU, np.empty((O, C, 3, 3), dtype=dy.dtype))
 
