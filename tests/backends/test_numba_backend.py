@@ -4,7 +4,10 @@ the tiled conv drivers (default numpy primitives) against the plain reference pa
 Tolerances: float64 1e-10 relative (the arithmetic is the same up to summation order), float32 1e-4.
 Skipped cleanly when numba is not installed.
 """
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -326,7 +329,6 @@ def test_matmul_stack_works_in_a_forked_child():
 def _omp_layer_here():
     """'omp' where Numba's OpenMP module is there (Linux), else 'workqueue' (the backend's choice)."""
     import importlib.util
-    import sys
     try:
         have = importlib.util.find_spec("numba.np.ufunc.omppool") is not None
     except ImportError:
@@ -335,6 +337,18 @@ def _omp_layer_here():
 
 
 _OMP_LAYER = _omp_layer_here()
+
+
+def _run_probe(probe, env):
+    """Run ``probe`` in a fresh interpreter (Numba's threading layer is chosen once per process),
+    with this environment less any threading-layer or OpenMP spin setting, plus ``env``; the last
+    line it printed."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("NUMBA_THREADING_LAYER", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", probe], env={**clean, **env}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
 
 _LAYER_PROBE = """
 import json, os
@@ -354,17 +368,8 @@ print(json.dumps([numba.threading_layer(), os.environ.get("GOMP_SPINCOUNT"), os.
 def test_numba_threading_layer_choice(env, layers, spin):
     """The backend starts Numba's threads on 'omp' with GOMP_SPINCOUNT / KMP_BLOCKTIME set only
     while they start (the variables are gone afterwards, so other OpenMP users never see them),
-    and leaves a user's layer or spin setting alone. Fresh interpreter: the layer is per process."""
-    import json
-    import os
-    import subprocess
-    import sys
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("NUMBA_THREADING_LAYER", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY")}
-    out = subprocess.run([sys.executable, "-c", _LAYER_PROBE], env={**clean, **env}, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    layer, gomp, kmp = json.loads(out.stdout.strip().splitlines()[-1])
+    and leaves a user's layer or spin setting alone."""
+    layer, gomp, kmp = json.loads(_run_probe(_LAYER_PROBE, env))
     assert layer in layers
     assert gomp == spin and kmp is None
 
@@ -386,19 +391,11 @@ def test_numba_openmp_apart_from_torchs_when_torch_came_first(tmp_path):
     own record (LD_DEBUG=bindings): Numba's GOMP_parallel binds to a library outside torch/.
     (Without RTLD_DEEPBIND it bound to torch/lib/libgomp.so.1; CPU time used in 30 ms idle after a
     Numba loop was then 9-10 ms, against 0.1 ms with it.)"""
-    import os
-    import subprocess
-    import sys
     torch = pytest.importorskip("torch")
     if _OMP_LAYER != "omp":
         pytest.skip("no OpenMP threading layer for Numba here")
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("NUMBA_THREADING_LAYER", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY")}
-    log = tmp_path / "ld"
-    out = subprocess.run([sys.executable, "-c", _TORCH_FIRST_PROBE], capture_output=True, text=True,
-                         env={**clean, "LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(log)}, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "omp"
+    env = {"LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(tmp_path / "ld")}
+    assert _run_probe(_TORCH_FIRST_PROBE, env) == "omp"
     lines = [line for f in tmp_path.glob("ld*") for line in f.read_text(errors="replace").splitlines()
              if "omppool" in line and "`GOMP_parallel'" in line]
     if not lines:

@@ -30,6 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 # Numba's threading layer. The 'workqueue' layer wakes its threads through the OS for every parallel
 # loop (26-46 us per call measured here, and a small training step makes some hundreds). The 'omp'
@@ -170,7 +171,6 @@ def matmul_stack(a, b, out):
         if n < 2:
             return np.matmul(a, b, out=out)
         if _gemm_pool is None or _gemm_pool[0] != n:
-            from concurrent.futures import ThreadPoolExecutor
             if _gemm_pool is not None:
                 _gemm_pool[1].shutdown(wait=False)
             _gemm_pool = (n, ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="unet_np-gemm"))
@@ -181,8 +181,7 @@ def matmul_stack(a, b, out):
             try:
                 np.matmul(a[:cut[1]], b[:cut[1]], out=out[:cut[1]])    # the first share: this thread
             finally:
-                for f in futures:                  # all shares done before the limit is lifted
-                    f.exception()
+                wait(futures)                      # all shares done before the limit is lifted
             for f in futures:
                 f.result()
     return out
