@@ -41,6 +41,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 import traceback
 import warnings
 
@@ -55,6 +56,8 @@ from .train import Trainer, TrainingError
 __all__ = ["DistributedTrainer", "SyncBatchNorm", "convert_sync_batchnorm", "GradientBuffer",
            "broadcast_model", "shard_range", "abort_on_error", "world", "launched_by_mpi",
            "is_root", "LocalComm"]
+
+ABORT_GRACE_S = 0.5   # seconds between an aborting rank's error text and its MPI_Abort
 
 # Environment variables that MPI launchers set for every rank (MPICH/Hydra, Open MPI, PMIx, Slurm).
 _LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -152,6 +155,10 @@ def abort_on_error(comm=None):
             sys.stdout.flush()
             sys.stderr.write(f"[rank {rank}/{size}] error, aborting the MPI job:\n{text}")
             sys.stderr.flush()
+            # The launcher forwards a rank's stderr and handles its abort request on separate
+            # channels: an abort that arrives first can kill the job with the text still unsent
+            # (seen once in CI: mpiexec returned 1 with empty stderr). A short pause lets it out.
+            time.sleep(ABORT_GRACE_S)
             comm.Abort(1)
             os._exit(1)  # MPI_Abort should not return; make sure this rank ends either way
         raise
