@@ -38,6 +38,8 @@ from unet_np import backends  # noqa: E402
 from unet_np.backends.numpy_backend import reference_ops  # noqa: E402
 from unet_np.kernels import cuda_gemm  # noqa: E402
 
+from optim_cases import OPTIM_CASES  # noqa: E402  (beside this script, which Python puts on sys.path)
+
 REF = reference_ops()
 B = backends.get("numba-cuda")
 TOL = {np.float32: 1e-4, np.float64: 1e-10}
@@ -442,18 +444,6 @@ def loss_checks(dt):
 
 
 # -- fused optimizer updates -------------------------------------------------------------------------------
-OPTIM_CASES = [
-    ("SGD", dict(lr=0.1)),
-    ("SGD", dict(lr=0.05, momentum=0.9)),
-    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.01)),    # first step: buf = g
-    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
-    ("Adam", dict(lr=0.01)),
-    ("Adam", dict(lr=0.01, weight_decay=0.1)),
-    ("Adam", dict(lr=0.01, betas=(0.3, 0.9))),              # torch's other lerp branch
-    ("Adam", dict(lr=0.01, amsgrad=True)),
-    ("AdamW", dict(lr=0.01, weight_decay=0.05)),
-    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
-]
 
 
 def optim_checks(dt):

@@ -35,6 +35,8 @@ from unet_np import backends
 from unet_np.backends import cupy_backend as cb
 from unet_np.backends.numpy_backend import reference_ops
 
+from tests.backends.optim_cases import OPTIM_CASES, OPTIM_IDS
+
 REF = reference_ops()
 TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 DTYPES = (np.float32, np.float64)
@@ -672,24 +674,10 @@ def test_fused_adam(xb, kind, dtype):
         close(v, opt.state[0]["exp_avg_sq"], "exp_avg_sq")
 
 
-# The optimizers of unet_np.optim on this backend's parameters: one fused kernel per parameter and step
-OPTIM_CASES = [
-    ("SGD", dict(lr=0.1)),
-    ("SGD", dict(lr=0.05, momentum=0.9)),
-    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.01)),    # first step: buf = g
-    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
-    ("Adam", dict(lr=0.01)),
-    ("Adam", dict(lr=0.01, weight_decay=0.1)),
-    ("Adam", dict(lr=0.01, betas=(0.3, 0.9))),              # torch's other lerp branch
-    ("Adam", dict(lr=0.01, amsgrad=True)),
-    ("AdamW", dict(lr=0.01, weight_decay=0.05)),
-    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
-]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name,hp", OPTIM_CASES,
-                         ids=[f"{n}-" + ",".join(f"{k}={v}" for k, v in hp.items()) for n, hp in OPTIM_CASES])
+@pytest.mark.parametrize("name,hp", OPTIM_CASES, ids=OPTIM_IDS)
 def test_optimizer_steps_are_fused(xb, name, hp, dtype):
     """unet_np.optim on parameters of this backend runs optim.cu once per parameter and step (nothing
     else), and matches the same optimizer's array code on NumPy parameters, step by step: parameters

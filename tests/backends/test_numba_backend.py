@@ -21,6 +21,8 @@ from unet_np.nn.loss import CrossEntropyLoss  # noqa: E402
 from unet_np import optim  # noqa: E402
 from unet_np.optim import SGD  # noqa: E402
 
+from tests.backends.optim_cases import OPTIM_CASES, OPTIM_IDS  # noqa: E402
+
 TOL = {np.float64: 1e-10, np.float32: 1e-4}
 DTYPES = (np.float64, np.float32)
 
@@ -430,22 +432,11 @@ def test_unet_backward_without_input_grad(backend):
     assert model.enc1.conv[0].needs_input_grad
 
 
-OPTIM_CASES = [
-    (optim.SGD, dict(lr=0.1)),
-    (optim.SGD, dict(lr=0.1, momentum=0.9)),
-    (optim.SGD, dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.01)),
-    (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
-    (optim.Adam, dict(lr=0.01)),
-    (optim.Adam, dict(lr=0.01, betas=(0.3, 0.99), weight_decay=0.1)),   # torch's other lerp branch
-    (optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
-    (optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
-    (optim.AdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
-]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cls,hyper", OPTIM_CASES)
-def test_fused_optimizer_updates_bit_for_bit(cls, hyper, dtype, monkeypatch):
+@pytest.mark.parametrize("name,hyper", OPTIM_CASES, ids=OPTIM_IDS)
+def test_fused_optimizer_updates_bit_for_bit(name, hyper, dtype, monkeypatch):
     """The numba backend's one-pass SGD / Adam (kernels/cpu_optim.py), which unet_np.optim takes for
     parameters on this backend, against the array code (the reference) on the same gradients: same
     operations in the same order, so equal to the last bit, for five steps (the first momentum step
@@ -460,10 +451,11 @@ def test_fused_optimizer_updates_bit_for_bit(cls, hyper, dtype, monkeypatch):
     plain = [Parameter(p.data.copy()) for p in fused]
     for p in fused:
         p.backend = nb_backend
+    cls = getattr(optim, name)
     opts = cls(fused, **hyper), cls(plain, **hyper)
-    name = "sgd_step" if cls is optim.SGD else "adam_step"
-    real, calls = getattr(nb_backend, name), []
-    monkeypatch.setattr(nb_backend, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    step = "sgd_step" if name == "SGD" else "adam_step"
+    real, calls = getattr(nb_backend, step), []
+    monkeypatch.setattr(nb_backend, step, lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(5):
         for a, b in zip(fused, plain):
             a.grad[...] = b.grad[...] = rng.standard_normal(a.shape).astype(dtype)
