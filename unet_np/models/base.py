@@ -59,6 +59,16 @@ def _check_int(name, value, lo, hi=None):
         raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
 
 
+def _check_common(in_channels, num_classes, depth, base_channels, upsample, init):
+    """The constructor arguments every architecture shares: a clear ValueError for a bad one."""
+    _check_int("in_channels", in_channels, 1)
+    _check_int("num_classes", num_classes, 1)
+    _check_int("depth", depth, 1, 5)
+    _check_int("base_channels", base_channels, 1)
+    _check_choice("upsample", upsample, ("transpose", "bilinear"))
+    _check_choice("init", init, ("torch", "he"))
+
+
 class SegmentationModel(Module):
     """Base of UNet, UNetPlusPlus and AttentionUNet. Sub-classes set ``self._config`` (constructor
     arguments, JSON-able) and implement ``_forward`` / ``backward``."""

@@ -9,7 +9,7 @@ trained (the loss averaged over them) and at inference the network can be pruned
 only nodes with i + j <= L are computed and the output of X[0][L] is used.
 """
 from ..nn import Concat, Conv2d, MaxPool2d
-from .base import Block, SegmentationModel, _check_choice, _check_int, register
+from .base import Block, SegmentationModel, _check_common, _check_int, register
 from .unet import up_layer
 
 
@@ -26,12 +26,7 @@ class UNetPlusPlus(SegmentationModel):
                  batchnorm=False, upsample="transpose", init="torch", pad_input=False, dtype=None,
                  backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("depth", depth, 1, 5)
-        _check_int("base_channels", base_channels, 1)
-        _check_choice("upsample", upsample, ("transpose", "bilinear"))
-        _check_choice("init", init, ("torch", "he"))
+        _check_common(in_channels, num_classes, depth, base_channels, upsample, init)
         self._config = dict(in_channels=in_channels, num_classes=num_classes, depth=depth,
                             base_channels=base_channels, deep_supervision=bool(deep_supervision),
                             batchnorm=bool(batchnorm), upsample=upsample, init=init,
