@@ -85,6 +85,20 @@ def test_bad_constructor_arguments(kw, words):
         UNet(1, 2, **kw)
 
 
+@pytest.mark.parametrize("args,kw,words", [
+    ((0, 2), {}, "in_channels must be an integer >= 1, got 0"),
+    ((1, 2.0), {}, "num_classes must be an integer >= 1, got 2.0"),
+    ((1, 2), dict(depth=True), "depth must be an integer 1..5, got True"),
+    ((1, 2), dict(base_channels=-4), "base_channels"),
+    ((1, 2), dict(upsample="nearest"), "upsample must be one of 'transpose', 'bilinear', got 'nearest'"),
+    ((1, 2), dict(init="xavier"), "init must be one of 'torch', 'he'"),
+])
+@pytest.mark.parametrize("cls", [UNet, UNetPlusPlus, AttentionUNet])
+def test_shared_constructor_checks(cls, args, kw, words):
+    with pytest.raises(ValueError, match=words):
+        cls(*args, **kw)
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         UNet(1, 2, depth=1, base_channels=2, backend="tpu")
