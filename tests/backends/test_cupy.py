@@ -269,19 +269,23 @@ CONV_CASES = [
 ]
 
 
-def _check_conv2d(k, put, case, dtype):
-    """conv2d forward and backward of kernels ``k`` against the reference on one CONV_CASES case."""
-    N, C, H, W, O, (kh, kw), stride, padding, dilation, bias = case
-    rng = rng_for("conv", case, dtype)
+def _check_conv(k, put, op, case, dtype):
+    """conv2d or conv_transpose2d (``op``) of kernels ``k``, forward and backward, against the reference
+    on one CONV_CASES / CONVT_CASES case. The cases differ only in their hyper-parameters: (stride,
+    padding, dilation) for conv2d, (stride, padding, output_padding, dilation) for the transpose, whose
+    weight is (C, O, kh, kw) instead of (O, C, kh, kw)."""
+    N, C, H, W, O, (kh, kw), *hyper, bias = case
+    transposed = op == "conv_transpose2d"
+    rng = rng_for("convt" if transposed else "conv", case, dtype)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    w = rng.standard_normal((O, C, kh, kw)).astype(dtype)
+    w = rng.standard_normal((C, O, kh, kw) if transposed else (O, C, kh, kw)).astype(dtype)
     b = rng.standard_normal(O).astype(dtype) if bias else None
-    y_ref, c_ref = REF["conv2d_forward"](x, w, b, stride, padding, dilation)
-    y, c = k.conv2d_forward(put(x), put(w), put(b), stride, padding, dilation)
+    y_ref, c_ref = REF[f"{op}_forward"](x, w, b, *hyper)
+    y, c = getattr(k, f"{op}_forward")(put(x), put(w), put(b), *hyper)
     close(y, y_ref, f"y {case}")
     dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    ref = REF["conv2d_backward"](dy, c_ref)
-    got = k.conv2d_backward(put(dy), c)
+    ref = REF[f"{op}_backward"](dy, c_ref)
+    got = getattr(k, f"{op}_backward")(put(dy), c)
     for name, g, r in zip(("dx", "dw", "db"), got, ref):
         if r is None:
             assert g is None
@@ -292,7 +296,7 @@ def _check_conv2d(k, put, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv2d(xb, case, dtype):
-    _check_conv2d(xb.k, xb.put, case, dtype)
+    _check_conv(xb.k, xb.put, "conv2d", case, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -362,30 +366,10 @@ CONVT_CASES = [
 ]
 
 
-def _check_conv_transpose2d(k, put, case, dtype):
-    """The transposed convolution of kernels ``k`` against the reference on one CONVT_CASES case."""
-    N, Cin, H, W, Cout, (kh, kw), stride, padding, op, dilation, bias = case
-    rng = rng_for("convt", case, dtype)
-    x = rng.standard_normal((N, Cin, H, W)).astype(dtype)
-    w = rng.standard_normal((Cin, Cout, kh, kw)).astype(dtype)
-    b = rng.standard_normal(Cout).astype(dtype) if bias else None
-    y_ref, c_ref = REF["conv_transpose2d_forward"](x, w, b, stride, padding, op, dilation)
-    y, c = k.conv_transpose2d_forward(put(x), put(w), put(b), stride, padding, op, dilation)
-    close(y, y_ref, f"y {case}")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    ref = REF["conv_transpose2d_backward"](dy, c_ref)
-    got = k.conv_transpose2d_backward(put(dy), c)
-    for name, g, r in zip(("dx", "dw", "db"), got, ref):
-        if r is None:
-            assert g is None
-        else:
-            close(g, r, f"{name} {case}")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONVT_CASES)
 def test_conv_transpose2d(xb, case, dtype):
-    _check_conv_transpose2d(xb.k, xb.put, case, dtype)
+    _check_conv(xb.k, xb.put, "conv_transpose2d", case, dtype)
 
 
 def test_conv_kernels_64bit_index_path():
@@ -398,9 +382,9 @@ def test_conv_kernels_64bit_index_path():
     k = cb.CudaKernels(np, lambda family, name: (conv64 if family == "conv" else _emu_function)(family, name))
     for dtype in DTYPES:
         for case in CONV_CASES:
-            _check_conv2d(k, lambda a: a, case, dtype)
+            _check_conv(k, lambda a: a, "conv2d", case, dtype)
         for case in CONVT_CASES:
-            _check_conv_transpose2d(k, lambda a: a, case, dtype)
+            _check_conv(k, lambda a: a, "conv_transpose2d", case, dtype)
 
 
 def test_conv_accepts_non_contiguous_input(xb):
