@@ -32,6 +32,7 @@ All arrays are passed flat (1-D). A kernel is compiled per dtype (the shared-mem
 accumulators have the operands' dtype) and per tile shape; ``gemm()`` picks and launches one.
 """
 import math
+import threading
 
 from numba import cuda, float32, float64
 
@@ -247,6 +248,22 @@ def default_config():
     return SIM_CONFIG if _cfg.ENABLE_CUDASIM else GPU_CONFIG
 
 
+# The split-K partial sums: one buffer per thread, device and dtype, grown when too small and reused
+# by the next call instead of a cudaMalloc per GEMM. At most split_blocks tiles of BM x BN elements
+# (264 x 64 x 64 floats, 4 MiB in float32). Kernels of one thread run in order on its stream, so the
+# next GEMM cannot overwrite partials that sum_splits_kernel has not read yet.
+_scratch = threading.local()
+
+
+def _partials(n, dtype):
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    key = (getattr(cuda.get_current_device(), "id", 0), dtype)   # the simulator's one device has no id
+    buf = bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = bufs[key] = cuda.device_array(n, dtype=dtype)
+    return buf[:n]
+
+
 def gemm(A, B, C, M, N, K, la, lb, lc, bias=None, relu=False, alpha=1.0, config=None):
     """C (through layout lc) = alpha * op(A) @ op(B) [+ bias[m]] [ReLU].
 
@@ -279,7 +296,7 @@ def gemm(A, B, C, M, N, K, la, lb, lc, bias=None, relu=False, alpha=1.0, config=
     BK = config["BK"]
     kchunk = math.ceil(math.ceil(K / S) / BK) * BK            # whole K-steps per slice
     S = math.ceil(K / kchunk)
-    part = cuda.device_array(S * M * N, dtype=C.dtype)
+    part = _partials(S * M * N, C.dtype)
     kern[(grid, S), block](A, B, part, M, N, K, la, lb, dense(N), part, False, False, 1.0, kchunk)
     blocks, threads = grid_1d(M * N)
     sum_splits_kernel[blocks, threads](part, C, M, N, S, lc, b, has_bias, bool(relu), float(alpha))

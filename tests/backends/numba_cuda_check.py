@@ -96,6 +96,7 @@ def gemm_checks(dt):
                        bias=cuda.to_device(bias), relu=True, config=cfg)
         check(f"gemm {kind} + bias + relu", c.copy_to_host().reshape(M, N),
               np.maximum(a @ b + bias[:, None], 0), dt)
+        partials = dict(getattr(cuda_gemm._scratch, "bufs", {}))     # after the first split-K call
         # transposed A, B read from NCHW (batch folded into the columns), C written as NCHW
         n, plane = 2, 5
         at = rnd(K, M, dt=dt)                                       # A = at^T
@@ -106,6 +107,10 @@ def gemm_checks(dt):
                        cuda_gemm.nchw(M, plane), config=cfg)
         ref = np.einsum("km,nkp->nmp", at, b4)
         check(f"gemm {kind} A^T, NCHW B and C", c4.copy_to_host().reshape(n, M, plane), ref, dt)
+        if cfg is split:   # the second split-K GEMM (fewer partial sums) reused the first one's buffer
+            reused = [buf is partials.get(key) for key, buf in cuda_gemm._scratch.bufs.items()
+                      if key[1] == np.dtype(dt)]
+            check_equal(f"gemm split-K partials buffer reused ({np.dtype(dt).name})", reused, [True])
 
 
 def bias_relu_checks(dt):
