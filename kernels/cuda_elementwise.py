@@ -222,11 +222,23 @@ def reflect_pad_forward_kernel(x, y, g):
         y[idx] = x[(nc * H + _reflect(p - t, H)) * W + _reflect(q - l, W)]
 
 
+@cuda.jit(device=True, inline=True)
+def _reflect_source(k, i, n, lead, trail):
+    """The k-th (k = 0, 1, 2) padded position along one axis that copied input index i, or -1 if there is
+    none: i + lead itself; lead - i (the leading mirror, when 1 <= i <= lead); lead + n + (n - 2 - i) (the
+    trailing mirror, when 0 <= n - 2 - i < trail). reflect_sources in elementwise.cu lists the same."""
+    if k == 0:
+        return i + lead
+    if k == 1:
+        return lead - i if 1 <= i <= lead else -1
+    j = n - 2 - i
+    return lead + n + j if 0 <= j < trail else -1
+
+
 @cuda.jit
 def reflect_pad_backward_kernel(dy, dx, g):
-    """dx[h, w] = sum of dy over the padded pixels (p, q) that copied (h, w): along rows p = t + h, and
-    the mirror images p = t - h (when 1 <= h <= t) and p = t + 2(H-1) - h (when it lies in the bottom
-    pad); likewise columns. At most 3 x 3 terms."""
+    """dx[h, w] = sum of dy over the padded pixels (p, q) that copied (h, w): at most 3 rows times 3
+    columns (_reflect_source)."""
     N, C, H, W, l, r, t, b = g
     Hp, Wp = H + t + b, W + l + r
     for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
@@ -236,26 +248,11 @@ def reflect_pad_backward_kernel(dy, dx, g):
         nc = tt // H
         acc = 0.0
         for kr in range(3):
-            if kr == 0:
-                p = t + h
-            elif kr == 1:
-                p = t - h
-                if h < 1 or p < 0:
-                    continue
-            else:
-                p = t + 2 * (H - 1) - h
-                if p < t + H or p >= Hp:
-                    continue
+            p = _reflect_source(kr, h, H, t, b)
+            if p < 0:
+                continue
             for kc in range(3):
-                if kc == 0:
-                    q = l + w
-                elif kc == 1:
-                    q = l - w
-                    if w < 1 or q < 0:
-                        continue
-                else:
-                    q = l + 2 * (W - 1) - w
-                    if q < l + W or q >= Wp:
-                        continue
-                acc += dy[(nc * Hp + p) * Wp + q]
+                q = _reflect_source(kc, w, W, l, r)
+                if q >= 0:
+                    acc += dy[(nc * Hp + p) * Wp + q]
         dx[idx] = acc
