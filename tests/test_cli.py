@@ -125,6 +125,95 @@ def test_resume_and_overwrite(data, trained, tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+def _train_meta(path):
+    from unet_np.models.base import SegmentationModel
+    _, ck = SegmentationModel.load(str(path), return_checkpoint=True)
+    return ck.meta["data"]["train"]
+
+
+def test_resume_takes_the_checkpoints_settings(data, tmp_path):
+    """A resumed run keeps the checkpoint's architecture (a flag asking for another is an error) and,
+    where no flag is given, its training settings; a training flag that differs is used and said."""
+    _, idir, mdir = data
+    out = tmp_path / "r"
+    first = ["--epochs", "1", "--base-channels", "4", "--depth", "1", "--batch-size", "3",
+             "--optimizer", "sgd", "--lr", "0.005", "--momentum", "0.5", "--val-split", "0.3",
+             "--seed", "4", "--augment", "none", "--quiet"]
+    assert cli("train", "--images", idir, "--masks", mdir, "--out", out, *first).returncode == 0
+    saved = _train_meta(out / "last.npz")
+    assert saved == dict(optimizer="sgd", lr=0.005, momentum=0.5, batch_size=3, augment="none",
+                         weight_map=False, val_split=0.3, seed=4)
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume", out / "last.npz",
+            "--epochs", "2", "--depth", "2", "--batchnorm", "--quiet")
+    assert_error(p, "--depth 2 (the checkpoint has 1)", "--batchnorm (the checkpoint has none)")
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume", out / "last.npz",
+            "--epochs", "2", "--depth", "1", "--quiet")              # the same architecture: fine
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and "resuming with settings" not in p.stderr
+    assert _train_meta(out / "last.npz") == saved
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume", out / "last.npz",
+            "--epochs", "3", "--lr", "0.001", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "--lr 0.001 (was 0.005)" in p.stderr
+    assert _train_meta(out / "last.npz") == dict(saved, lr=0.001)
+
+
+def test_resume_does_not_replace_another_runs_model(data, trained, tmp_path):
+    _, idir, mdir = data
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.npz").write_bytes((trained / "model.npz").read_bytes())
+    before = (other / "model.npz").read_bytes()
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", other, "--resume",
+            trained / "last.npz", "--epochs", "3", "--quiet")
+    assert_error(p, str(other / "model.npz"), "another run", "--overwrite")
+    assert (other / "model.npz").read_bytes() == before
+
+
+def test_predict_never_replaces_files_unasked(data, trained, tmp_path):
+    """Not the input images (--out is their folder), not masks already in --out (unless --overwrite)."""
+    _, idir, mdir = data
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in sorted(idir.iterdir())[:2]:
+        (images / f.name).write_bytes(f.read_bytes())
+    before = {f.name: f.read_bytes() for f in images.iterdir()}
+    assert_error(cli("predict", "--model", trained / "model.npz", "--input", images, "--out", images,
+                     "--overwrite"), "folder of the input images")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for f in sorted(mdir.iterdir())[:2]:
+        (masks / f.name).write_bytes(f.read_bytes())
+    truth = {f.name: f.read_bytes() for f in masks.iterdir()}
+    name = sorted(truth)[0]
+    assert_error(cli("predict", "--model", trained / "model.npz", "--input", images, "--out", masks),
+                 str(masks / name), "--overwrite")
+    assert {f.name: f.read_bytes() for f in images.iterdir()} == before
+    assert {f.name: f.read_bytes() for f in masks.iterdir()} == truth
+    p = cli("predict", "--model", trained / "model.npz", "--input", images, "--out", masks,
+            "--overwrite", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in masks.iterdir()) == sorted(truth)     # no temporary files left
+
+
+def test_export_never_replaces_files_unasked(trained, tmp_path):
+    model = trained / "model.npz"
+    before = model.read_bytes()
+    assert_error(cli("export", "--model", model, "--out", model), "must end in .onnx")
+    assert model.read_bytes() == before
+    existing = tmp_path / "m.onnx"
+    existing.write_bytes(b"keep me")
+    assert_error(cli("export", "--model", model, "--out", existing), "exists", "--overwrite")
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_unknown_backend_is_named_as_such(trained, tmp_path):
+    p = cli("predict", "--model", trained / "model.npz", "--input", tmp_path, "--out", tmp_path / "o",
+            "--backend", "bogus")
+    assert p.returncode == 2 and "invalid choice: 'bogus'" in p.stderr
+    assert "checkpoint" not in p.stderr and not (tmp_path / "o").exists()
+
+
 # -- every input error: exit status 2 and one line naming the problem ------------------------------
 def _set(tmp_path, n=2, size=16, name="s"):
     x, m, _ = touching_cells(n, size, seed=1)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import NAMES as BACKENDS
+
 __all__ = ["main", "build_parser", "CLIError"]
 
 PROG = "unet-np"
@@ -357,6 +359,42 @@ def _write_metrics(out, history, final):
             wr.writerow({k: rec.get(k, "") for k in keys})
 
 
+# What `unet-np train` uses where a flag is not given. With --resume the architecture is the
+# checkpoint's, and a training setting not given is the one the checkpoint's run used.
+ARCH_DEFAULTS = dict(arch="unet", depth=3, base_channels=16, padding="same", batchnorm=False,
+                     upsample="transpose", no_skip=False, init="torch", dtype="float32")
+TRAIN_DEFAULTS = dict(optimizer="adam", momentum=0.9, batch_size=4, augment="basic", weight_map=False,
+                      val_split=0.2, seed=0)
+
+
+def _resume_settings(args, model, saved):
+    """Fill args from the checkpoint being resumed. An architecture flag that asks for something else
+    than the checkpoint holds (or --classes) is an error; a training flag not given takes the value
+    the checkpoint's run used (``saved``: the data meta's "train" entry; the defaults for checkpoints
+    written before it existed). Returns the training flags given that differ from the saved run."""
+    cfg = model.config()
+    have = dict(cfg, arch=model.arch, no_skip=not cfg.get("skip", True), classes=model.num_classes)
+    have.setdefault("padding", "same")
+    conflicts = []
+    for key in (*ARCH_DEFAULTS, "classes"):
+        given, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if given is not None and given != have[key]:
+            conflicts.append(f"{flag} (the checkpoint has none)" if given is True and not have[key]
+                             else f"{flag} {given} (the checkpoint has {have[key]})")
+        setattr(args, key, have[key] if key != "classes" else given)
+    if conflicts:
+        raise CLIError(f"{args.resume}: a resumed run keeps the checkpoint's architecture; drop "
+                       f"{', '.join(conflicts)}")
+    changed = []
+    for key, default in {**TRAIN_DEFAULTS, "lr": None}.items():
+        given, before = getattr(args, key), saved.get(key, default)
+        if given is None:
+            setattr(args, key, before)
+        elif key in saved and given != before:
+            changed.append(f"--{key.replace('_', '-')} {given} (was {before})")
+    return changed
+
+
 def run_training(args, ds, out, quiet=False, instances=None):
     """Train on a SegmentationDataset with the options in args; writes model.npz, last.npz,
     metrics.json/.csv and the plots into out. Returns (model, final metrics, skipped plots)."""
@@ -367,7 +405,20 @@ def run_training(args, ds, out, quiet=False, instances=None):
 
     n = len(ds)
     num_classes = ds.num_classes
-    if args.classes is not None:
+    resume_ck = None
+    if args.resume:
+        model, resume_meta = _load_model(args.resume, backend=args.backend)
+        if model.in_channels != ds.in_channels:
+            raise CLIError(f"{args.resume}: the model takes {model.in_channels} channel(s), the "
+                           f"images have {ds.in_channels}")
+        changed = _resume_settings(args, model, resume_meta.get("train") or {})
+        num_classes = model.num_classes
+        resume_ck = args.resume
+    else:
+        for key, default in {**ARCH_DEFAULTS, **TRAIN_DEFAULTS}.items():
+            if getattr(args, key) is None:
+                setattr(args, key, default)
+    if args.classes is not None and not args.resume:
         top = max(int(m.max()) for m in ds.masks)
         if top >= args.classes:
             bad = next(nm for nm, m in zip(ds.names, ds.masks) if int(m.max()) == top)
@@ -377,15 +428,7 @@ def run_training(args, ds, out, quiet=False, instances=None):
         ds.compute_weights(instances=instances)
     tr, va = _split(n, args.val_split, args.seed)
 
-    resume_ck = None
-    if args.resume:
-        model, resume_meta = _load_model(args.resume, backend=args.backend)
-        if model.in_channels != ds.in_channels:
-            raise CLIError(f"{args.resume}: the model takes {model.in_channels} channel(s), the "
-                           f"images have {ds.in_channels}")
-        num_classes = model.num_classes
-        resume_ck = args.resume
-    else:
+    if not resume_ck:
         unet_np.seed(args.seed)
         model = _build_model(args, ds.in_channels, num_classes)
     depth = model.depth
@@ -401,13 +444,16 @@ def run_training(args, ds, out, quiet=False, instances=None):
     trainer.data_meta = _json_clean({
         "normalize": ds.normalize, "mean": ds.mean, "std": ds.std,
         "mask_convention": ds.mask_convention, "palette": ds.palette, "num_classes": num_classes,
-        "in_channels": ds.in_channels, "train_size": list(crop), "weight_map": bool(args.weight_map)})
+        "in_channels": ds.in_channels, "train_size": list(crop), "weight_map": bool(args.weight_map),
+        "train": {**{key: getattr(args, key) for key in TRAIN_DEFAULTS}, "lr": lr}})
     if resume_ck:
         try:
             trainer.resume(resume_ck)
         except (KeyError, ValueError) as e:
             raise CLIError(f"{resume_ck}: cannot resume from it ({e})") from None
         _say(f"resuming from {resume_ck} at epoch {trainer.epoch} (step {trainer.step})", quiet)
+        if changed:
+            _warn("resuming with settings other than the checkpoint's run: " + ", ".join(changed))
 
     pick = lambda items, idx: _as_object_array([items[i] for i in idx])  # noqa: E731
     images, masks = pick(ds.images, tr), pick(ds.masks, tr)
@@ -477,9 +523,14 @@ def _print_summary(final, out, skipped, quiet=False):
 def cmd_train(args):
     from .data import load_folder
     out = _prepare_out_dir(args.out)
-    if (out / "model.npz").exists() and not (args.overwrite or args.resume):
-        raise CLIError(f"{out / 'model.npz'} exists: pass --overwrite to replace it, or --resume "
-                       f"{out / 'last.npz'} to continue training")
+    if (out / "model.npz").exists() and not args.overwrite:
+        if not args.resume:
+            raise CLIError(f"{out / 'model.npz'} exists: pass --overwrite to replace it, or --resume "
+                           f"{out / 'last.npz'} to continue training")
+        if Path(args.resume).resolve().parent != out.resolve():
+            raise CLIError(f"{out / 'model.npz'} exists and belongs to another run than "
+                           f"{args.resume}: resume into the checkpoint's own folder, or pass "
+                           f"--overwrite to replace it")
     ds = load_folder(args.images, args.masks, normalize="image")
     quiet = args.quiet
     if _distributed(args):
@@ -495,13 +546,21 @@ def cmd_train(args):
 
 def cmd_export(args):
     """Write the model as an ONNX file (needs the onnx extra)."""
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise CLIError(f"{out}: the ONNX file's name must end in .onnx")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} exists: pass --overwrite to replace it")
     model, _ = _load_model(args.model)
     if getattr(args, "level", None) is not None:
         if not hasattr(model, "prune"):
             raise CLIError(f"{args.model}: --level applies to U-Net++ models only")
         model.prune(args.level)
     model.eval()
-    path = model.to_onnx(args.out, opset=args.opset)
+    try:
+        path = model.to_onnx(str(out), opset=args.opset)
+    except OSError as e:
+        raise CLIError(f"{out}: cannot write it ({e.strerror or e})") from None
     _say(f"wrote {path}", args.quiet)
     return 0
 
@@ -579,12 +638,21 @@ def cmd_predict(args):
     from .data import write_mask
     model, data = _load_model(args.model, backend=args.backend)
     files = _image_files(args.input)
-    out = _prepare_out_dir(args.out)
+    if Path(args.out).resolve() in {f.parent.resolve() for f in files}:
+        raise CLIError(f"{args.out}: is the folder of the input images; choose another --out")
     stems = {}
     for f in files:
         if f.stem in stems:
             raise CLIError(f"{f}: has the same name as {stems[f.stem].name}; the outputs would collide")
         stems[f.stem] = f
+    suffixes = (".png", ".npy") if args.probabilities else (".png",)
+    there = [Path(args.out) / (stem + x) for stem in stems for x in suffixes
+             if (Path(args.out) / (stem + x)).exists()]
+    if there and not args.overwrite:
+        more = f" and {len(there) - 1} more" if len(there) > 1 else ""
+        raise CLIError(f"{there[0]}{more} exist: pass --overwrite to replace them, or choose another "
+                       f"--out")
+    out = _prepare_out_dir(args.out)
     conv, pal = data.get("mask_convention"), data.get("palette")
     if conv in ("binary255", "binary01", "empty") and model.num_classes > 2:
         conv = "labels"
@@ -846,7 +914,7 @@ def _tiling(p):
     p.add_argument("--overlap", type=_nonneg_int, default=None,
                    help="context pixels on each side of a tile, mirror-padded at the image border "
                         "(default: the receptive field's reach, so tiling changes nothing)")
-    p.add_argument("--backend", default="numpy", help="unet_np backend (default numpy)")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="unet_np backend (default numpy)")
 
 
 def build_parser():
@@ -866,7 +934,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="a tiny run (well under a minute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing out/model.npz")
-    p.add_argument("--backend", default="numpy", help="unet_np backend (default numpy)")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="unet_np backend (default numpy)")
     _common(p)
 
     p = sub.add_parser("train", help="train a model on a folder of images and a folder of masks",
@@ -880,38 +948,42 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=30, help="total epochs (default 30)")
-    g.add_argument("--batch-size", type=_positive_int, default=4, help="default 4")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help="default 4")
     g.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default 1e-3 for adam, 1e-2 for sgd)")
-    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (the paper: 0.99)")
-    g.add_argument("--augment", choices=("none", "basic", "elastic"), default="basic",
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="default adam")
+    g.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum (default 0.9; the paper: 0.99)")
+    g.add_argument("--augment", choices=("none", "basic", "elastic"), default=None,
                    help="basic: flips and quarter turns; elastic: also the paper's elastic "
                         "deformation (default basic)")
-    g.add_argument("--weight-map", action="store_true",
+    g.add_argument("--weight-map", action="store_true", default=None,
                    help="weight the loss by the paper's weight map (borders between touching "
                         "objects count more; objects are the masks' connected components)")
-    g.add_argument("--val-split", type=float, default=0.2, help="fraction held out (default 0.2)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. OUT/last.npz) "
-                                                    "up to --epochs in total")
+    g.add_argument("--val-split", type=float, default=None, help="fraction held out (default 0.2)")
+    g.add_argument("--seed", type=int, default=None, help="default 0")
+    g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. OUT/last.npz) up to "
+                                                    "--epochs in total, with the architecture and "
+                                                    "training settings it was written with")
     g.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model.npz")
     a = p.add_argument_group("architecture")
-    a.add_argument("--arch", choices=("unet", "unet++", "attention"), default="unet")
-    a.add_argument("--depth", type=_positive_int, default=3, help="poolings (default 3)")
-    a.add_argument("--base-channels", type=_positive_int, default=16, help="default 16")
+    a.add_argument("--arch", choices=("unet", "unet++", "attention"), default=None, help="default unet")
+    a.add_argument("--depth", type=_positive_int, default=None, help="poolings (default 3)")
+    a.add_argument("--base-channels", type=_positive_int, default=None, help="default 16")
     a.add_argument("--classes", type=_positive_int, default=None,
                    help="number of classes (default: from the masks)")
-    a.add_argument("--padding", choices=("same", "valid"), default="same",
-                   help="valid: the paper's unpadded convolutions (output smaller than input)")
-    a.add_argument("--batchnorm", action="store_true")
-    a.add_argument("--upsample", choices=("transpose", "bilinear"), default="transpose")
-    a.add_argument("--no-skip", action="store_true", help="drop the skip connections (to see why "
+    a.add_argument("--padding", choices=("same", "valid"), default=None,
+                   help="valid: the paper's unpadded convolutions (output smaller than input; "
+                        "default same)")
+    a.add_argument("--batchnorm", action="store_true", default=None)
+    a.add_argument("--upsample", choices=("transpose", "bilinear"), default=None,
+                   help="default transpose")
+    a.add_argument("--no-skip", action="store_true", default=None, help="drop the skip connections (to see why "
                                                           "they matter)")
-    a.add_argument("--init", choices=("torch", "he"), default="torch",
-                   help="weight init: PyTorch's default or the paper's He-normal")
-    a.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    a.add_argument("--backend", default="numpy", help="unet_np backend (default numpy)")
+    a.add_argument("--init", choices=("torch", "he"), default=None,
+                   help="weight init: PyTorch's default or the paper's He-normal (default torch)")
+    a.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default float32")
+    a.add_argument("--backend", default="numpy", choices=BACKENDS, help="unet_np backend (default numpy)")
     p.add_argument("--distributed", action="store_true",
                    help="train data-parallel over MPI ranks (implied under mpiexec; needs the mpi "
                         "extra): mpiexec -n 2 unet-np train ...")
@@ -926,6 +998,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--probabilities", action="store_true",
                    help="also write the class probabilities (num_classes, H, W) as .npy")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace masks (and .npy files) already in --out")
     _tiling(p)
     _common(p)
 
@@ -946,8 +1020,8 @@ def build_parser():
                                    "importable. float64, tiny shapes.")
     p.add_argument("--layer", help="only the layers whose name contains this (e.g. conv, pool)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    p.add_argument("--tol-fd", type=float, default=1e-6, help="finite-difference tolerance")
-    p.add_argument("--tol-torch", type=float, default=1e-10, help="tolerance against PyTorch")
+    p.add_argument("--tol-fd", type=_positive_float, default=1e-6, help="finite-difference tolerance")
+    p.add_argument("--tol-torch", type=_positive_float, default=1e-10, help="tolerance against PyTorch")
     _common(p)
 
     p = sub.add_parser("export", help="export a trained model to ONNX",
@@ -956,6 +1030,7 @@ def build_parser():
                                    "pip install 'unet-np[onnx]'.")
     p.add_argument("--model", required=True, help="a model.npz")
     p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--level", type=_positive_int, default=None,
                    help="U-Net++ only: export the network pruned to this level")

@@ -29,6 +29,8 @@ Masks
 Every problem with a file raises `DataError` (a ValueError) whose message begins with the file's
 path. `load_folder` collects every problem of a folder before raising, so one run lists them all.
 """
+import os
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -478,8 +480,7 @@ def write_mask(path, labels, convention="binary255", palette=None):
         im = Image.fromarray(pal[lab])
     else:
         raise ValueError(f"unknown mask convention {convention!r}; one of {CONVENTIONS}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
+    _save_whole(Image, im, path)
     return path
 
 
@@ -494,9 +495,23 @@ def write_image(path, image):
     elif a.ndim != 2:
         raise ValueError(f"{path}: image must be (C, H, W) or (H, W), got {a.shape}")
     u8 = np.round(np.clip(np.nan_to_num(a), 0.0, 1.0) * 255.0).astype(np.uint8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(u8).save(path)
+    _save_whole(Image, Image.fromarray(u8), Path(path))
     return Path(path)
+
+
+def _save_whole(Image, im, path):
+    """Save a PIL image through a temporary file beside ``path``, then os.replace: whoever looks (or
+    an interrupted run) finds the old file or the complete new one, never part of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            im.save(f, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
