@@ -2,7 +2,7 @@
 
 Trains a tiny float64 model with DistributedTrainer on a small synthetic set (no augmentation) and, on
 rank 0, writes OUT (an .npz of the final state_dict plus the loss per step). Every rank checks that its
-weights are bit-identical to rank 0's. --fail-rank R makes rank R raise at its --fail-step'th batch.
+weights are bit-identical to rank 0's. --fail-rank R makes rank R raise --fail-with at its --fail-step'th batch.
 """
 import argparse
 import os
@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--fail-step", type=int, default=2)
+    ap.add_argument("--fail-with", choices=("RuntimeError", "OSError", "KeyboardInterrupt"),
+                    default="RuntimeError")
     args = ap.parse_args()
     comm = world()
 
@@ -52,7 +54,9 @@ def main():
     def augment(x, y, w, rng):                            # the identity, or a deliberate failure
         calls[0] += 1
         if comm.Get_rank() == args.fail_rank and calls[0] == args.fail_step:
-            raise RuntimeError(f"deliberate failure on rank {comm.Get_rank()} at batch {calls[0]}")
+            error = {"RuntimeError": RuntimeError, "OSError": OSError,
+                     "KeyboardInterrupt": KeyboardInterrupt}[args.fail_with]
+            raise error(f"deliberate failure on rank {comm.Get_rank()} at batch {calls[0]}")
         return x, y, w
 
     losses = []

@@ -161,4 +161,17 @@ def test_failing_rank_ends_the_job(fail_rank, tmp_path):
     assert p.returncode != 0
     assert f"deliberate failure on rank {fail_rank}" in p.stderr
     assert f"[rank {fail_rank}/2]" in p.stderr
+    assert "Traceback" in p.stderr and "RuntimeError" in p.stderr
     assert not os.path.exists(tmp_path / "x.npz")
+
+
+@needs_mpi
+@pytest.mark.parametrize("error,line", [
+    ("OSError", "[rank 1/2] error, aborting the MPI job: OSError: deliberate failure on rank 1 at batch 2"),
+    ("KeyboardInterrupt", "[rank 1/2] error, aborting the MPI job: interrupted")])
+def test_failing_rank_says_an_os_error_or_interrupt_in_one_line(error, line, tmp_path):
+    """A full disk or Ctrl-C is not a bug: one line, no traceback; the job still ends."""
+    p = _mpiexec(2, tmp_path / "x.npz", "--fail-rank", 1, "--fail-with", error, timeout=60)
+    assert p.returncode != 0
+    assert line in p.stderr.splitlines(), p.stderr
+    assert "Traceback" not in p.stderr

@@ -139,9 +139,12 @@ def _allreduce_sum(comm, buf):
 
 @contextlib.contextmanager
 def abort_on_error(comm=None):
-    """Inside this block an exception prints '[rank r/K] traceback' to stderr and, in a job of more
-    than one rank, calls comm.Abort(1): the other ranks would otherwise wait forever in their next
-    collective. In a one-rank job the exception propagates as usual."""
+    """Inside this block an exception prints '[rank r/K] error, aborting the MPI job:' and what went
+    wrong to stderr and, in a job of more than one rank, calls comm.Abort(1): the other ranks would
+    otherwise wait forever in their next collective. What went wrong is one line for an interrupt
+    (Ctrl-C) or an OSError (a full disk, a folder that cannot be written: the message names the
+    file), the traceback for anything else. Abort is reached even if printing fails. In a one-rank
+    job the exception propagates as usual."""
     try:
         yield
     except BaseException as exc:
@@ -151,16 +154,23 @@ def abort_on_error(comm=None):
             comm = world() if launched_by_mpi() else LocalComm()
         rank, size = comm.Get_rank(), comm.Get_size()
         if size > 1:
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            sys.stdout.flush()
-            sys.stderr.write(f"[rank {rank}/{size}] error, aborting the MPI job:\n{text}")
-            sys.stderr.flush()
-            # The launcher forwards a rank's stderr and handles its abort request on separate
-            # channels: an abort that arrives first can kill the job with the text still unsent
-            # (seen once in CI: mpiexec returned 1 with empty stderr). A short pause lets it out.
-            time.sleep(ABORT_GRACE_S)
-            comm.Abort(1)
-            os._exit(1)  # MPI_Abort should not return; make sure this rank ends either way
+            try:
+                if isinstance(exc, KeyboardInterrupt):
+                    text = "interrupted\n"
+                elif isinstance(exc, OSError):
+                    text = f"{type(exc).__name__}: {exc}\n"
+                else:
+                    text = "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                sys.stdout.flush()
+                sys.stderr.write(f"[rank {rank}/{size}] error, aborting the MPI job: {text}")
+                sys.stderr.flush()
+                # The launcher forwards a rank's stderr and handles its abort request on separate
+                # channels: an abort that arrives first can kill the job with the text still
+                # unsent (seen once in CI: mpiexec returned 1 with empty stderr). A pause lets it out.
+                time.sleep(ABORT_GRACE_S)
+            finally:                    # a broken pipe or a second Ctrl-C above must not stop this
+                comm.Abort(1)
+                os._exit(1)  # MPI_Abort should not return; make sure this rank ends either way
         raise
 
 
