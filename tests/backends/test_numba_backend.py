@@ -352,6 +352,31 @@ def _run_probe(probe, env):
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
+_FORK_AFTER_AVAILABLE = """
+import os, sys
+import numpy as np
+from unet_np import backends
+assert "numba" in backends.available()
+pid = os.fork()
+if pid == 0:              # the child loads and runs the numba backend: it must not be stopped
+    code = 1
+    try:
+        y = backends.get("numba").relu_forward(np.array([-1.0, 2.0], dtype=np.float32))
+        code = 0 if np.array_equal(np.asarray(y[0] if isinstance(y, tuple) else y), [0.0, 2.0]) else 1
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+print(os.WIFEXITED(status) and os.WEXITSTATUS(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_asking_which_backends_exist_starts_no_threads():
+    """backends.available() lists numba without loading the backend (which starts OpenMP threads,
+    after which a fork()ed child cannot run it), so a child forked after asking can use it."""
+    assert _run_probe(_FORK_AFTER_AVAILABLE, {}) == "0"
+
+
 _LAYER_PROBE = """
 import json, os
 import numpy as np

@@ -78,11 +78,20 @@ def get(name="numpy"):
 
 
 def available():
-    """Names of the backends that load and run on this machine."""
+    """Names of the backends that load and run on this machine. numba is listed when Numba imports:
+    loading the backend itself would start its OpenMP threads, and a process that has started them
+    cannot use the backend in a fork()ed child (see numba_backend), so asking must not do that."""
     names = []
     for name in NAMES:
         if name in _cache:
             names.append(name)
+            continue
+        if name == "numba":
+            try:
+                importlib.import_module("numba")
+                names.append(name)
+            except Exception:
+                pass
             continue
         try:
             _cache[name] = _load(name)
