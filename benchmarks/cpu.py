@@ -20,7 +20,9 @@ What it does (see benchmarks/README.md for how to read it):
     base_channels=64), unet_np and PyTorch interleaved in one process, median of several runs;
   * measures peak memory of each side in a fresh child process ('spawn');
   * breaks one unet_np training step down by layer;
-  * writes results/cpu-<date>.json, cpu-latest.json, cpu-latest.md and cpu-latest.png.
+  * writes results/cpu-<date>.json, cpu-latest.json, cpu-latest.md and cpu-latest.png (a --quick,
+    --profile-only or narrowed run: cpu-quick-*, cpu-profile-*, cpu-partial-*, so that it never
+    replaces the full sweep's files).
 
 Nothing is imported at the top that could load a BLAS library before the environment is settled.
 """
@@ -785,12 +787,26 @@ def plot(res, path):
     return drew
 
 
-def write_outputs(res, out_dir, stamp=None):
-    """JSON (dated and latest), markdown and PNG; returns the paths written."""
+def results_name(args):
+    """'cpu' for the full sweep, whose cpu-latest.* files the README quotes; 'cpu-quick',
+    'cpu-profile' or 'cpu-partial' for a smaller run, so that it never replaces them."""
+    if args.profile_only:
+        return "cpu-profile"
+    if args.quick:
+        return "cpu-quick"
+    if args.nets or args.batches or args.sizes or args.modes != "train,forward":
+        return "cpu-partial"
+    return "cpu"
+
+
+def write_outputs(res, out_dir, stamp=None, name="cpu"):
+    """JSON (dated and latest), markdown and PNG, as name-<stamp>.json and name-latest.*; returns the
+    paths written."""
     os.makedirs(out_dir, exist_ok=True)
     stamp = stamp or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    paths = dict(json=os.path.join(out_dir, f"cpu-{stamp}.json"), latest=os.path.join(out_dir, "cpu-latest.json"),
-                 md=os.path.join(out_dir, "cpu-latest.md"), png=os.path.join(out_dir, "cpu-latest.png"))
+    paths = dict(json=os.path.join(out_dir, f"{name}-{stamp}.json"),
+                 latest=os.path.join(out_dir, f"{name}-latest.json"),
+                 md=os.path.join(out_dir, f"{name}-latest.md"), png=os.path.join(out_dir, f"{name}-latest.png"))
     text = json.dumps(res, indent=1, default=float)
     for k in ("json", "latest"):
         with open(paths[k], "w") as f:
@@ -867,7 +883,7 @@ def main(args):
     res = collect(args)
     res["wall_s"] = time.time() - t0
     res["loadavg_end"] = list(os.getloadavg())
-    paths = write_outputs(res, args.out)
+    paths = write_outputs(res, args.out, name=results_name(args))
     print(f"done in {res['wall_s']:.0f} s; wrote " + ", ".join(paths.values()))
     return res
 

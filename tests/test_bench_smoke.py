@@ -97,3 +97,12 @@ def test_gpu_harness_smoke_runs_on_the_cpu_and_writes_its_outputs(tmp_path):
     data = json.loads(jsons[0].read_text())
     assert data["nets"]["article"]["check_rel_err"] < 1e-4          # same weights on both sides
     assert "| article | train |" in r.stdout and "Where the cupy training step goes" in r.stdout
+
+
+def test_smaller_runs_never_replace_the_full_sweeps_files():
+    """cpu-latest.* (quoted by the README) come from the full sweep only; smaller runs get own names."""
+    name = lambda *argv: cpu.results_name(cpu.build_parser().parse_args(list(argv)))  # noqa: E731
+    assert name() == name("--threads", "2", "--backend", "numba") == "cpu"
+    assert name("--quick") == "cpu-quick" and name("--profile-only") == "cpu-profile"
+    for narrowed in (["--nets", "depth4"], ["--batches", "8"], ["--sizes", "128"], ["--modes", "train"]):
+        assert name(*narrowed) == "cpu-partial", narrowed
