@@ -261,6 +261,21 @@ def test_failure_at_fsync_or_replace_keeps_old_file(saved, monkeypatch, step):
     assert load_checkpoint(saved).config == sample()[0]
 
 
+def test_full_disk_error_names_the_checkpoint(saved, monkeypatch):
+    """Writing raises OSError(28) without a file name (as a full disk does): the error names the path."""
+    before = saved.read_bytes()
+
+    def full(zf, name, arr):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_member", full)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(saved, *sample())
+    assert info.value.errno == 28 and info.value.filename == str(saved)
+    assert str(saved) in str(info.value)
+    assert saved.read_bytes() == before and temp_files(saved.parent) == []
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError):
         save_checkpoint(tmp_path / "nope" / "a.npz", {}, {"w": np.ones(1)})

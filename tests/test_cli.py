@@ -158,6 +158,30 @@ def test_resume_takes_the_checkpoints_settings(data, tmp_path):
     assert _train_meta(out / "last.npz") == dict(saved, lr=0.001)
 
 
+def test_ctrl_c_keeps_a_loadable_checkpoint_and_says_how_to_resume(data, tmp_path):
+    import signal
+    import time
+    from unet_np import load_model
+    _, idir, mdir = data
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, "-m", "unet_np.cli", "train", "--images", str(idir),
+                             "--masks", str(mdir), "--out", str(out), "--epochs", "10000",
+                             "--base-channels", "4", "--depth", "1", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.npz").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (out / "last.npz").exists(), "no checkpoint was written"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"--resume {out / 'last.npz'}" in err and "Traceback" not in err
+    assert load_model(out / "last.npz").depth == 1
+
+
 def test_resume_does_not_replace_another_runs_model(data, trained, tmp_path):
     _, idir, mdir = data
     other = tmp_path / "other"
@@ -224,6 +248,7 @@ def test_error_missing_folder(tmp_path):
     idir, mdir = _set(tmp_path)
     p = cli("train", "--images", tmp_path / "nope", "--masks", mdir, "--out", tmp_path / "o", *TINY)
     assert_error(p, "nope", "does not exist")
+    assert not (tmp_path / "o").exists()             # checked before the output folder is made
 
 
 def test_error_empty_folder(tmp_path):

@@ -218,13 +218,15 @@ def save_checkpoint(path, config, arrays, optimizer=None, meta=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if fd is not None:
             os.close(fd)
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:    # e.g. a full disk: say which file
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
         raise
     _fsync_dir(directory)
 

@@ -522,6 +522,9 @@ def _print_summary(final, out, skipped, quiet=False):
 
 def cmd_train(args):
     from .data import load_folder
+    from .data.io import _check_dir
+    _check_dir(args.images, "image")       # before the output folder is made: no empty one is left
+    _check_dir(args.masks, "mask")
     out = _prepare_out_dir(args.out)
     if (out / "model.npz").exists() and not args.overwrite:
         if not args.resume:
@@ -1062,7 +1065,9 @@ def main(argv=None):
                 "evaluate": cmd_evaluate, "gradcheck": cmd_gradcheck,
                 "export": cmd_export}[args.command](args)
     except KeyboardInterrupt:
-        _warn("interrupted")
+        last = Path(args.out) / "last.npz" if args.command == "train" else None
+        _warn("interrupted" + (f"; to continue: unet-np train ... --out {args.out} --resume {last}"
+                               if last is not None and last.exists() else ""))
         return 130
     except Exception as e:  # noqa: BLE001 - the one place every error becomes one line
         if debug:
