@@ -144,8 +144,9 @@ def test_resume_takes_the_checkpoints_settings(data, tmp_path):
     assert saved == dict(optimizer="sgd", lr=0.005, momentum=0.5, batch_size=3, augment="none",
                          weight_map=False, val_split=0.3, seed=4)
     p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume", out / "last.npz",
-            "--epochs", "2", "--depth", "2", "--batchnorm", "--quiet")
-    assert_error(p, "--depth 2 (the checkpoint has 1)", "--batchnorm (the checkpoint has none)")
+            "--epochs", "2", "--depth", "2", "--batchnorm", "--seed", "5", "--quiet")
+    assert_error(p, "--depth 2 (the checkpoint has 1)", "--batchnorm (the checkpoint has no batch-norm)",
+                 "--seed 5 (the checkpoint has 4)")
     p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume", out / "last.npz",
             "--epochs", "2", "--depth", "1", "--quiet")              # the same architecture: fine
     assert p.returncode == 0, p.stderr
@@ -156,6 +157,8 @@ def test_resume_takes_the_checkpoints_settings(data, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "--lr 0.001 (was 0.005)" in p.stderr
     assert _train_meta(out / "last.npz") == dict(saved, lr=0.001)
+    from unet_np.checkpoint import load_checkpoint
+    assert load_checkpoint(out / "last.npz").optimizer["lr"] == 0.001       # used, not only said
 
 
 def test_ctrl_c_keeps_a_loadable_checkpoint_and_says_how_to_resume(data, tmp_path):
@@ -180,6 +183,25 @@ def test_ctrl_c_keeps_a_loadable_checkpoint_and_says_how_to_resume(data, tmp_pat
     assert proc.returncode == 130, err
     assert f"--resume {out / 'last.npz'}" in err and "Traceback" not in err
     assert load_model(out / "last.npz").depth == 1
+
+
+def test_resume_of_a_checkpoint_without_recorded_settings(data, tmp_path):
+    """Checkpoints from before the "train" entry: resumed with the command line's settings or the
+    defaults (the weight map from the data meta), and a warning says so."""
+    from unet_np.checkpoint import load_checkpoint, save_checkpoint
+    _, idir, mdir = data
+    out = tmp_path / "old"
+    assert cli("train", "--images", idir, "--masks", mdir, "--out", out, "--epochs", "1", "--depth", "1",
+               "--base-channels", "4", "--weight-map", "--batch-size", "2", "--quiet").returncode == 0
+    ck = load_checkpoint(out / "last.npz")
+    del ck.meta["data"]["train"]
+    save_checkpoint(out / "last.npz", ck.config, ck.arrays, ck.optimizer, ck.meta)
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume", out / "last.npz",
+            "--epochs", "2", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "does not record the settings" in p.stderr
+    assert _train_meta(out / "last.npz") == dict(optimizer="adam", lr=0.001, momentum=0.9, batch_size=4,
+                                                 augment="basic", weight_map=True, val_split=0.2, seed=0)
 
 
 def test_resume_does_not_replace_another_runs_model(data, trained, tmp_path):

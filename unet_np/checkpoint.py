@@ -17,7 +17,9 @@ Saving is atomic: the archive is written to a temporary file in the target's fol
 fsync'ed, then ``os.replace``-d onto the target, and the folder is fsync'ed. A reader therefore sees
 either the old file or the new one, never a mixture, even if the writer is killed (SIGKILL, power
 loss) at any moment. A killed writer may leave its temporary file (``.<name>.*.tmp``) behind; a
-failed save that Python sees (an exception) removes it. Non-finite values (NaN, inf) in model or
+failed save that Python sees (an exception) removes it. Ctrl-C during a save (in the main thread)
+is held until the file is complete, then raised: interrupted inside the zip writer, the writer was
+left half-closed and printed an error when collected. Non-finite values (NaN, inf) in model or
 optimizer arrays are refused before anything is written, so a diverged run never replaces a good
 checkpoint with a broken one.
 
@@ -30,9 +32,12 @@ read, so never parsed).
 import errno
 import hashlib
 import json
+import contextlib
 import os
+import signal
 import stat
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 
@@ -206,6 +211,31 @@ def save_checkpoint(path, config, arrays, optimizer=None, meta=None):
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = 0o666 & ~_current_umask()
+    with _ctrl_c_held():
+        _write_atomically(path, directory, mode, members)
+    _fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """SIGINT inside the block is held and raised as KeyboardInterrupt at its end (main thread, with
+    Python's default handler installed; elsewhere nothing changes)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _write_atomically(path, directory, mode, members):
+    """The archive into a temporary file beside ``path``, fsync'ed, then os.replace'd onto it."""
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -226,9 +256,10 @@ def save_checkpoint(path, config, arrays, optimizer=None, meta=None):
         except OSError:
             pass
         if isinstance(exc, OSError) and exc.filename is None:    # e.g. a full disk: say which file
+            if exc.errno is None:
+                raise OSError(f"{path}: {exc}") from exc
             raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
         raise
-    _fsync_dir(directory)
 
 
 # -- loading ---------------------------------------------------------------------------------------

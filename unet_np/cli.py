@@ -367,32 +367,46 @@ TRAIN_DEFAULTS = dict(optimizer="adam", momentum=0.9, batch_size=4, augment="bas
                       val_split=0.2, seed=0)
 
 
-def _resume_settings(args, model, saved):
-    """Fill args from the checkpoint being resumed. An architecture flag that asks for something else
-    than the checkpoint holds (or --classes) is an error; a training flag not given takes the value
-    the checkpoint's run used (``saved``: the data meta's "train" entry; the defaults for checkpoints
-    written before it existed). Returns the training flags given that differ from the saved run."""
+RESUME_FIXED = ("optimizer", "seed", "val_split")    # the optimizer state, the train/validation split
+RESUME_CHANGEABLE = ("lr", "momentum", "batch_size", "augment", "weight_map")
+_FLAG_ASKS = {"batchnorm": "the checkpoint has no batch-norm",
+              "no_skip": "the checkpoint has skip connections"}
+
+
+def _resume_settings(args, model, data):
+    """Fill args from the checkpoint being resumed (``data``: its data meta). The architecture,
+    --classes, the optimizer, the seed and the validation split are the checkpoint's: a flag that
+    asks for another is an error. The other training settings not given are those of the checkpoint's
+    run ("train" in its data meta); one given that differs is used. Returns (the changed settings
+    as 'flag value (was value)' strings, whether the checkpoint records its training settings)."""
+    saved = data.get("train")
     cfg = model.config()
     have = dict(cfg, arch=model.arch, no_skip=not cfg.get("skip", True), classes=model.num_classes)
     have.setdefault("padding", "same")
+    if saved:
+        have.update({key: saved[key] for key in RESUME_FIXED if key in saved})
     conflicts = []
-    for key in (*ARCH_DEFAULTS, "classes"):
+    for key in (*ARCH_DEFAULTS, "classes", *RESUME_FIXED):
         given, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if key not in have:                      # an older checkpoint: the command line or default
+            setattr(args, key, TRAIN_DEFAULTS[key] if given is None else given)
+            continue
         if given is not None and given != have[key]:
-            conflicts.append(f"{flag} (the checkpoint has none)" if given is True and not have[key]
+            conflicts.append(f"{flag} ({_FLAG_ASKS[key]})" if given is True and key in _FLAG_ASKS
                              else f"{flag} {given} (the checkpoint has {have[key]})")
-        setattr(args, key, have[key] if key != "classes" else given)
+        setattr(args, key, have[key])
     if conflicts:
-        raise CLIError(f"{args.resume}: a resumed run keeps the checkpoint's architecture; drop "
-                       f"{', '.join(conflicts)}")
+        raise CLIError(f"{args.resume}: a resumed run keeps the checkpoint's architecture, optimizer, "
+                       f"seed and validation split; drop {', '.join(conflicts)}")
+    before_run = saved if saved else {"weight_map": data.get("weight_map")}
     changed = []
-    for key, default in {**TRAIN_DEFAULTS, "lr": None}.items():
-        given, before = getattr(args, key), saved.get(key, default)
+    for key in RESUME_CHANGEABLE:
+        given, before = getattr(args, key), before_run.get(key)
         if given is None:
-            setattr(args, key, before)
-        elif key in saved and given != before:
+            setattr(args, key, before if before is not None else TRAIN_DEFAULTS.get(key))
+        elif before is not None and given != before:
             changed.append(f"--{key.replace('_', '-')} {given} (was {before})")
-    return changed
+    return changed, bool(saved)
 
 
 def run_training(args, ds, out, quiet=False, instances=None):
@@ -411,18 +425,20 @@ def run_training(args, ds, out, quiet=False, instances=None):
         if model.in_channels != ds.in_channels:
             raise CLIError(f"{args.resume}: the model takes {model.in_channels} channel(s), the "
                            f"images have {ds.in_channels}")
-        changed = _resume_settings(args, model, resume_meta.get("train") or {})
-        num_classes = model.num_classes
+        explicit = {key for key in RESUME_CHANGEABLE if getattr(args, key) is not None}
+        changed, recorded = _resume_settings(args, model, resume_meta)
         resume_ck = args.resume
     else:
         for key, default in {**ARCH_DEFAULTS, **TRAIN_DEFAULTS}.items():
             if getattr(args, key) is None:
                 setattr(args, key, default)
-    if args.classes is not None and not args.resume:
+    if args.classes is not None:        # given, or the resumed model's
         top = max(int(m.max()) for m in ds.masks)
         if top >= args.classes:
             bad = next(nm for nm, m in zip(ds.names, ds.masks) if int(m.max()) == top)
-            raise CLIError(f"{bad}: mask holds label {top}, but --classes is {args.classes}")
+            raise CLIError(f"{bad}: mask holds label {top}, but "
+                           + (f"the model of {args.resume} has {args.classes} classes" if args.resume
+                              else f"--classes is {args.classes}"))
         num_classes = args.classes
     if args.weight_map:
         ds.compute_weights(instances=instances)
@@ -452,8 +468,16 @@ def run_training(args, ds, out, quiet=False, instances=None):
         except (KeyError, ValueError) as e:
             raise CLIError(f"{resume_ck}: cannot resume from it ({e})") from None
         _say(f"resuming from {resume_ck} at epoch {trainer.epoch} (step {trainer.step})", quiet)
-        if changed:
+        if "lr" in explicit:                 # the optimizer state just loaded holds the old ones
+            opt.lr = lr
+        if "momentum" in explicit and hasattr(opt, "momentum"):
+            opt.momentum = args.momentum
+        root = getattr(trainer, "is_root", True)             # MPI: rank 0 says it, once
+        if changed and root:
             _warn("resuming with settings other than the checkpoint's run: " + ", ".join(changed))
+        if not recorded and root:
+            _warn(f"{resume_ck} does not record the settings it was trained with (an older "
+                  f"unet-np): the command line's, or the defaults, apply")
 
     pick = lambda items, idx: _as_object_array([items[i] for i in idx])  # noqa: E731
     images, masks = pick(ds.images, tr), pick(ds.masks, tr)
@@ -621,8 +645,9 @@ def cmd_demo(args):
             ["test", _fmt(test["dice"]), _fmt(test["iou"]), _fmt(test.get("dice_foreground")),
              _fmt(test["boundary_f1"])]]
     print(_table(rows, ["demo summary", "Dice", "IoU", "cell Dice", "boundary F1"]))
+    again = " --overwrite" if (out / "predictions").is_dir() and any((out / "predictions").iterdir()) else ""
     print(f"done in {time.perf_counter() - t0:.0f} s. Next: unet-np predict --model {out}/model.npz "
-          f"--input {out}/data/test/images --out {out}/predictions")
+          f"--input {out}/data/test/images --out {out}/predictions{again}")
     return 0
 
 
@@ -652,9 +677,8 @@ def cmd_predict(args):
     there = [Path(args.out) / (stem + x) for stem in stems for x in suffixes
              if (Path(args.out) / (stem + x)).exists()]
     if there and not args.overwrite:
-        more = f" and {len(there) - 1} more" if len(there) > 1 else ""
-        raise CLIError(f"{there[0]}{more} exist: pass --overwrite to replace them, or choose another "
-                       f"--out")
+        more = f" and {len(there) - 1} more exist" if len(there) > 1 else " exists"
+        raise CLIError(f"{there[0]}{more}: pass --overwrite to replace, or choose another --out")
     out = _prepare_out_dir(args.out)
     conv, pal = data.get("mask_convention"), data.get("palette")
     if conv in ("binary255", "binary01", "empty") and model.num_classes > 2:
@@ -966,8 +990,9 @@ def build_parser():
     g.add_argument("--val-split", type=float, default=None, help="fraction held out (default 0.2)")
     g.add_argument("--seed", type=int, default=None, help="default 0")
     g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. OUT/last.npz) up to "
-                                                    "--epochs in total, with the architecture and "
-                                                    "training settings it was written with")
+                                                    "--epochs in total, with its architecture, "
+                                                    "optimizer, seed and validation split; other "
+                                                    "settings not given are its run's")
     g.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model.npz")
     a = p.add_argument_group("architecture")
     a.add_argument("--arch", choices=("unet", "unet++", "attention"), default=None, help="default unet")

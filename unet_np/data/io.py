@@ -502,12 +502,16 @@ def write_image(path, image):
 def _save_whole(Image, im, path):
     """Save a PIL image through a temporary file beside ``path``, then os.replace: whoever looks (or
     an interrupted run) finds the old file or the complete new one, never part of one."""
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension {path.suffix!r} (.png, .tif, .bmp ...)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions()[path.suffix.lower()]
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as f:
             im.save(f, format=fmt)
+        if path.exists():                                   # keep the replaced file's permissions
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
