@@ -81,6 +81,7 @@ def test_predict_writes_masks_in_the_training_convention(data, trained, tmp_path
     prob = np.load(out / f"{stems[0]}.npy")
     assert prob.shape == (2, 32, 32) and np.allclose(prob.sum(0), 1, atol=1e-5)
     assert np.array_equal(prob.argmax(0), read_mask(out / f"{stems[0]}.png"))
+    assert sorted(f.name for f in out.iterdir()) == sorted(f"{s}{x}" for s in stems for x in (".npy", ".png"))
 
 
 def test_predict_any_size_single_file(data, trained, tmp_path):

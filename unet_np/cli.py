@@ -690,7 +690,14 @@ def cmd_predict(args):
         write_mask(out / f"{f.stem}.png", labels, convention=conv,
                    palette=[tuple(c) for c in pal] if pal else None)
         if args.probabilities:
-            np.save(out / f"{f.stem}.npy", probs.astype(np.float32))
+            target = out / f"{f.stem}.npy"
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:                                     # whole or not at all, as the masks
+                with open(tmp, "wb") as fh:
+                    np.save(fh, probs.astype(np.float32))
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
         _say(f"{f.name} -> {out / (f.stem + '.png')} ({x.shape[1]}x{x.shape[2]}, "
              + ", ".join(f"class {c}: {100.0 * np.mean(labels == c):.1f}%"
                          for c in range(model.num_classes)) + ")", args.quiet)
