@@ -664,9 +664,11 @@ def _read_checked(path, model):
 
 def cmd_predict(args):
     from .data import write_mask
+    from .data.io import _whole_file
     model, data = _load_model(args.model, backend=args.backend)
     files = _image_files(args.input)
-    if Path(args.out).resolve() in {f.parent.resolve() for f in files}:
+    out = Path(args.out)
+    if out.resolve() in {f.parent.resolve() for f in files}:
         raise CLIError(f"{args.out}: is the folder of the input images; choose another --out")
     stems = {}
     for f in files:
@@ -674,12 +676,11 @@ def cmd_predict(args):
             raise CLIError(f"{f}: has the same name as {stems[f.stem].name}; the outputs would collide")
         stems[f.stem] = f
     suffixes = (".png", ".npy") if args.probabilities else (".png",)
-    there = [Path(args.out) / (stem + x) for stem in stems for x in suffixes
-             if (Path(args.out) / (stem + x)).exists()]
+    there = [out / (stem + x) for stem in stems for x in suffixes if (out / (stem + x)).exists()]
     if there and not args.overwrite:
         more = f" and {len(there) - 1} more exist" if len(there) > 1 else " exists"
         raise CLIError(f"{there[0]}{more}: pass --overwrite to replace, or choose another --out")
-    out = _prepare_out_dir(args.out)
+    _prepare_out_dir(out)
     conv, pal = data.get("mask_convention"), data.get("palette")
     if conv in ("binary255", "binary01", "empty") and model.num_classes > 2:
         conv = "labels"
@@ -690,14 +691,8 @@ def cmd_predict(args):
         write_mask(out / f"{f.stem}.png", labels, convention=conv,
                    palette=[tuple(c) for c in pal] if pal else None)
         if args.probabilities:
-            target = out / f"{f.stem}.npy"
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:                                     # whole or not at all, as the masks
-                with open(tmp, "wb") as fh:
-                    np.save(fh, probs.astype(np.float32))
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with _whole_file(out / f"{f.stem}.npy") as fh:       # whole or not at all, as the masks
+                np.save(fh, probs.astype(np.float32))
         _say(f"{f.name} -> {out / (f.stem + '.png')} ({x.shape[1]}x{x.shape[2]}, "
              + ", ".join(f"class {c}: {100.0 * np.mean(labels == c):.1f}%"
                          for c in range(model.num_classes)) + ")", args.quiet)

@@ -29,6 +29,7 @@ Masks
 Every problem with a file raises `DataError` (a ValueError) whose message begins with the file's
 path. `load_folder` collects every problem of a folder before raising, so one run lists them all.
 """
+import contextlib
 import os
 import uuid
 from collections import Counter
@@ -500,17 +501,26 @@ def write_image(path, image):
 
 
 def _save_whole(Image, im, path):
-    """Save a PIL image through a temporary file beside ``path``, then os.replace: whoever looks (or
-    an interrupted run) finds the old file or the complete new one, never part of one."""
+    """Save a PIL image at ``path`` whole (_whole_file), in the format its extension names."""
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image file extension {path.suffix!r} (.png, .tif, .bmp ...)")
+    with _whole_file(path) as f:
+        im.save(f, format=fmt)
+
+
+@contextlib.contextmanager
+def _whole_file(path):
+    """A binary file to write ``path`` through: a temporary file beside it, os.replace'd onto it when
+    the block ends (keeping the replaced file's permissions), removed if the block raises. Whoever
+    looks, or an interrupted run, finds the old file or the complete new one, never part of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as f:
-            im.save(f, format=fmt)
-        if path.exists():                                   # keep the replaced file's permissions
+            yield f
+        if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
