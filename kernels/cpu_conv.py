@@ -1,9 +1,9 @@
-"""Numba CPU kernels for the convolution drivers of unet_np/nn/conv.py (the numba backend).
+"""Numba CPU kernels for the convolution drivers of unet_np/nn/conv_fast.py (the numba backend).
 
-The drivers (tiling, GEMMs) stay in conv.py; these replace its element-wise NumPy helpers, which
+The drivers (tiling, GEMMs) stay in conv_fast.py; these replace its element-wise NumPy helpers, which
 are single-threaded and make several strided passes, with one multi-threaded pass each. Every loop
 that runs in parallel writes disjoint outputs and every sum runs in a fixed order, so results are
-bit-identical from run to run. Reference: the ``_np_*`` helpers in unet_np/nn/conv.py.
+bit-identical from run to run. Reference: the ``_np_*`` helpers in unet_np/nn/conv_fast.py.
 """
 import numpy as np
 from numba import njit, prange

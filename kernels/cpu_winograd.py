@@ -1,5 +1,5 @@
 """Numba CPU kernels for the Winograd F(4x4, 3x3) convolution (the numba backend); the driver is
-``_winograd_*`` in unet_np/nn/conv.py, the reference the im2col path of the same file.
+``winograd_*`` in unet_np/nn/conv_fast.py, the reference the im2col path of conv_reference.py.
 
 F(4x4, 3x3) (Lavin & Gray 2015) computes a 4x4 block of a 3x3 stride-1 correlation from a 6x6
 input tile d (neighbouring tiles overlap by 2) with 36 multiplications instead of 144:
@@ -205,7 +205,7 @@ def grad_transform(dy, r0, r1, TH, TW, Z):
 @njit(parallel=True, cache=True, fastmath=False)
 def weight_transform(w, U):
     """U[6 k + l, o, c] = (G w[o, c] G^T)[k, l] for w (O, C, 3, 3), U (36, O, C), in float64 and
-    rounded once to U's dtype. Reference: _wino_weights in unet_np/nn/conv.py. (The loops over c
+    rounded once to U's dtype. Reference: wino_weights in unet_np/nn/conv_fast.py. (The loops over c
     are innermost so that each of the 36 outputs is written as one contiguous run: 8x faster than
     36 scattered stores per (o, c).)"""
     O, C = w.shape[:2]

@@ -50,7 +50,7 @@ import numpy as np
 from .backends import to_numpy
 from .nn.loss import BCEWithLogitsLoss, CrossEntropyLoss
 from .nn.module import check_input
-from .nn.norm import BatchNorm2d, _channel_dot, _channel_sum, _per_channel
+from .nn.norm import BatchNorm2d, channel_dot, channel_sum, per_channel
 from .train import Trainer, TrainingError
 
 __all__ = ["DistributedTrainer", "SyncBatchNorm", "convert_sync_batchnorm", "GradientBuffer",
@@ -234,9 +234,9 @@ class SyncBatchNorm(BatchNorm2d):
         x = check_input("SyncBatchNorm", x, channels=self.num_features, xp=self.xp, dtype=self.dtype)
         C = self.num_features
         m_local = x.size // C
-        mu_l = _channel_sum(x) / m_local
-        xc = x - _per_channel(mu_l)
-        m2_l = _channel_sum(self.xp.square(xc))
+        mu_l = channel_sum(x) / m_local
+        xc = x - per_channel(mu_l)
+        m2_l = channel_sum(self.xp.square(xc))
         send = np.concatenate([[float(m_local)], to_numpy(mu_l).astype(np.float64),
                                to_numpy(m2_l).astype(np.float64)])
         parts = np.empty((self.comm.Get_size(), send.size), dtype=np.float64)
@@ -251,12 +251,12 @@ class SyncBatchNorm(BatchNorm2d):
         inv_std = 1.0 / np.sqrt(var + self.eps)
         mean_x = self.backend.asarray(mean.astype(self.dtype))
         inv_x = self.backend.asarray(inv_std.astype(self.dtype))
-        xhat = x - _per_channel(mean_x)
-        xhat *= _per_channel(inv_x)
+        xhat = x - per_channel(mean_x)
+        xhat *= per_channel(inv_x)
         gamma = self.weight.data if self.affine else None
-        y = xhat * _per_channel(gamma) if gamma is not None else xhat.copy()
+        y = xhat * per_channel(gamma) if gamma is not None else xhat.copy()
         if self.affine:
-            y += _per_channel(self.bias.data)
+            y += per_channel(self.bias.data)
         if self.track_running_stats:
             self.num_batches_tracked += 1
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -277,16 +277,16 @@ class SyncBatchNorm(BatchNorm2d):
             raise ValueError(f"SyncBatchNorm: backward expected dy of shape {tuple(xhat.shape)}, got "
                              f"{tuple(dy.shape)}")
         C = self.num_features
-        dbeta_l = _channel_sum(dy)
-        dgamma_l = _channel_dot(dy, xhat)
+        dbeta_l = channel_sum(dy)
+        dgamma_l = channel_dot(dy, xhat)
         sums = np.concatenate([to_numpy(dbeta_l), to_numpy(dgamma_l)]).astype(np.float64)
         _allreduce_sum(self.comm, sums)
         dbeta_g = self.backend.asarray(sums[:C].astype(self.dtype))
         dgamma_g = self.backend.asarray(sums[C:].astype(self.dtype))
-        dx = xhat * _per_channel(dgamma_g / M)
+        dx = xhat * per_channel(dgamma_g / M)
         self.xp.subtract(dy, dx, out=dx)
-        dx -= _per_channel(dbeta_g / M)
-        dx *= _per_channel(inv_std if gamma is None else gamma * inv_std)
+        dx -= per_channel(dbeta_g / M)
+        dx *= per_channel(inv_std if gamma is None else gamma * inv_std)
         if self.affine:
             self.weight.add_grad(dgamma_l)
             self.bias.add_grad(dbeta_l)
@@ -563,9 +563,9 @@ class DistributedTrainer(Trainer):
             _, state, opt_state, meta = payload
             self.model.load_state_dict(state)
             self.optimizer.load_state_dict(opt_state)
-            from .train import _rng_from_state
+            from .train import rng_from_state
             self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
-            self.rng = _rng_from_state(meta["rng"])
+            self.rng = rng_from_state(meta["rng"])
             self.history = list(meta.get("history", []))
             self.best = meta["best"] if meta.get("best") is not None else -math.inf
             if self.scheduler is not None and meta.get("scheduler") is not None:

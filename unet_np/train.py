@@ -26,11 +26,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or weights)."""
 
 
-def _rng_state(rng):
+def rng_state(rng):
     return json.loads(json.dumps(rng.bit_generator.state))
 
 
-def _rng_from_state(state):
+def rng_from_state(state):
     rng = np.random.default_rng()
     rng.bit_generator.state = state
     return rng
@@ -152,7 +152,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _meta(self):
-        return {"epoch": self.epoch, "step": self.step, "rng": _rng_state(self.rng),
+        return {"epoch": self.epoch, "step": self.step, "rng": rng_state(self.rng),
                 "history": self.history, "best": self.best if math.isfinite(self.best) else None,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
 
@@ -182,7 +182,7 @@ class Trainer:
         self.optimizer.load_state_dict(ck.optimizer)
         meta = ck.meta
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
-        self.rng = _rng_from_state(meta["rng"])
+        self.rng = rng_from_state(meta["rng"])
         self.history = list(meta.get("history", []))
         self.best = meta["best"] if meta.get("best") is not None else -math.inf
         if self.scheduler is not None and meta.get("scheduler") is not None:

@@ -16,7 +16,7 @@ pytest.importorskip("numba")
 
 import unet_np  # noqa: E402
 from unet_np import backends  # noqa: E402
-from unet_np.nn import activation, conv, pool  # noqa: E402
+from unet_np.nn import activation, conv, conv_fast, pool  # noqa: E402
 from unet_np.nn.loss import CrossEntropyLoss  # noqa: E402
 from unet_np import optim  # noqa: E402
 from unet_np.optim import SGD  # noqa: E402
@@ -69,7 +69,7 @@ def _conv_all(fwd, bwd, x, w, b, args, dy):
 def test_conv2d_tiled_and_numba_match_reference(case, tile_bytes, dtype, nb, monkeypatch):
     xs, ws, s, p, d = case
     if tile_bytes is not None:                       # force bands of one row: every tiling branch
-        monkeypatch.setattr(conv, "_TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(conv_fast, "TILE_BYTES", tile_bytes)
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
     b = rng.standard_normal(ws[0]).astype(dtype)
@@ -100,7 +100,7 @@ CONVT_CASES = [
 def test_conv_transpose2d_tiled_and_numba_match_reference(case, tile_bytes, dtype, nb, monkeypatch):
     xs, ws, s, p, op, d = case
     if tile_bytes is not None:
-        monkeypatch.setattr(conv, "_TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(conv_fast, "TILE_BYTES", tile_bytes)
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
     b = rng.standard_normal(ws[1]).astype(dtype)
@@ -176,7 +176,7 @@ def test_unet_step_numba_matches_numpy(dtype, base_channels, monkeypatch):
     """base_channels 16: every 3x3 convolution with >= 16 channels in and out (forward, weight and
     input gradients) runs as Winograd on the numba backend, im2col on the numpy one."""
     if base_channels == 16:
-        monkeypatch.setattr(conv, "_WINO_MIN_PIXELS", 1)
+        monkeypatch.setattr(conv_fast, "WINO_MIN_PIXELS", 1)
     state = unet_np.UNet(1, 3, depth=2, base_channels=base_channels, dtype=dtype).state_dict()
     ref = _step("numpy", dtype, state, base_channels=base_channels)
     got = _step("numba", dtype, state, base_channels=base_channels)
@@ -227,10 +227,10 @@ WINOGRAD_CASES = [
 @pytest.mark.parametrize("tile_bytes", [None, 64])
 def test_conv2d_winograd_matches_reference(case, tile_bytes, dtype, nb, monkeypatch):
     xs, ws, p = case
-    monkeypatch.setattr(conv, "_WINO_MIN_PIXELS", 1)  # these maps are far smaller than the threshold
-    assert conv._winograd_ok(nb_kernels(), ws[1], ws[0], 3, 3, (1, 1), (1, 1), *xs[:1], *xs[2:])
+    monkeypatch.setattr(conv_fast, "WINO_MIN_PIXELS", 1)  # these maps are far smaller than the threshold
+    assert conv_fast.winograd_ok(nb_kernels(), ws[1], ws[0], 3, 3, (1, 1), (1, 1), *xs[:1], *xs[2:])
     if tile_bytes is not None:                       # one tile row per chunk
-        monkeypatch.setattr(conv, "_TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(conv_fast, "TILE_BYTES", tile_bytes)
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
     b = rng.standard_normal(ws[0]).astype(dtype)
@@ -250,7 +250,7 @@ def test_conv2d_winograd_matches_reference(case, tile_bytes, dtype, nb, monkeypa
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_winograd_weight_transforms_match_numpy(dtype):
     """The compiled weight transform U = G g G^T and its adjoint dg = G^T dU G against the NumPy
-    versions in conv.py (same float64 arithmetic, rounded once), and the adjoint identity
+    versions in conv_fast.py (same float64 arithmetic, rounded once), and the adjoint identity
     <U(g), dU> = <g, dg(dU)> in float64."""
     from unet_np.kernels import cpu_winograd
     rng = np.random.default_rng(7)
@@ -259,13 +259,13 @@ def test_winograd_weight_transforms_match_numpy(dtype):
     U = cpu_winograd.weight_transform(w, np.empty((36, 5, 3), dtype=dtype))
     dw = cpu_winograd.weight_grad_transform(dU, np.empty((5, 3, 3, 3), dtype=dtype))
     assert U.dtype == dw.dtype == dtype
-    assert rel(U, conv._wino_weights(w)) < TOL[dtype]
-    assert rel(dw, conv._wino_weight_grad(dU)) < TOL[dtype]
+    assert rel(U, conv_fast.wino_weights(w)) < TOL[dtype]
+    assert rel(dw, conv_fast.wino_weight_grad(dU)) < TOL[dtype]
     if dtype == np.float64:                           # 1e-12: sums of ~540 products of size <= 1
         lhs, rhs = np.sum(U * dU), np.sum(w * dw)
         assert abs(lhs - rhs) < 1e-12 * max(abs(lhs), 1.0)
     # and G g G^T of a 3x3 kernel is its value at the 6x6 Winograd points (here for one entry)
-    G = conv._WINO_G
+    G = conv_fast.WINO_G
     np.testing.assert_allclose(U[:, 1, 2].reshape(6, 6), G @ w[1, 2].astype(np.float64) @ G.T,
                                rtol=TOL[dtype], atol=TOL[dtype])
 
@@ -274,12 +274,12 @@ def test_winograd_only_for_enough_pixels():
     """Small maps (few output pixels over the batch) take the im2col path: the weight transforms
     would cost more than the Winograd GEMMs save; so do thin layers (few channels)."""
     k = nb_kernels()
-    assert conv._winograd_ok(k, 64, 64, 3, 3, (1, 1), (1, 1), 1, 64, 64)      # 4096 pixels
-    assert not conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 1, 8, 8)
-    assert conv._winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 32, 8, 8)   # 2048 pixels
-    assert not conv._winograd_ok(k, 256, 256, 3, 3, (1, 1), (1, 1), 1, 16, 16)
-    assert not conv._winograd_ok(k, 8, 64, 3, 3, (1, 1), (1, 1), 8, 64, 64)
-    assert not conv._winograd_ok(k, 64, 64, 3, 3, (2, 2), (1, 1), 8, 64, 64)
+    assert conv_fast.winograd_ok(k, 64, 64, 3, 3, (1, 1), (1, 1), 1, 64, 64)      # 4096 pixels
+    assert not conv_fast.winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 1, 8, 8)
+    assert conv_fast.winograd_ok(k, 1024, 1024, 3, 3, (1, 1), (1, 1), 32, 8, 8)   # 2048 pixels
+    assert not conv_fast.winograd_ok(k, 256, 256, 3, 3, (1, 1), (1, 1), 1, 16, 16)
+    assert not conv_fast.winograd_ok(k, 8, 64, 3, 3, (1, 1), (1, 1), 8, 64, 64)
+    assert not conv_fast.winograd_ok(k, 64, 64, 3, 3, (2, 2), (1, 1), 8, 64, 64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from unet_np import gradcheck, no_grad
 from unet_np.nn import Conv2d, ConvTranspose2d
 from unet_np.nn import conv as conv_mod
+from unet_np.nn import conv_reference
 from unet_np.nn import init as init_mod
 from tests.helpers import TOL32, TOL64, n, rel_err, t
 
@@ -175,7 +176,7 @@ def test_the_primitives_accept_asymmetric_padding():
 def test_transposed_convolution_is_the_adjoint(k, s, p, d):
     """<conv(z), x> = <z, conv_transpose(x)> with the same weight and hyper-parameters."""
     rng = np.random.default_rng(11)
-    k, s, p, d = (conv_mod._pair(v) for v in (k, s, p, d))
+    k, s, p, d = (conv_reference.pair(v) for v in (k, s, p, d))
     z = rng.standard_normal((2, 3, 9, 8))
     w = rng.standard_normal((4, 3) + k)
     az, _ = conv_mod.conv2d_forward(z, w, None, s, p, d)
@@ -192,7 +193,7 @@ def test_transposed_convolution_is_the_adjoint(k, s, p, d):
 @pytest.mark.parametrize("fast", [True, False])
 def test_kernel_equal_to_stride_with_trailing_padding(fast, monkeypatch):
     """Windows that tile the image but reach into bottom/right padding must not take the shuffle path."""
-    monkeypatch.setattr(conv_mod, "_FAST_PATHS", fast)
+    monkeypatch.setattr(conv_reference, "FAST_PATHS", fast)
     rng = np.random.default_rng(4)
     x, w, b = rng.standard_normal((2, 3, 5, 7)), rng.standard_normal((4, 3, 2, 2)), rng.standard_normal(4)
     pads = ((0, 1), (0, 1))
@@ -310,7 +311,7 @@ def test_conv_transpose2d_random_float32(cfg, seed):
 # fast paths against the general path
 # ------------------------------------------------------------------------------------------------
 def _primitive_results(fast, monkeypatch, fwd, bwd, x, w, b, args, dy):
-    monkeypatch.setattr(conv_mod, "_FAST_PATHS", fast)
+    monkeypatch.setattr(conv_reference, "FAST_PATHS", fast)
     y, cache = fwd(x, w, b, *args)
     return (y,) + tuple(bwd(dy, cache))
 
@@ -318,7 +319,7 @@ def _primitive_results(fast, monkeypatch, fwd, bwd, x, w, b, args, dy):
 def _forbid_general_path(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the general im2col/col2im loop ran where a fast path should have")
-    monkeypatch.setattr(conv_mod, "_ranges", boom)
+    monkeypatch.setattr(conv_reference, "axis_ranges", boom)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

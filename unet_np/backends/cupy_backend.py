@@ -104,14 +104,7 @@ def _cupy_function(family, name):
 # Small helpers (hyper-parameters as in unet_np/nn/*.py)
 # ---------------------------------------------------------------------------------------------------
 # The same hyper-parameter normalisation as the reference primitives.
-from ..nn.conv import _pair, _padding_pairs  # noqa: E402
-
-
-def _scale_pair(scale):
-    vals = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
-    if len(vals) != 2 or any(int(v) != v or int(v) < 1 for v in vals):
-        raise ValueError(f"scale_factor must be a positive integer or a pair of them, got {scale!r}")
-    return int(vals[0]), int(vals[1])
+from ..nn.shapes import padding_pairs, pair, scale_pair  # noqa: E402
 
 
 def _i(v):
@@ -205,8 +198,8 @@ class CudaKernels:
         """y = conv2d(x, w) + b. x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> (y, cache)."""
         xp = self.xp
         dt = _dtype(x, "conv2d_forward")
-        (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
-        (pt, pb), (pl, pr) = _padding_pairs(padding)
+        (sh, sw), (dh, dw) = pair(stride), pair(dilation)
+        (pt, pb), (pl, pr) = padding_pairs(padding)
         N, C, H, W = x.shape
         O, C2, kh, kw = w.shape
         if C2 != C:
@@ -264,9 +257,9 @@ class CudaKernels:
         """y = conv_transpose2d(x, w) + b. x (N, Cin, H, W), w (Cin, Cout, kh, kw) -> (y, cache)."""
         xp = self.xp
         dt = _dtype(x, "conv_transpose2d_forward")
-        (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
-        (pt, pb), (pl, pr) = _padding_pairs(padding)
-        oph, opw = _pair(output_padding)
+        (sh, sw), (dh, dw) = pair(stride), pair(dilation)
+        (pt, pb), (pl, pr) = padding_pairs(padding)
+        oph, opw = pair(output_padding)
         N, Cin, H, W = x.shape
         Cin2, Cout, kh, kw = w.shape
         if Cin2 != Cin:
@@ -345,7 +338,7 @@ class CudaKernels:
 
     # -- max-pooling ---------------------------------------------------------------------------------
     def maxpool2d_forward(self, x, kernel, stride, padding):
-        (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(padding)
+        (kh, kw), (sh, sw), (ph, pw) = pair(kernel), pair(stride), pair(padding)
         dt = _dtype(x, "maxpool2d_forward")
         x = self._c(x)
         N, C, H, W = x.shape
@@ -376,7 +369,7 @@ class CudaKernels:
 
     # -- upsampling ----------------------------------------------------------------------------------
     def _up_forward(self, name, x, scale):
-        sh, sw = _scale_pair(scale)
+        sh, sw = scale_pair(scale)
         dt = _dtype(x, name)
         x = self._c(x)
         N, C, H, W = x.shape

@@ -2,7 +2,7 @@
 multi-threaded Numba kernels from unet_np/kernels/cpu_*.py.
 
 What changes against the numpy backend:
-  * convolutions run the same tiled GEMM drivers as the numpy backend (unet_np/nn/conv.py,
+  * convolutions run the same tiled GEMM drivers as the numpy backend (unet_np/nn/conv_fast.py,
     ``make_conv_primitives``), with compiled packing (im2col per tile, straight from NCHW), bias,
     pixel-shuffle, channel-sum and col2im helpers (kernels/cpu_conv.py); the GEMMs stay BLAS;
   * 3x3 stride-1 convolutions with >= 16 channels on >= 1024 output pixels run as Winograd
@@ -90,8 +90,9 @@ def _start_numba_threads():
 _start_numba_threads()
 
 from ..kernels import cpu_activation, cpu_conv, cpu_optim, cpu_pool, cpu_winograd
-from ..nn import conv as _conv
+from ..nn import conv_fast
 from ..nn import pool as _pool
+from ..nn.shapes import pair
 
 
 # -- convolution helpers, adapted to the driver's calling convention --------------------------------
@@ -198,14 +199,14 @@ class _Winograd:
     matmul_stack = staticmethod(matmul_stack)
 
 
-NUMBA_CONV_KERNELS = _conv.ConvKernels(_im2col_tile, _add_bias, _channel_sum, _col2im_image,
+NUMBA_CONV_KERNELS = conv_fast.ConvKernels(_im2col_tile, _add_bias, _channel_sum, _col2im_image,
                                        _shuffle, _unshuffle, winograd=_Winograd())
 
 
 # -- max-pool -------------------------------------------------------------------------------------
 def _is_2x2(kernel, stride, padding):
-    return (_pool._pair(kernel) == (2, 2) and _pool._pair(stride) == (2, 2)
-            and _pool._pair(padding) == (0, 0))
+    return (pair(kernel) == (2, 2) and pair(stride) == (2, 2)
+            and pair(padding) == (0, 0))
 
 
 def maxpool2d_forward(x, kernel, stride, padding):
@@ -280,7 +281,7 @@ def adam_step(p, grad, m, v, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_deca
 
 def numba_ops():
     """name -> function for every primitive this backend replaces."""
-    ops = dict(_conv.make_conv_primitives(NUMBA_CONV_KERNELS))
+    ops = dict(conv_fast.make_conv_primitives(NUMBA_CONV_KERNELS))
     ops.update(maxpool2d_forward=maxpool2d_forward, maxpool2d_backward=maxpool2d_backward,
                relu_forward=relu_forward, relu_backward=relu_backward)
     return ops

@@ -25,6 +25,7 @@ for the parameters of a numba-cuda model. Caches are private to this backend.
 import numpy as np
 
 from . import Backend
+from ..nn.shapes import padding_pairs, pair, scale_pair
 
 # -- device arrays ---------------------------------------------------------------------------------
 
@@ -65,22 +66,6 @@ class _Device:
 
 def _flat(d):
     return d.reshape(-1)
-
-
-def _pair(v):
-    if isinstance(v, (tuple, list)):
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def _pads(p):
-    """int | (ph, pw) | ((top, bottom), (left, right)) -> ((top, bottom), (left, right))."""
-    if isinstance(p, (tuple, list)):
-        ph, pw = p
-        ph = (int(ph[0]), int(ph[1])) if isinstance(ph, (tuple, list)) else (int(ph), int(ph))
-        pw = (int(pw[0]), int(pw[1])) if isinstance(pw, (tuple, list)) else (int(pw), int(pw))
-        return ph, pw
-    return (int(p), int(p)), (int(p), int(p))
 
 
 def make_backend():
@@ -149,7 +134,7 @@ def make_backend():
         return (kh, kw) == (1, 1) and stride == (1, 1) and pads == ((0, 0), (0, 0))
 
     def conv2d_forward(x, w, b, stride=1, padding=0, dilation=1):
-        stride, dilation, pads = _pair(stride), _pair(dilation), _pads(padding)
+        stride, dilation, pads = pair(stride), pair(dilation), padding_pairs(padding)
         N, C, H, W = x.shape
         O, C2, kh, kw = w.shape
         if C2 != C:
@@ -201,8 +186,8 @@ def make_backend():
         return dev.get(dx), dev.get(dw), db
 
     def conv_transpose2d_forward(x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
-        stride, dilation, pads = _pair(stride), _pair(dilation), _pads(padding)
-        op = _pair(output_padding)
+        stride, dilation, pads = pair(stride), pair(dilation), padding_pairs(padding)
+        op = pair(output_padding)
         N, Cin, H, W = x.shape
         Cin2, Cout, kh, kw = w.shape
         if Cin2 != Cin:
@@ -251,7 +236,7 @@ def make_backend():
 
     # -- pooling -----------------------------------------------------------------------------------
     def maxpool2d_forward(x, kernel, stride, padding):
-        (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(padding)
+        (kh, kw), (sh, sw), (ph, pw) = pair(kernel), pair(stride), pair(padding)
         N, C, H, W = x.shape
         Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
         x_d = dev.put(x)
@@ -297,7 +282,6 @@ def make_backend():
         return _binary(ew.sigmoid_backward_kernel, dy, y)
 
     # -- upsampling --------------------------------------------------------------------------------
-    from ..nn.upsample import _scale_pair as scale_pair
 
     def _upsample(kernel, x, scale):
         sh, sw = scale_pair(scale)

@@ -120,7 +120,7 @@ class UNet(SegmentationModel):
 
     def activation_bytes(self, shape):
         """A rough estimate of what a forward keeps for the backward, with the tiled convolutions
-        that keep only their input (the plain reference ones, unet_np.nn.conv._FAST_PATHS off, keep
+        that keep only their input (the plain reference ones, unet_np.nn.conv_reference.FAST_PATHS off, keep
         9x more): per level, the encoder block's input and two ReLU outputs, the decoder's
         concatenation (2 ch), its ReLU outputs and the up-convolution's input. Measured: article
         network, batch 4, 256x256, estimate 765 MB, tracemalloc peak of a step 777 MiB."""

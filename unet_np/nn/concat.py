@@ -19,6 +19,7 @@ Derivation in long form: docs/backprop.md#concatenation-cropping-and-padding.
 import numpy as np
 
 from .module import Module, check_input
+from .shapes import size_pair
 
 OPS = ("concat_forward", "concat_backward", "center_crop_forward", "center_crop_backward",
        "pad2d_forward", "pad2d_backward")
@@ -197,23 +198,6 @@ class Concat(Module):
         return f"axis={self.axis}"
 
 
-def _size_pair(size, owner):
-    if hasattr(size, "shape") and not isinstance(size, (tuple, list)):
-        shape = tuple(size.shape)
-        if len(shape) < 2:
-            raise ValueError(f"{owner}: an array given as size needs at least 2 dimensions, got "
-                             f"shape {shape}")
-        return int(shape[-2]), int(shape[-1])
-    vals = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    if len(vals) != 2 or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
-                             for v in vals):
-        raise TypeError(f"{owner}: size must be an int, a pair (h, w) of ints or an array whose last "
-                        f"two dimensions give it, got {size!r}")
-    if min(vals) < 1:
-        raise ValueError(f"{owner}: size must be positive, got {size!r}")
-    return int(vals[0]), int(vals[1])
-
-
 class CenterCrop(Module):
     """Crops (N, C, H, W) to its central (h, w), offset ((H - h) // 2, (W - w) // 2): the U-Net
     article's crop of a skip connection. ``size`` (an int, (h, w), or an array whose last two
@@ -222,7 +206,7 @@ class CenterCrop(Module):
 
     def __init__(self, size=None, backend="numpy", dtype=None):
         super().__init__(backend=backend, dtype=dtype)
-        self.size = None if size is None else _size_pair(size, "CenterCrop")
+        self.size = None if size is None else size_pair(size, "CenterCrop")
 
     def forward(self, x, size=None):
         x = check_input("CenterCrop", x, xp=self.xp)
@@ -230,7 +214,7 @@ class CenterCrop(Module):
             size = self.size
         if size is None:
             raise ValueError("CenterCrop: no size given (pass size= to the constructor or forward)")
-        h, w = _size_pair(size, "CenterCrop")
+        h, w = size_pair(size, "CenterCrop")
         H, W = x.shape[-2:]
         if h > H or w > W:
             raise ValueError(f"CenterCrop: crop size {h}x{w} is larger than the input's spatial size "

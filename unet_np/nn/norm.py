@@ -19,13 +19,13 @@ from .module import Module, Parameter, check_input
 OPS = ("batchnorm2d_forward", "batchnorm2d_backward")
 
 
-def _channel_sum(a):
+def channel_sum(a):
     """(N, C, H, W) -> (C,): the sum per channel, pairwise over each contiguous H*W plane."""
     N, C = a.shape[:2]
     return a.reshape(N, C, -1).sum(axis=2).sum(axis=0)
 
 
-def _channel_dot(a, b):
+def channel_dot(a, b):
     """(N, C, H, W) x2 -> (C,): sum of a * b per channel, as N*C BLAS dot products (no temporary
     of the full size; the products are summed with several accumulators, about as accurate as a
     pairwise sum for these lengths)."""
@@ -34,7 +34,7 @@ def _channel_dot(a, b):
     return np.matmul(a3, b3).reshape(N, C).sum(axis=0)
 
 
-def _per_channel(v):
+def per_channel(v):
     return v.reshape(1, -1, 1, 1)
 
 
@@ -50,25 +50,25 @@ def batchnorm2d_forward(x, gamma, beta, mean, var, eps, training):
     """
     if training:
         M = x.size // x.shape[1]
-        mu = _channel_sum(x) / M
-        xhat = x - _per_channel(mu)                      # x - mu, normalised in place below
+        mu = channel_sum(x) / M
+        xhat = x - per_channel(mu)                      # x - mu, normalised in place below
         y = np.square(xhat)                              # y's buffer first holds (x - mu)^2
-        v = _channel_sum(y) / M                          # two-pass variance: no cancellation
+        v = channel_sum(y) / M                          # two-pass variance: no cancellation
         inv_std = 1.0 / np.sqrt(v + eps)
-        xhat *= _per_channel(inv_std)
+        xhat *= per_channel(inv_std)
         if gamma is None:
             y[...] = xhat
         else:
-            np.multiply(xhat, _per_channel(gamma), out=y)
+            np.multiply(xhat, per_channel(gamma), out=y)
         if beta is not None:
-            y += _per_channel(beta)
+            y += per_channel(beta)
         return y, (True, xhat, gamma, inv_std), mu, v
     # evaluation: y = x * a + c with a = gamma / sqrt(var + eps), c = beta - mean * a
     inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype, copy=False)
     a = inv_std if gamma is None else gamma * inv_std
     c = -mean * a if beta is None else beta - mean * a
-    y = x * _per_channel(a.astype(x.dtype, copy=False))
-    y += _per_channel(c.astype(x.dtype, copy=False))
+    y = x * per_channel(a.astype(x.dtype, copy=False))
+    y += per_channel(c.astype(x.dtype, copy=False))
     return y, (False, x, gamma, inv_std, mean), None, None
 
 
@@ -86,21 +86,21 @@ def batchnorm2d_backward(dy, cache):
     if cache[0]:
         _, xhat, gamma, inv_std = cache
         M = dy.size // dy.shape[1]
-        dbeta = _channel_sum(dy)
-        dgamma = _channel_dot(dy, xhat)
+        dbeta = channel_sum(dy)
+        dgamma = channel_dot(dy, xhat)
         # dx = (gamma * inv_std) * (dy - dbeta / M - xhat * dgamma / M), built in one new buffer
-        dx = xhat * _per_channel(dgamma / M)
+        dx = xhat * per_channel(dgamma / M)
         np.subtract(dy, dx, out=dx)
-        dx -= _per_channel(dbeta / M)
-        dx *= _per_channel(inv_std if gamma is None else gamma * inv_std)
+        dx -= per_channel(dbeta / M)
+        dx *= per_channel(inv_std if gamma is None else gamma * inv_std)
         return dx, dgamma, dbeta
     _, x, gamma, inv_std, mean = cache
-    dbeta = _channel_sum(dy)
-    xhat = x - _per_channel(mean)
-    xhat *= _per_channel(inv_std)
-    dgamma = _channel_dot(dy, xhat)
+    dbeta = channel_sum(dy)
+    xhat = x - per_channel(mean)
+    xhat *= per_channel(inv_std)
+    dgamma = channel_dot(dy, xhat)
     scale = inv_std if gamma is None else gamma * inv_std
-    dx = dy * _per_channel(scale.astype(dy.dtype, copy=False))
+    dx = dy * per_channel(scale.astype(dy.dtype, copy=False))
     return dx, dgamma, dbeta
 
 

@@ -16,22 +16,9 @@ Derivation in long form: docs/backprop.md#max-pool-routes-the-gradient-to-the-ar
 import numpy as np
 
 from .module import Module, check_input
+from .shapes import pair
 
 OPS = ("maxpool2d_forward", "maxpool2d_backward")
-
-
-def _pair(v, name="value"):
-    """An int or a pair of ints -> (h, w)."""
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name} must be an int or a pair (h, w), got {v!r}")
-        a, b = v
-    else:
-        a = b = v
-    for u in (a, b):
-        if isinstance(u, (bool, np.bool_)) or not isinstance(u, (int, np.integer)):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return int(a), int(b)
 
 
 def _index_dtype(positions):
@@ -51,7 +38,7 @@ def maxpool2d_forward(x, kernel, stride, padding):
     where argmax (N, C, Ho, Wo) holds the winning window position k = a*kw + b (row-major), the first
     one on a tie.
     """
-    kernel, stride, padding = _pair(kernel), _pair(stride), _pair(padding)
+    kernel, stride, padding = pair(kernel), pair(stride), pair(padding)
     if kernel == (2, 2) and stride == (2, 2) and padding == (0, 0):
         y, arg = _maxpool2x2_forward(x)
     else:
@@ -158,9 +145,9 @@ class MaxPool2d(Module):
 
     def __init__(self, kernel_size, stride=None, padding=0, backend="numpy", dtype=None):
         super().__init__(backend=backend, dtype=dtype)
-        self.kernel_size = _pair(kernel_size, "MaxPool2d: kernel_size")
-        self.stride = self.kernel_size if stride is None else _pair(stride, "MaxPool2d: stride")
-        self.padding = _pair(padding, "MaxPool2d: padding")
+        self.kernel_size = pair(kernel_size, "MaxPool2d: kernel_size")
+        self.stride = self.kernel_size if stride is None else pair(stride, "MaxPool2d: stride")
+        self.padding = pair(padding, "MaxPool2d: padding")
         if min(self.kernel_size) < 1:
             raise ValueError(f"MaxPool2d: kernel_size must be positive, got {kernel_size!r}")
         if min(self.stride) < 1:

@@ -18,25 +18,10 @@ Derivation in long form: docs/backprop.md#bilinear-upsampling-and-its-adjoint.
 import numpy as np
 
 from .module import Module, check_input
+from .shapes import scale_pair
 
 OPS = ("upsample_bilinear2d_forward", "upsample_bilinear2d_backward",
        "upsample_nearest2d_forward", "upsample_nearest2d_backward")
-
-
-def _scale_pair(scale, owner="Upsample"):
-    """An integer scale factor (int, integral float, or a pair) -> (sh, sw) of ints >= 1."""
-    vals = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
-    if len(vals) != 2:
-        raise ValueError(f"{owner}: scale_factor must be a number or a pair (sh, sw), got {scale!r}")
-    out = []
-    for v in vals:
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{owner}: scale_factor must be a positive integer, got {scale!r}")
-        if v != int(v) or int(v) < 1:
-            raise ValueError(f"{owner}: scale_factor must be a positive integer (only integer factors "
-                             f"are supported), got {scale!r}")
-        out.append(int(v))
-    return tuple(out)
 
 
 def _phase_offset(r, s):
@@ -118,7 +103,7 @@ def upsample_bilinear2d_forward(x, scale):
 
     x: (N, C, H, W) -> y: (N, C, sh*H, sw*W), same dtype.  cache: (sh, sw).
     """
-    sh, sw = _scale_pair(scale)
+    sh, sw = scale_pair(scale)
     y = _interp_axis(_interp_axis(x, sw, 3), sh, 2)
     if y is x:
         y = x.copy()
@@ -143,7 +128,7 @@ def upsample_bilinear2d_backward(dy, cache):
 def upsample_nearest2d_forward(x, scale):
     """y[n, c, a, b] = x[n, c, a // sh, b // sw].  x: (N, C, H, W) -> y: (N, C, sh*H, sw*W).
     cache: (sh, sw)."""
-    sh, sw = _scale_pair(scale)
+    sh, sw = scale_pair(scale)
     N, C, H, W = x.shape
     y = np.empty((N, C, H, sh, W, sw), dtype=x.dtype)
     y[...] = x[:, :, :, None, :, None]
@@ -171,7 +156,7 @@ class Upsample(Module):
         super().__init__(backend=backend, dtype=dtype)
         if mode not in self.MODES:
             raise ValueError(f"Upsample: mode must be one of {', '.join(self.MODES)}, got {mode!r}")
-        self.scale_factor = _scale_pair(scale_factor)
+        self.scale_factor = scale_pair(scale_factor)
         self.mode = mode
 
     def forward(self, x):
