@@ -17,8 +17,8 @@ def brute_edt(features):
     return np.sqrt(d2.min(axis=-1))
 
 
-def brute_components(mask, connectivity):
-    """Flood fill, one component at a time."""
+def brute_components(mask, connectivity, by_value=False):
+    """Flood fill, one component at a time (by_value: neighbours join only with equal values)."""
     h, w = mask.shape
     out = np.zeros((h, w), dtype=np.int64)
     nbrs = [(0, 1), (1, 0), (0, -1), (-1, 0)]
@@ -35,7 +35,8 @@ def brute_components(mask, connectivity):
                     cy, cx = stack.pop()
                     for dy, dx in nbrs:
                         ny, nx = cy + dy, cx + dx
-                        if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not out[ny, nx]:
+                        if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not out[ny, nx] \
+                                and (not by_value or mask[ny, nx] == mask[cy, cx]):
                             out[ny, nx] = k
                             stack.append((ny, nx))
     return out
@@ -99,6 +100,27 @@ def test_label_components_matches_flood_fill(args, conn):
     assert ours.dtype == np.int32
 
 
+@given(masks_st, st.sampled_from([4, 8]), st.integers(1, 4))
+def test_label_components_by_value_matches_flood_fill(args, conn, n_values):
+    # label images: neighbouring pixels of different ids are different components
+    h, w, p, seed = args
+    rng = np.random.default_rng(seed)
+    m = np.where(rng.random((h, w)) < p, 0, rng.integers(1, n_values + 1, size=(h, w)))
+    m = m * 16381  # ids far apart, up to 65524
+    np.testing.assert_array_equal(label_components(m, conn, by_value=True),
+                                  brute_components(m, conn, by_value=True))
+
+
+def test_label_components_large_image_is_fast():
+    # run-based: a 1024 x 1024 random mask (about 50,000 components) in well under a second
+    import time
+    m = np.random.default_rng(0).random((1024, 1024)) < 0.4
+    t0 = time.perf_counter()
+    lab = label_components(m)
+    assert time.perf_counter() - t0 < 3.0
+    assert lab.max() > 10000 and np.array_equal(lab > 0, m)
+
+
 def test_label_components_long_snake():
     # a serpentine path: one component however long the chain of neighbours
     m = np.zeros((41, 41), bool)
@@ -156,6 +178,23 @@ def test_weight_map_edge_cases():
         weight_map(two, sigma=0)
     with pytest.raises(ValueError):
         weight_map(np.zeros(3, int))
+
+
+def test_weight_map_border_on():
+    # two objects touching without a gap: the border term goes where border_on says
+    inst = np.zeros((3, 6), dtype=np.int64)
+    inst[:, 0:3] = 1
+    inst[:, 3:6] = 2
+    plain = weight_map(inst, class_balance=False)
+    np.testing.assert_allclose(plain, 1.0)  # no background, so no border term
+    on = np.zeros((3, 6), bool)
+    on[:, 2:4] = True
+    w = weight_map(inst, class_balance=False, border_on=on)
+    # column 2: d1 = 0 (its own object), d2 = 1 -> 1 + 10 exp(-1/50)
+    np.testing.assert_allclose(w[:, 2:4], 1.0 + 10.0 * np.exp(-1.0 / 50.0), rtol=1e-6)
+    np.testing.assert_allclose(w[:, [0, 1, 4, 5]], 1.0)
+    with pytest.raises(ValueError, match="border_on"):
+        weight_map(inst, border_on=on[:, :5])
 
 
 def test_weight_map_from_mask_uses_components():

@@ -127,15 +127,53 @@ def edt(features):
     return np.sqrt(edt_squared(features))
 
 
-def label_components(mask, connectivity=4):
+def _runs(values, fg):
+    """Horizontal runs of a 2-D image: maximal stretches of one row where `fg` holds and `values`
+    stays the same. Returns (row, start, stop, value) arrays in row-major order (stop exclusive)."""
+    h, w = fg.shape
+    # a run starts where fg begins or the value changes; it stops where the next one starts or fg ends
+    change = np.ones((h, w + 1), dtype=bool)
+    change[:, 1:w] = values[:, 1:] != values[:, :-1]
+    fgp = np.zeros((h, w + 2), dtype=bool)
+    fgp[:, 1:-1] = fg
+    begin = fgp[:, 1:-1] & (change[:, :w] | ~fgp[:, :-2])
+    finish = fgp[:, 1:-1] & (change[:, 1:] | ~fgp[:, 2:])   # last pixel of a run
+    rows, starts = np.nonzero(begin)
+    _, lasts = np.nonzero(finish)
+    return rows, starts, lasts + 1, values[rows, starts]
+
+
+def _components_of_graph(n, a, b):
+    """Connected components of a graph with nodes 0..n-1 and edges (a[i], b[i]): for every node
+    the smallest node of its component. Min-label propagation along the edges, each round followed
+    by pointer jumping (root <- root[root]), so long chains collapse in a few rounds."""
+    root = np.arange(n)
+    while True:
+        new = root.copy()
+        np.minimum.at(new, a, root[b])
+        np.minimum.at(new, b, root[a])
+        while True:                      # pointer jumping: every root[i] is a node <= i
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, root):
+            return root
+        root = new
+
+
+def label_components(mask, connectivity=4, by_value=False):
     """Connected components of the nonzero pixels of a 2-D mask.
 
     Returns int32 (H, W): 0 on background, 1..K on the components, numbered in the row-major order
     of their first pixel. connectivity: 4 (edges) or 8 (edges and corners).
+    by_value: if True, two neighbouring pixels join only when they hold the same value, so each
+        id of a label image gets its own components (an id in two pieces gives two components).
 
-    Method: every foreground pixel starts with its own flat index as label; repeatedly take the
-    minimum over the neighbours that are foreground, then jump pointers (label <- label[label]) so
-    that long chains collapse in a few rounds. Stops when nothing changes."""
+    Method (run-based, so the work is per run, not per pixel): cut every row into runs of
+    foreground pixels (of one value when by_value); join a run to the runs of the next row that
+    overlap it (4-connectivity) or touch it at a corner (8-connectivity); take the connected
+    components of that graph of runs (_components_of_graph); paint each run with its component."""
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"label_components needs a 2-D mask, got shape {m.shape}")
@@ -146,30 +184,31 @@ def label_components(mask, connectivity=4):
     out = np.zeros((h, w), dtype=np.int32)
     if not fg.any():
         return out
-    big = np.iinfo(np.int64).max
-    lab = np.where(fg, np.arange(h * w, dtype=np.int64).reshape(h, w), big)
-    shifts = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if connectivity == 8 else [])
-    while True:
-        new = lab.copy()
-        padded = np.pad(lab, 1, constant_values=big)
-        for dy, dx in shifts:
-            for sy, sx in ((dy, dx), (-dy, -dx)):
-                nb = padded[1 + sy:1 + sy + h, 1 + sx:1 + sx + w]
-                np.minimum(new, nb, out=new)
-        new[~fg] = big
-        flat = new[fg]
-        # pointer jumping: a label is the index of a foreground pixel of the same component
-        while True:
-            jumped = new.ravel()[flat]
-            if np.array_equal(jumped, flat):
-                break
-            flat = jumped
-        new[fg] = flat
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    _, inverse = np.unique(lab[fg], return_inverse=True)
-    out[fg] = inverse.reshape(-1).astype(np.int32) + 1
+    rows, starts, stops, vals = _runs(m if by_value else fg, fg)
+    n = len(rows)
+    # keys along the flattened image: runs are sorted by both start key and stop key
+    stride = w + 2
+    start_key = rows.astype(np.int64) * stride + starts
+    stop_key = rows.astype(np.int64) * stride + stops
+    corner = 1 if connectivity == 8 else 0
+    # runs b of the next row that meet run a: stop_b > start_a - corner and start_b < stop_a + corner
+    lo = np.searchsorted(stop_key, start_key + stride - corner, side="right")
+    hi = np.searchsorted(start_key, stop_key + stride + corner, side="left")
+    count = np.maximum(hi - lo, 0)
+    a = np.repeat(np.arange(n), count)
+    b = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + np.repeat(lo, count)
+    if by_value:
+        same = vals[a] == vals[b]
+        a, b = a[same], b[same]
+    root = _components_of_graph(n, a, b)
+    # roots are the first run of each component in row-major order: number them 1..K
+    ids = np.cumsum(root == np.arange(n)).astype(np.int32)[root]
+    flat = out.reshape(-1)
+    lengths = stops - starts
+    first = (rows.astype(np.int64) * w + starts)
+    pix = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) \
+        + np.repeat(first, lengths)
+    flat[pix] = np.repeat(ids, lengths)
     return out
 
 
@@ -223,12 +262,15 @@ def _two_nearest(inst, ids, reach):
     return d1, d2
 
 
-def weight_map(instances, w0=10.0, sigma=5.0, class_balance=True, labels=None):
+def weight_map(instances, w0=10.0, sigma=5.0, class_balance=True, labels=None, border_on=None):
     """The U-Net paper's weight map (float32, H x W) from instance labels.
 
     instances: (H, W) integers, 0 = background, every other value one object.
     labels: optional (H, W) semantic classes for the class-balancing term (default: object vs
         background, i.e. instances > 0). The border term is applied where labels == 0.
+    border_on: optional (H, W) bool, the pixels that receive the border term instead of
+        labels == 0. Instance label images whose objects touch without a background gap use it to
+        weight the objects' border pixels too (instances.instance_weight_map).
     w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on background, w_c(x) on objects; with
     fewer than two objects d2 is infinite and the border term vanishes.
     Distances to an object are computed only within border_reach(w0, sigma) of it; farther, the
@@ -237,7 +279,9 @@ def weight_map(instances, w0=10.0, sigma=5.0, class_balance=True, labels=None):
     inst = np.asarray(instances)
     if inst.ndim == 3:
         lab = [None] * len(inst) if labels is None else list(labels)
-        return np.stack([weight_map(i, w0, sigma, class_balance, l) for i, l in zip(inst, lab)])
+        on = [None] * len(inst) if border_on is None else list(border_on)
+        return np.stack([weight_map(i, w0, sigma, class_balance, l, o)
+                         for i, l, o in zip(inst, lab, on)])
     if inst.ndim != 2:
         raise ValueError(f"weight_map needs instance labels (H, W) or (N, H, W), got {inst.shape}")
     if not np.issubdtype(inst.dtype, np.integer) and not np.issubdtype(inst.dtype, np.bool_):
@@ -255,7 +299,13 @@ def weight_map(instances, w0=10.0, sigma=5.0, class_balance=True, labels=None):
     if len(ids) >= 2 and w0 != 0:
         d1, d2 = _two_nearest(inst, ids, border_reach(w0, sigma))
         border = w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma * sigma))
-        w = w + np.where(sem == 0, border, 0.0)
+        if border_on is None:
+            where = sem == 0
+        else:
+            where = np.asarray(border_on, dtype=bool)
+            if where.shape != inst.shape:
+                raise ValueError(f"border_on {where.shape} and instances {inst.shape} differ in shape")
+        w = w + np.where(where, border, 0.0)
     return w.astype(np.float32)
 
 
