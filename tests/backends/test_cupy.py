@@ -5,26 +5,22 @@ Every test runs twice, on the fixture ``xb``:
   * "cupy":     the real backend on a GPU (skipped, with the reason, without CuPy or a usable GPU);
   * "emulated": the SAME Python code of unet_np/backends/cupy_backend.py and the SAME .cu sources,
                 run on the CPU: NumPy arrays, NumPy matmul for the GEMMs, and every .cu file compiled
-                by g++ as plain C++ (a small header maps __global__, threadIdx, __shared__, ... onto
-                C++) and launched as ONE thread. Every kernel is a grid-stride loop, so one thread
-                computes the whole result; each launch is also checked against the kernel's C
-                signature (argument count, pointer dtypes, exact scalar types), which is what a
-                RawKernel launch on the GPU needs. Skipped without g++. (gemm.cu's tiled kernels
-                need a real 16x16 block, so they run on the GPU only.) UNET_NP_EMULATION=0 skips
-                it (benchmarks/gpu.sh does, to save device time).
+                by g++ as plain C++ and launched with its REAL grid and thread blocks: each thread a
+                coroutine, __syncthreads() a barrier, __shared__ memory per block, the threads of a
+                block taking turns in a fixed order so that a missing barrier gives a wrong result
+                every time (tests/backends/cuda_emulation.py). Each launch is also checked against
+                the kernel's C signature (argument count, pointer dtypes, exact scalar types), which
+                is what a RawKernel launch on the GPU needs. Skipped without g++.
+                UNET_NP_EMULATION=0 skips it (benchmarks/gpu.sh does, to save device time).
 
 Tolerances (relative error: max |got - want| / max |want|): float32 1e-4, float64 1e-10.
 """
-import atexit
 import collections
-import ctypes
 import functools
 import os
-import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zlib
 
 import numpy as np
@@ -35,6 +31,7 @@ from unet_np import backends
 from unet_np.backends import cupy_backend as cb
 from unet_np.backends.numpy_backend import reference_ops
 
+from tests.backends import cuda_emulation as emu
 from tests.backends.optim_cases import OPTIM_CASES, OPTIM_IDS
 
 REF = reference_ops()
@@ -43,97 +40,12 @@ DTYPES = (np.float32, np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The CPU emulation of the kernels
+# The CPU emulation of the kernels (tests/backends/cuda_emulation.py): real thread blocks
 # ---------------------------------------------------------------------------------------------------
-EMU_HEADER = r"""
-// Maps the CUDA C used in kernels/cuda/*.cu onto plain C++: one block of one thread.
-#include <math.h>
-#include <cmath>
-struct emu_dim3 { unsigned int x, y, z; };
-static const emu_dim3 threadIdx = {0u, 0u, 0u};
-static const emu_dim3 blockIdx = {0u, 0u, 0u};
-static const emu_dim3 blockDim = {1u, 1u, 1u};
-static const emu_dim3 gridDim = {1u, 1u, 1u};
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __shared__ static
-#define __syncthreads() ((void)0)
-"""
-
-_PTR = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64}
-_SCALAR = {"float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double),
-           "int": (np.int32, ctypes.c_int), "long long": (np.int64, ctypes.c_longlong)}
-
-
-def _parse_param(text):
-    """'const float* __restrict__ x' -> ('float', True)."""
-    pointer = "*" in text
-    words = [w for w in re.split(r"[\s*]+", text) if w and w not in ("const", "__restrict__")]
-    base = " ".join(words[:-1])        # drop the parameter's name
-    if base not in _SCALAR:
-        raise AssertionError(f"unexpected kernel parameter type in {text!r}")
-    return base, pointer
-
-
-@functools.lru_cache(maxsize=None)
-def _emu_library(family, defines=()):
-    """(ctypes library, {kernel name: [(base type, is pointer), ...]}) for kernels/cuda/<family>.cu,
-    built with the macro definitions ``defines`` ('NAME=VALUE', ...)."""
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels cannot be built")
-    tmp = tempfile.mkdtemp(prefix=f"unet_np_emu_{family}_")
-    dflags = [f"-D{d}" for d in defines]
-    atexit.register(shutil.rmtree, tmp, True)
-    src = os.path.join(tmp, f"{family}.cu")
-    with open(src, "w") as f:
-        f.write(cb.kernel_source(family))
-    header = os.path.join(tmp, "emu.h")
-    with open(header, "w") as f:
-        f.write(EMU_HEADER)
-    lib = os.path.join(tmp, f"lib{family}.so")
-    subprocess.run([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-x", "c++", *dflags, "-include", header,
-                    src, "-o", lib], check=True, capture_output=True, text=True)
-    pre = subprocess.run([gxx, "-E", "-P", "-x", "c++", *dflags, "-D__global__=", "-D__device__=",
-                          "-D__forceinline__=inline", "-D__shared__=static", src],
-                         check=True, capture_output=True, text=True).stdout
-    sigs = {}
-    for name, params in re.findall(r'extern\s+"C"\s+void\s+(\w+)\s*\(([^)]*)\)', pre):
-        sigs[name] = [_parse_param(p) for p in params.split(",")]
-    return ctypes.CDLL(lib), sigs
-
-
 def _emu_function(family, name, defines=()):
-    lib, sigs = _emu_library(family, tuple(defines))
-    if name not in sigs:
-        raise AssertionError(f"{family}.cu has no kernel {name!r}")
-    params = sigs[name]
-    fn = lib[name]
-    fn.restype = None
-
-    def launch(grid, block, args):
-        args = tuple(args)
-        assert len(args) == len(params), f"{name}: {len(args)} arguments, the kernel takes {len(params)}"
-        cargs, ctypes_list = [], []
-        for k, (a, (base, pointer)) in enumerate(zip(args, params)):
-            if pointer:
-                assert isinstance(a, np.ndarray), f"{name} argument {k}: expected an array, got {type(a)}"
-                assert a.dtype == np.dtype(_PTR[base]), \
-                    f"{name} argument {k}: a {base}* needs dtype {np.dtype(_PTR[base])}, got {a.dtype}"
-                assert a.flags.c_contiguous, f"{name} argument {k}: the array is not C-contiguous"
-                cargs.append(ctypes.c_void_p(a.ctypes.data))
-                ctypes_list.append(ctypes.c_void_p)
-            else:
-                np_type, c_type = _SCALAR[base]
-                assert type(a) is np_type, \
-                    f"{name} argument {k}: a {base} needs a {np_type.__name__} scalar, got {type(a).__name__}"
-                cargs.append(c_type(a.item()))
-                ctypes_list.append(c_type)
-        fn.argtypes = ctypes_list
-        fn(*cargs)
-
-    return launch
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels cannot be built")
+    return emu.emu_function(family, name, defines)
 
 
 @functools.lru_cache(maxsize=None)
@@ -710,15 +622,15 @@ def test_parameters_carry_their_backend(xb):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The hand-written GEMM (GPU only: the tiles need real 16x16 blocks)
+# The hand-written GEMM (block-cooperative: shared-memory tiles and barriers; real blocks in emulation)
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("mnk", [(64, 64, 64), (37, 70, 19), (1, 130, 5), (129, 1, 200)])
 def test_gemm_tiled(xb, mnk, version, dtype):
-    if xb.kind != "cupy":
-        pytest.skip("the tiled GEMM needs a real thread block (GPU only)")
     M, N, K = mnk
+    if xb.kind == "emulated" and M * N * K > 64 ** 3 // 2:
+        M, N, K = 33, 40, 48                  # the emulation runs thread by thread: a smaller odd shape
     rng = rng_for("gemm", mnk, dtype)
     a = rng.standard_normal((M, K)).astype(dtype)
     b = rng.standard_normal((K, N)).astype(dtype)
@@ -726,6 +638,60 @@ def test_gemm_tiled(xb, mnk, version, dtype):
     want = a.astype(np.float64) @ b.astype(np.float64)
     err = rel_err(backends.to_numpy(c), want)
     assert err <= (1e-5 if dtype == np.float32 else 1e-12), f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_gemm_tiled_threads_in_reverse_order(version):
+    """The same tiled GEMM with the threads of each block taking turns last to first (the emulation's
+    other schedule): a kernel correct under both has no barrier missing in either direction."""
+    if shutil.which("g++") is None or os.environ.get("UNET_NP_EMULATION", "1") == "0":
+        pytest.skip("the CPU emulation is not available or switched off")
+    k = emu.emulated_kernels(order="reverse")
+    rng = rng_for("gemm-reverse", version)
+    a, b = rng.standard_normal((21, 35)), rng.standard_normal((35, 18))
+    assert rel_err(k.gemm_tiled(a, b, version=version), a @ b) <= 1e-12
+
+
+RACY_SOURCE = r"""
+// A block-cooperative kernel with its barrier behind a macro: out[i] = in[i] + in[(i + 1) % n] of a
+// tile staged in shared memory (every thread reads a value another thread wrote).
+extern "C" __global__ void neighbour_sum_f64(const double* in, double* out, long long n) {
+    __shared__ double tile[64];
+    const int t = threadIdx.x;
+    tile[t] = in[t];
+    BARRIER;
+    if (t < n) out[t] = tile[t] + tile[(t + 1) % n];
+}
+"""
+
+
+@pytest.mark.parametrize("barrier", ["__syncthreads()", "(void)0"])
+def test_emulation_catches_a_missing_barrier(barrier):
+    """The emulation is strict enough to fail a kernel whose barrier is missing (every time, not once
+    in a while), and passes the same kernel with it."""
+    if shutil.which("g++") is None or os.environ.get("UNET_NP_EMULATION", "1") == "0":
+        pytest.skip("the CPU emulation is not available or switched off")
+    f = emu.emu_function("racy", "neighbour_sum_f64", defines=(f"BARRIER={barrier}",), source=RACY_SOURCE)
+    x = np.arange(1.0, 65.0)
+    out = np.zeros(64)
+    f((1,), (64,), (x, out, np.int64(64)))
+    ok = np.array_equal(out, x + np.roll(x, -1))
+    assert ok == (barrier == "__syncthreads()")
+
+
+def test_emulation_rejects_a_barrier_in_divergent_code():
+    if shutil.which("g++") is None or os.environ.get("UNET_NP_EMULATION", "1") == "0":
+        pytest.skip("the CPU emulation is not available or switched off")
+    src = r"""
+extern "C" __global__ void early_exit_f64(double* out, long long n) {
+    if ((long long)threadIdx.x >= n) return;        // wrong: the others then wait at the barrier
+    out[threadIdx.x] = 1.0;
+    __syncthreads();
+}
+"""
+    f = emu.emu_function("divergent", "early_exit_f64", source=src)
+    with pytest.raises(AssertionError, match="divergent"):
+        f((1,), (32,), (np.zeros(32), np.int64(8)))
 
 
 # ---------------------------------------------------------------------------------------------------
