@@ -408,6 +408,18 @@ def test_checksum_catches_a_changed_array(saved, tmp_path):
     expect_rejected(dst, "checksum")
 
 
+def test_checksum_covers_the_shape(saved, tmp_path):
+    """A weight reshaped with the very same bytes (same dtype, same count) must be refused: only the
+    shape in the checksum's header tells the two files apart (fails if the shape is left out)."""
+    w = load_checkpoint(saved).arrays["enc1.0.weight"]
+    reshaped = w.reshape(w.shape[1], w.shape[0], *w.shape[2:]) if w.shape[0] != w.shape[1] else \
+        w.reshape(-1, *w.shape[2:])
+    assert reshaped.shape != w.shape and reshaped.tobytes() == w.tobytes()
+    dst = tmp_path / "t.npz"
+    rewrite(saved, dst, replace={"model/enc1.0.weight.npy": npy_bytes(reshaped)})
+    expect_rejected(dst, "checksum")
+
+
 @pytest.mark.parametrize("change", ["drop_model", "add_model", "drop_optim", "meta", "dtype"])
 def test_checksum_catches_other_changes(saved, tmp_path, change):
     dst = tmp_path / "t.npz"
