@@ -23,6 +23,20 @@ How it works, along each axis (rows and columns alike):
   equivariant by multiples of 2**d). For 'valid' models the kept part of each tile is therefore
   rounded down to a multiple of 2**depth, and neighbouring outputs overlap by the remainder.
 
+* For 'same' models the margin ``c`` is rounded up to a multiple of ``2**depth``. The image then
+  starts at a multiple of ``2**depth`` inside every window as well, so its pixels fall into the same
+  pooling cells whatever the overlap asked for, and any overlap of at least the receptive-field reach
+  (``receptive_margin``) gives the same probabilities. (Rounding to a multiple of ``2**(depth-1)``
+  only, as before, kept S a multiple of 2**depth but shifted the pooling grid against the image by
+  half a period for some overlaps: a depth-3 model gave logits that differed by 7.3e-6 (relative,
+  float64) between overlaps 52 and 56; the test in tests/test_infer.py measures 0 now.)
+
+Input. ``predict_tiled`` does not normalise: the model sees the image exactly as given. Normalise it
+as the training images were, with ``unet_np.data.normalize_image(image, mode, mean, std)`` and the
+mode (and, for 'dataset', the statistics) used in training; ``unet-np predict`` and ``evaluate`` do
+this from what the checkpoint recorded. An unnormalised image is not refused; the network then sees
+values on another scale than in training and its predictions are accordingly wrong.
+
 NumPy only; any backend's model works (its output comes back with ``to_numpy``).
 """
 import math
@@ -84,7 +98,9 @@ def _axis_plan(model, length, tile, overlap):
             return _axis_plan(model, length, m + 4, overlap)
         return s, c, t
     c = receptive_margin(model) if overlap is None else max(0, int(overlap))
-    c = _round_up(c, max(1, m // 2))  # the window S = T + 2c must be a multiple of 2**depth
+    # a multiple of 2**depth: S = T + 2c is then one too, and the image starts on the pooling grid
+    # of every window, so the result does not depend on the overlap once it covers the reach
+    c = _round_up(c, m)
     t = _round_up(length if tile is None else min(max(1, int(tile)), length), m)
     return t + 2 * c, c, t
 
@@ -137,9 +153,12 @@ def predict_tiled(model, image, tile=None, overlap=None, batch_size=4, logits=Fa
 
     tile: output pixels kept per tile (per axis; rounded up to a multiple of 2**depth for 'same'
         models, down for 'valid' ones); None: the whole image at once when it fits in max_bytes.
+    image: (C, H, W), normalised as the model's training images were (see the module docstring:
+        nothing checks this).
     overlap: context in pixels on each side of a tile ('same' models; rounded up to a multiple of
-        2**(depth-1)); None: the receptive-field reach (receptive_margin), which makes the result
-        independent of the tiling. 'valid' models take their context from the architecture.
+        2**depth); None: the receptive-field reach (receptive_margin). Any overlap of at least the
+        reach gives the same result, tiled or not. 'valid' models take their context from the
+        architecture.
     batch_size: windows per forward. logits: return the raw scores instead of probabilities (a
         one-class model's probabilities are sigmoid(score), else softmax over the classes).
     The model is put in eval mode for the call and restored after it.
