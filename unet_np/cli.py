@@ -128,7 +128,7 @@ def _normalise(x, data):
 
 
 def _image_files(path):
-    from .data.io import IMAGE_EXTENSIONS
+    from .data import IMAGE_EXTENSIONS
     p = Path(path)
     if not p.exists():
         raise CLIError(f"{p}: input does not exist")
@@ -546,7 +546,7 @@ def _print_summary(final, out, skipped, quiet=False):
 
 def cmd_train(args):
     from .data import load_folder
-    from .data.io import _check_dir
+    from .data import check_dir as _check_dir
     _check_dir(args.images, "image")       # before the output folder is made: no empty one is left
     _check_dir(args.masks, "mask")
     out = _prepare_out_dir(args.out)
@@ -664,7 +664,7 @@ def _read_checked(path, model):
 
 def cmd_predict(args):
     from .data import write_mask
-    from .data.io import _whole_file
+    from .data import whole_file as _whole_file
     model, data = _load_model(args.model, backend=args.backend)
     files = _image_files(args.input)
     out = Path(args.out)

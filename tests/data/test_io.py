@@ -10,9 +10,9 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from unet_np.data import io as dio  # noqa: E402
-from unet_np.data.io import (DataError, SegmentationDataset, batches, find_pairs,  # noqa: E402
-                             load_folder, match_files, normalize_image, read_image, read_mask,
-                             read_mask_info, write_image, write_mask)
+from unet_np.data import (DataError, SegmentationDataset, batches, find_pairs,  # noqa: E402
+                          load_folder, match_files, normalize_image, read_image, read_mask,
+                          read_mask_info, write_image, write_mask)
 
 
 def save(path, arr, mode=None):

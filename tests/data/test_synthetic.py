@@ -61,7 +61,7 @@ def test_shapes_needs_outline_to_tell_classes():
 
 def test_write_folder_round_trip(tmp_path):
     pytest.importorskip("PIL")
-    from unet_np.data.io import load_folder
+    from unet_np.data import load_folder
     imgs, masks, _ = touching_cells(2, size=32, seed=3)
     idir, mdir = write_folder(tmp_path / "cells", imgs, masks, mask_suffix="_mask")
     assert sorted(p.name for p in mdir.iterdir()) == ["img_0000_mask.png", "img_0001_mask.png"]

@@ -2,26 +2,32 @@
 
     from unet_np.data import load_folder, batches, touching_cells, weight_map, elastic
 
-io         read_image / read_mask / write_mask, find_pairs, load_folder -> SegmentationDataset,
-           batches; every bad file raises DataError naming it
+files      match_files / find_pairs: images beside their masks, matched by file name
+io         read_image / read_mask / write_image / write_mask, one file at a time
+dataset    load_folder -> SegmentationDataset, normalize_image, batches; every bad file raises
+           DataError naming it
 synthetic  touching_cells (instances for the weight map), shapes (needs context), write_folder
 weightmap  edt (exact Euclidean distance transform), label_components, weight_map
 augment    flip_rotate, elastic (the same random field for image, labels and weights)
 
 NumPy only: Pillow (PNG/JPEG/BMP) and tifffile (TIFF) are imported when a file needs them.
 """
-from .io import (CONVENTIONS, DataError, Diagnostics, SegmentationDataset, batches,
-                 default_palette, find_pairs, load_folder, match_files, normalize_image,
-                 read_image, read_mask, read_mask_info, write_image, write_mask)
+from .files import (IMAGE_EXTENSIONS, DataError, PairReport, check_dir, find_pairs, list_images,
+                    match_files)
+from .io import (CONVENTIONS, default_palette, read_image, read_mask, read_mask_info, whole_file,
+                 write_image, write_mask)
+from .dataset import Diagnostics, SegmentationDataset, batches, load_folder, normalize_image
 from .synthetic import shapes, touching_cells, write_folder
 from .weightmap import (class_weights, edt, edt_squared, label_components, weight_map,
                         weight_map_from_mask)
 from .augment import compose, displacement_field, elastic, flip_rotate, warp
 
 __all__ = [
-    "CONVENTIONS", "DataError", "Diagnostics", "SegmentationDataset", "batches",
-    "default_palette", "find_pairs", "load_folder", "match_files", "normalize_image",
-    "read_image", "read_mask", "read_mask_info", "write_image", "write_mask",
+    "IMAGE_EXTENSIONS", "DataError", "PairReport", "check_dir", "find_pairs", "list_images",
+    "match_files",
+    "CONVENTIONS", "default_palette", "read_image", "read_mask", "read_mask_info", "whole_file",
+    "write_image", "write_mask",
+    "Diagnostics", "SegmentationDataset", "batches", "load_folder", "normalize_image",
     "shapes", "touching_cells", "write_folder",
     "class_weights", "edt", "edt_squared", "label_components", "weight_map",
     "weight_map_from_mask",
