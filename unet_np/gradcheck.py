@@ -172,6 +172,27 @@ def _torch_attention_gate(t, xs, p):
     return t.sigmoid(F.conv2d(q, p["psi.weight"], p["psi.bias"])) * x
 
 
+class _SameDraws:
+    """Stands in for a dropout layer's Generator: every call draws the same numbers, so the mask
+    stays fixed across the many forwards of a finite-difference check."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def random(self, shape):
+        return np.random.default_rng(self.seed).random(shape)
+
+
+def _same_mask(layer, seed):
+    layer.generator = _SameDraws(seed)
+    return layer
+
+
+def _mask_of(seed, shape, p):
+    """The scaled mask a layer with _same_mask(layer, seed) applies: keep / (1 - p)."""
+    return (np.random.default_rng(seed).random(shape) >= p) / (1.0 - p)
+
+
 def layer_cases():
     """name -> Case: at least one case for every Module subclass ``unet_np.nn`` exports (layers,
     losses, Sequential) and for the attention gate, plus a whole depth-1 U-Net. Shapes are tiny (the
@@ -264,6 +285,27 @@ def layer_cases():
              target=float_target),
         Case("AttentionGate", fixed(lambda: AttentionGate(3, 4, 2, dtype=f64)),
              (x(1, 3, 4, 6), x(1, 4, 2, 3)), _torch_attention_gate),
+        Case("BatchNorm3d (train)", fixed(lambda: nn.BatchNorm3d(2, dtype=f64)), (x(2, 2, 3, 2, 3),),
+             lambda t, xs, p: t.nn.functional.batch_norm(xs[0], None, None, p["weight"], p["bias"],
+                                                         training=True)),
+        Case("InstanceNorm2d affine", fixed(lambda: nn.InstanceNorm2d(3, affine=True, dtype=f64)),
+             (x(2, 3, 3, 4),),
+             lambda t, xs, p: t.nn.functional.instance_norm(xs[0], weight=p["weight"], bias=p["bias"])),
+        Case("InstanceNorm3d affine, running stats",
+             fixed(lambda: nn.InstanceNorm3d(2, affine=True, track_running_stats=True, dtype=f64)),
+             (x(2, 2, 2, 3, 3),),
+             lambda t, xs, p: t.nn.functional.instance_norm(xs[0], weight=p["weight"], bias=p["bias"])),
+        Case("GroupNorm 2 groups", fixed(lambda: nn.GroupNorm(2, 4, dtype=f64)), (x(2, 4, 3, 3),),
+             lambda t, xs, p: t.nn.functional.group_norm(xs[0], 2, p["weight"], p["bias"])),
+        Case("LeakyReLU 0.1", lambda: nn.LeakyReLU(0.1, dtype=f64), (x(2, 3, 4, 4),),
+             lambda t, xs, p: t.nn.functional.leaky_relu(xs[0], 0.1)),
+        Case("Dropout p=0.3 (one fixed mask)", lambda: _same_mask(nn.Dropout(0.3, dtype=f64), 5),
+             (x(2, 3, 4, 4),), lambda t, xs, p: xs[0] * t.as_tensor(_mask_of(5, (2, 3, 4, 4), 0.3))),
+        Case("Dropout2d p=0.5 (one fixed mask)", lambda: _same_mask(nn.Dropout2d(0.5, dtype=f64), 6),
+             (x(2, 4, 3, 3),), lambda t, xs, p: xs[0] * t.as_tensor(_mask_of(6, (2, 4, 1, 1), 0.5))),
+        Case("Dropout3d p=0.5 (one fixed mask)", lambda: _same_mask(nn.Dropout3d(0.5, dtype=f64), 7),
+             (x(2, 4, 2, 2, 2),),
+             lambda t, xs, p: xs[0] * t.as_tensor(_mask_of(7, (2, 4, 1, 1, 1), 0.5))),
         Case("UNet depth 1 (whole model)", fixed(lambda: UNet(1, 2, depth=1, base_channels=2, dtype=f64)),
              (x(1, 1, 4, 4),), None),
     ]

@@ -1,4 +1,4 @@
-"""Activations: ReLU and Sigmoid.
+"""Activations: ReLU, LeakyReLU and Sigmoid.
 
 Each primitive is a pair: ``<op>_forward(x) -> (y, cache)`` and ``<op>_backward(dy, cache) -> dx``.
 The layer classes at the bottom call them through ``self.ops`` so another backend can replace them.
@@ -64,3 +64,42 @@ class Sigmoid(Module):
         dx = self.ops.sigmoid_backward(dy, self._take())
         self._release()
         return dx
+
+
+class LeakyReLU(Module):
+    """y = x for x > 0, negative_slope * x otherwise; elementwise, any input rank, as
+    torch.nn.LeakyReLU (default slope 0.01; MONAI's BasicUNet uses 0.1, nnU-Net 0.01).
+
+    Backward: dy/dx = 1 where x > 0 and negative_slope elsewhere (x = 0 included, as PyTorch), so
+    dx = dy * where(x > 0, 1, negative_slope). The forward keeps the boolean mask x > 0 (one byte a
+    value). Written with the backend's array module, so it runs on every backend.
+    """
+
+    def __init__(self, negative_slope=0.01, inplace=False, backend="numpy", dtype=None):
+        super().__init__(backend=backend, dtype=dtype)
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float, np.floating,
+                                                                               np.integer)):
+            raise TypeError(f"LeakyReLU: negative_slope must be a number, got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+        self.inplace = bool(inplace)         # accepted for PyTorch's signature; never in place here
+
+    def forward(self, x):
+        x = check_input("LeakyReLU", x, ndim=None, xp=self.xp)
+        positive = x > 0                                     # same shape as x, bool
+        y = self.xp.where(positive, x, x * self.negative_slope).astype(x.dtype, copy=False)
+        self._keep(positive)
+        return y
+
+    def backward(self, dy):
+        positive = self._take()
+        dy = self.xp.asarray(dy)
+        if tuple(dy.shape) != tuple(positive.shape):
+            raise ValueError(f"LeakyReLU: backward expected dy of shape {tuple(positive.shape)}, got "
+                             f"{tuple(dy.shape)}")
+        # in the forward: y = x if x > 0 else slope * x; so dx = dy or slope * dy
+        dx = self.xp.where(positive, dy, dy * self.negative_slope).astype(dy.dtype, copy=False)
+        self._release()
+        return dx
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
