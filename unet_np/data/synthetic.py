@@ -6,6 +6,8 @@ touching_cells(n, size, seed)
     cell rims, a textured interior, an uneven illumination field and noise. Returns the binary
     masks and the instance labels, from which the paper's weight map follows
     (weightmap.weight_map). It tests what the weight map is for: separating touching objects.
+    gap=False keeps touching cells in contact (no background line): instance label images, for
+    the three-class targets of instances.py.
 
 shapes(n, size, seed)
     Three classes: background (0), discs (1) and squares (2), all of one grey level and texture,
@@ -54,7 +56,7 @@ def _smooth_field(rng, h, w, grid=4):
             + c11 * fy * fx)
 
 
-def _one_cells(rng, h, w, cells, radius):
+def _one_cells(rng, h, w, cells, radius, gap=True):
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     scale = min(h, w) / 128.0
     r_lo, r_hi = radius if radius is not None else (7.0 * scale + 2.0, 13.0 * scale + 3.0)
@@ -105,6 +107,8 @@ def _one_cells(rng, h, w, cells, radius):
         for sx in (-1, 0, 1):
             nb = pad[1 + sy:1 + sy + h, 1 + sx:1 + sx + w]
             cut |= (nb > inst) & (inst > 0)
+    if not gap:                       # instance data: touching cells stay in contact
+        cut[:] = False
     inst[cut] = 0
     # renumber 1..K in order of appearance (cells fully covered by others vanish)
     ids = np.unique(inst)
@@ -125,11 +129,15 @@ def _one_cells(rng, h, w, cells, radius):
     return img.astype(np.float32), fg.astype(np.int64), inst
 
 
-def touching_cells(n, size=128, seed=0, cells=(6, 14), radius=None):
+def touching_cells(n, size=128, seed=0, cells=(6, 14), radius=None, gap=True):
     """n synthetic cell images (see the module docstring).
 
     size: int or (H, W). cells: (min, max) number of cells drawn per image (some may end up
     hidden). radius: (min, max) cell radius in pixels (default scales with the size).
+    gap: True (default) puts a one-pixel line of background between touching cells, as in the
+    U-Net paper's data; False leaves them in contact, as in instance label images (Data Science
+    Bowl, Cellpose): the mask alone then cannot separate them, the instances must (see
+    data.instance_targets). The image is the same either way but for the separating line.
     Returns images float32 (n, 1, H, W) in [0, 1], masks int64 (n, H, W) in {0, 1} and
     instances int32 (n, H, W) (0 = background, 1..K the cells; masks == instances > 0)."""
     h, w = _size(size)
@@ -140,7 +148,7 @@ def touching_cells(n, size=128, seed=0, cells=(6, 14), radius=None):
     instances = np.zeros((n, h, w), dtype=np.int32)
     for i in range(n):
         rng = np.random.default_rng([int(seed), i])
-        images[i, 0], masks[i], instances[i] = _one_cells(rng, h, w, cells, radius)
+        images[i, 0], masks[i], instances[i] = _one_cells(rng, h, w, cells, radius, gap)
     return images, masks, instances
 
 
