@@ -53,3 +53,30 @@ def test_bad_input(bad, exc, words):
 def test_backward_without_forward_is_a_clear_error():
     with pytest.raises(RuntimeError, match="without a forward"):
         ReLU().backward(np.ones((1, 1, 1, 1)))
+
+
+# LeakyReLU ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in ("numpy", "numba") if b in __import__("unet_np").backends.available()])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-5)], ids=["float64", "float32"])
+@pytest.mark.parametrize("slope", [0.01, 0.1, 0.0, 1.5])
+def test_leaky_relu_matches_torch(slope, dtype, tol, backend):
+    from unet_np.nn import LeakyReLU
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+    x[0, 0, 0, :2] = 0                                  # x = 0 takes the slope, as PyTorch
+    g = rng.standard_normal(x.shape).astype(dtype)
+    m = LeakyReLU(slope, backend=backend)
+    y, dx = m.forward(x), None
+    dx = m.backward(g)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    ty = torch.nn.functional.leaky_relu(tx, slope)
+    ty.backward(torch.from_numpy(g))
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert np.max(np.abs(y - ty.detach().numpy())) <= tol * np.max(np.abs(ty.detach().numpy()))
+    assert np.max(np.abs(dx - tx.grad.numpy())) <= tol * np.max(np.abs(tx.grad.numpy()))
+
+
+def test_leaky_relu_rejects_a_non_number_slope():
+    from unet_np.nn import LeakyReLU
+    with pytest.raises(TypeError, match="negative_slope"):
+        LeakyReLU("0.1")

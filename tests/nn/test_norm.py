@@ -30,7 +30,7 @@ def _pair(C, dtype, seed=0, **kw):
 
 def _compare(ours, theirs, x, dy, tol):
     y = ours(x)
-    cache = ours._cache                 # (the backward releases it)
+    cache = ours._cache[0]              # the primitive's cache (the backward releases it)
     xt = t(x, requires_grad=True)
     yt = theirs(xt)
     yt.backward(t(dy))
@@ -231,3 +231,126 @@ def test_backward_errors():
     bn(np.ones((2, 2, 2, 2), dtype=np.float32))
     with pytest.raises(ValueError, match="BatchNorm2d: backward expected dy of shape"):
         bn.backward(np.ones((2, 2, 3, 2), dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# BatchNorm3d, InstanceNorm2d/3d, GroupNorm against PyTorch (forward, input and parameter gradients,
+# running statistics), in train and eval mode, float64 and float32, on the numpy and numba backends
+# ---------------------------------------------------------------------------------------------------
+from unet_np import backends as _backends          # noqa: E402
+from unet_np.nn import BatchNorm3d, GroupNorm, InstanceNorm2d, InstanceNorm3d  # noqa: E402
+
+BACKENDS = [b for b in ("numpy", "numba") if b in _backends.available()]
+
+
+def _compare_layers(ours, theirs, shape, dtype, tol, train=True, seed=0, steps=2):
+    """Run ``steps`` forward/backward passes through both layers; every output, input gradient,
+    parameter gradient and buffer must agree to ``tol`` (relative)."""
+    rng = np.random.default_rng(seed)
+    ours.train(train)
+    theirs.train(train)
+    tdt = torch.float64 if dtype == np.float64 else torch.float32
+    theirs.to(tdt)
+    for _ in range(steps):
+        x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+        g = rng.standard_normal(shape).astype(dtype)
+        y = ours.forward(x)
+        tx = t(x, requires_grad=True)
+        ty = theirs(tx)
+        ty.backward(t(g))
+        dx = ours.backward(g)
+        assert y.dtype == dtype and dx.dtype == dtype
+        assert rel_err(y, n(ty)) < tol
+        assert rel_err(dx, n(tx.grad)) < tol
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel_err(_backends.to_numpy(p.grad), n(theirs_params[name].grad)) < tol, name
+    theirs_state = theirs.state_dict()
+    ours_state = ours.state_dict()
+    assert list(ours_state) == list(theirs_state)
+    for name, v in ours_state.items():
+        assert v.shape == tuple(theirs_state[name].shape), name
+        assert rel_err(v, n(theirs_state[name])) < tol, name
+
+
+def _same_state(ours, theirs, seed=3):
+    """Random affine parameters and perturbed running statistics, the same on both sides."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for name, v in ours.state_dict().items():
+        if name == "num_batches_tracked":
+            sd[name] = v
+        elif name == "running_var":
+            sd[name] = rng.uniform(0.5, 2.0, v.shape)
+        else:
+            sd[name] = rng.standard_normal(v.shape)
+    ours.load_state_dict(sd)
+    theirs.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()})
+
+
+NORM_CASES = [
+    ("BatchNorm3d", lambda dt, be: BatchNorm3d(3, dtype=dt, backend=be),
+     lambda: torch.nn.BatchNorm3d(3), (2, 3, 3, 4, 5)),
+    ("InstanceNorm2d affine", lambda dt, be: InstanceNorm2d(3, affine=True, dtype=dt, backend=be),
+     lambda: torch.nn.InstanceNorm2d(3, affine=True), (2, 3, 5, 4)),
+    ("InstanceNorm2d plain", lambda dt, be: InstanceNorm2d(3, dtype=dt, backend=be),
+     lambda: torch.nn.InstanceNorm2d(3), (2, 3, 5, 4)),
+    ("InstanceNorm2d running stats",
+     lambda dt, be: InstanceNorm2d(3, affine=True, track_running_stats=True, momentum=0.3, dtype=dt,
+                                   backend=be),
+     lambda: torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True, momentum=0.3),
+     (2, 3, 5, 4)),
+    ("InstanceNorm3d running stats, no affine",
+     lambda dt, be: InstanceNorm3d(2, track_running_stats=True, dtype=dt, backend=be),
+     lambda: torch.nn.InstanceNorm3d(2, track_running_stats=True), (3, 2, 3, 4, 2)),
+    ("InstanceNorm3d affine", lambda dt, be: InstanceNorm3d(2, affine=True, dtype=dt, backend=be),
+     lambda: torch.nn.InstanceNorm3d(2, affine=True), (2, 2, 3, 4, 2)),
+    ("GroupNorm 2 of 4", lambda dt, be: GroupNorm(2, 4, dtype=dt, backend=be),
+     lambda: torch.nn.GroupNorm(2, 4), (2, 4, 5, 3)),
+    ("GroupNorm 3-D, 1 group, no affine", lambda dt, be: GroupNorm(1, 3, affine=False, dtype=dt, backend=be),
+     lambda: torch.nn.GroupNorm(1, 3, affine=False), (2, 3, 2, 3, 4)),
+    ("GroupNorm one group per channel", lambda dt, be: GroupNorm(4, 4, dtype=dt, backend=be),
+     lambda: torch.nn.GroupNorm(4, 4), (1, 4, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("name,make,make_torch,shape", NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_norm_layers_match_torch(name, make, make_torch, shape, dtype, tol, train, backend):
+    ours, theirs = make(dtype, backend), make_torch().double()
+    _same_state(ours, theirs)
+    _compare_layers(ours, theirs, shape, dtype, tol, train=train)
+
+
+def test_instance_norm_running_stats_update_and_eval_use_them():
+    ours = InstanceNorm2d(2, track_running_stats=True, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((3, 2, 4, 4)) * 3 + 1
+    ours.forward(x)
+    mu = x.mean(axis=(2, 3)).mean(axis=0)
+    var = x.var(axis=(2, 3), ddof=1).mean(axis=0)
+    np.testing.assert_allclose(ours.running_mean, 0.1 * mu, rtol=1e-12)
+    np.testing.assert_allclose(ours.running_var, 0.9 + 0.1 * var, rtol=1e-12)
+    assert int(ours.num_batches_tracked) == 0          # as PyTorch's InstanceNorm: never counted
+    ours.eval()
+    y = ours.forward(x)
+    np.testing.assert_allclose(y, (x - ours.running_mean.reshape(1, 2, 1, 1))
+                               / np.sqrt(ours.running_var.reshape(1, 2, 1, 1) + 1e-5), rtol=1e-12)
+
+
+def test_norm_layer_errors_name_the_problem():
+    with pytest.raises(ValueError, match="divisible by num_groups"):
+        GroupNorm(3, 4)
+    with pytest.raises(ValueError, match="InstanceNorm2d: expected 3 input channels"):
+        InstanceNorm2d(3)(np.zeros((1, 2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="InstanceNorm3d: expected a 5-D array"):
+        InstanceNorm3d(3)(np.zeros((1, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="BatchNorm3d: expected a 5-D array"):
+        BatchNorm3d(3)(np.zeros((1, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="more than 1 spatial value"):
+        InstanceNorm2d(3)(np.zeros((2, 3, 1, 1), np.float32))
+    with pytest.raises(ValueError, match="InstanceNorm2d: backward expected dy"):
+        m = InstanceNorm2d(3)
+        m(np.ones((1, 3, 2, 2)))
+        m.backward(np.ones((1, 3, 2, 3)))
