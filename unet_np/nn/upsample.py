@@ -145,6 +145,47 @@ def upsample_nearest2d_backward(dy, cache):
     return dy.reshape(N, C, Ho // sh, sh, Wo // sw, sw).sum(axis=(3, 5))
 
 
+def align_corners_matrix(L, s, xp=np, dtype=np.float64):
+    """(s*L, L) linear-interpolation matrix with align_corners=True: output o reads the source
+    position o * (L - 1) / (s*L - 1), so the first and last outputs are exactly x[0] and x[L-1];
+    row o holds 1 - w at floor(pos) and w at floor(pos) + 1 (two non-zeros, summing to 1)."""
+    So = s * L
+    A = np.zeros((So, L), dtype=np.float64)
+    if L == 1:
+        A[:, 0] = 1.0
+    else:
+        pos = np.arange(So) * ((L - 1) / (So - 1))
+        i0 = np.minimum(np.floor(pos).astype(np.int64), L - 2)
+        w = pos - i0
+        A[np.arange(So), i0] = 1 - w
+        A[np.arange(So), i0 + 1] += w
+    return xp.asarray(A.astype(dtype))
+
+
+def linear_align_corners_forward(x, scale, xp=np):
+    """Bilinear (or trilinear: one pass per spatial axis) upsampling with align_corners=True, as
+    torch's F.interpolate(..., align_corners=True). x: (N, C, *S) -> y: (N, C, *(s_k S_k)).
+    Each axis is one matmul with its (s L, L) matrix A: y = A x along that axis. cache: the matrices.
+    Written with the array module ``xp``, so it runs on any backend."""
+    mats = []
+    y = x
+    for k, s in enumerate(scale):
+        axis = 2 + k
+        A = align_corners_matrix(x.shape[axis], int(s), xp, x.dtype)            # (sL, L)
+        y = xp.moveaxis(xp.moveaxis(y, axis, -1) @ A.T, -1, axis)
+        mats.append(A)
+    return xp.ascontiguousarray(y), mats
+
+
+def linear_align_corners_backward(dy, mats, xp=np):
+    """The adjoint: dx = A^T dy along each axis (in the forward: y = A x, so dx = A^T dy)."""
+    dx = dy
+    for k in reversed(range(len(mats))):
+        axis = 2 + k
+        dx = xp.moveaxis(xp.moveaxis(dx, axis, -1) @ mats[k], -1, axis)
+    return xp.ascontiguousarray(dx)
+
+
 class Upsample(Module):
     """Upsampling of (N, C, H, W) input by an integer factor, as torch.nn.Upsample with
     align_corners=False. mode: 'bilinear' (default) or 'nearest'. Parameter-free: the input's float
@@ -152,15 +193,22 @@ class Upsample(Module):
 
     MODES = ("bilinear", "nearest")
 
-    def __init__(self, scale_factor=2, mode="bilinear", backend="numpy", dtype=None):
+    def __init__(self, scale_factor=2, mode="bilinear", align_corners=False, backend="numpy", dtype=None):
         super().__init__(backend=backend, dtype=dtype)
         if mode not in self.MODES:
             raise ValueError(f"Upsample: mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        if align_corners and mode == "nearest":
+            raise ValueError("Upsample: align_corners=True needs mode='bilinear' (as PyTorch)")
         self.scale_factor = scale_pair(scale_factor)
         self.mode = mode
+        self.align_corners = bool(align_corners)  # True: linear_align_corners_forward, any backend
 
     def forward(self, x):
         x = check_input("Upsample", x, xp=self.xp)
+        if self.align_corners:
+            y, mats = linear_align_corners_forward(x, self.scale_factor, self.xp)
+            self._keep((("align_corners", mats), tuple(y.shape)))
+            return y
         fwd = self.ops.upsample_bilinear2d_forward if self.mode == "bilinear" else \
             self.ops.upsample_nearest2d_forward
         y, cache = fwd(x, self.scale_factor)
@@ -172,6 +220,10 @@ class Upsample(Module):
         dy = self.xp.asarray(dy)
         if tuple(dy.shape) != shape:
             raise ValueError(f"Upsample: backward expected dy of shape {shape}, got {tuple(dy.shape)}")
+        if isinstance(cache, tuple) and cache and cache[0] == "align_corners":
+            dx = linear_align_corners_backward(dy, cache[1], self.xp)
+            self._release()
+            return dx
         bwd = self.ops.upsample_bilinear2d_backward if self.mode == "bilinear" else \
             self.ops.upsample_nearest2d_backward
         dx = bwd(dy, cache)
@@ -180,4 +232,5 @@ class Upsample(Module):
 
     def extra_repr(self):
         sh, sw = self.scale_factor
-        return f"scale_factor={sh if sh == sw else (sh, sw)}, mode={self.mode!r}"
+        corners = ", align_corners=True" if self.align_corners else ""
+        return f"scale_factor={sh if sh == sw else (sh, sw)}, mode={self.mode!r}{corners}"
