@@ -51,7 +51,7 @@ def relative_error(analytic, numeric):
     return float(np.max(np.abs(analytic - numeric)) / scale)
 
 
-_rel = relative_error          # the name unet_np/cli.py imports
+_rel = relative_error          # the older private name, still imported by the command
 
 
 def _refuse_float32(module, arrays, what):
