@@ -16,11 +16,16 @@ Conventions used throughout
   class predicted where it does not exist still counts, with score 0.
 * For two classes the background class is easy and inflates the mean, so ``evaluate`` also reports
   the foreground (class 1) Dice and IoU.
+
+Instance metrics (``match_instances``) compare two label images (0 background, one id per
+object) object by object; see that function and docs/instances.md.
 """
 import numpy as np
 
 __all__ = ["confusion_matrix", "dice_per_class", "iou_per_class", "pixel_accuracy", "evaluate",
-           "boundary_map", "boundary_scores", "boundary_f1"]
+           "score_images",
+           "boundary_map", "boundary_scores", "boundary_f1", "DSB_THRESHOLDS", "overlap_table",
+           "match_instances", "aggregate_instance_matches"]
 
 
 # -- input handling --------------------------------------------------------------------------------
@@ -270,3 +275,169 @@ def boundary_scores(pred, target, tolerance=2, num_classes=None):
 def boundary_f1(pred, target, tolerance=2, num_classes=None):
     """The boundary F1 score of ``boundary_scores`` (a float in [0, 1])."""
     return boundary_scores(pred, target, tolerance, num_classes)["f1"]
+
+
+# -- instances -------------------------------------------------------------------------------------
+DSB_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.5, 1.0, 0.05), 2))  # 0.5 .. 0.95
+
+
+def score_images(preds, masks, num_classes):
+    """Scores of a set of images of any sizes: the pixel metrics of ``evaluate`` pooled over every
+    pixel of every image, boundary F1 (2 px tolerance) averaged over images, and num_images.
+    preds, masks: lists of (H, W) label images, pair by pair of one size."""
+    p = np.concatenate([np.asarray(a).ravel() for a in preds])
+    t = np.concatenate([np.asarray(a).ravel() for a in masks])
+    ev = evaluate(p, t, num_classes)
+    bfs = [boundary_scores(a, b, tolerance=2, num_classes=None if num_classes == 2 else num_classes)["f1"]
+           for a, b in zip(preds, masks)]
+    ev["boundary_f1"] = float(np.mean(bfs)) if bfs else float("nan")
+    ev["num_images"] = len(preds)
+    return ev
+
+
+def _instance_ids(labels, name):
+    """Flat int64 ids renumbered 1..n (0 stays background), and n. Ids need not be consecutive."""
+    lab = np.asarray(labels)
+    if lab.dtype.kind == "f":
+        if not np.all(np.isfinite(lab)) or not np.all(np.mod(lab, 1) == 0):
+            raise ValueError(f"{name} must hold whole-number object ids")
+    elif lab.dtype.kind not in "iub":
+        raise TypeError(f"{name} must be an integer label image, got dtype {lab.dtype}")
+    flat = lab.reshape(-1).astype(np.int64)
+    if flat.size == 0:
+        return flat, 0
+    if flat.min() < 0:
+        raise ValueError(f"{name} holds a negative id ({int(flat.min())})")
+    top = int(flat.max())
+    if top <= 4 * flat.size + 65536:                # a look-up table: no sort needed
+        present = np.zeros(top + 1, bool)
+        present[flat] = True
+        present[0] = False
+        lut = np.cumsum(present) * present
+        return lut[flat], int(present.sum())
+    ids, inverse = np.unique(flat, return_inverse=True)
+    inverse = inverse.reshape(-1) + (0 if ids[0] == 0 else 1)
+    return inverse.astype(np.int64), int(len(ids) - (ids[0] == 0))
+
+
+def overlap_table(true_labels, pred_labels):
+    """The sparse overlap table of two label images of one shape (any number of dimensions).
+
+    Returns (area_true (n_true,), area_pred (n_pred,), pairs) where pairs is (K, 3) int64: rows
+    (i, j, |T_i & P_j|) for every true object i and predicted object j that share pixels (ids
+    renumbered 0..n-1 in the order of the original ids). Only the pixels in both foregrounds are
+    looked at; the joint id i * (n_pred + 1) + j of consecutive pixels is first run-length
+    compressed (objects are contiguous along rows), then one np.unique + bincount over the runs
+    gives the table: O(pixels) plus a sort of the runs, never an n_true x n_pred matrix."""
+    t, n_true = _instance_ids(true_labels, "true_labels")
+    p, n_pred = _instance_ids(pred_labels, "pred_labels")
+    if t.shape != p.shape:
+        raise ValueError(f"true_labels has {t.size} pixels but pred_labels has {p.size}: "
+                         f"shapes {np.shape(true_labels)} and {np.shape(pred_labels)} differ")
+    if np.shape(true_labels) != np.shape(pred_labels):
+        raise ValueError(f"true_labels {np.shape(true_labels)} and pred_labels "
+                         f"{np.shape(pred_labels)} differ in shape")
+    area_true = np.bincount(t, minlength=n_true + 1)[1:]
+    area_pred = np.bincount(p, minlength=n_pred + 1)[1:]
+    both = (t > 0) & (p > 0)
+    key = t[both] * (n_pred + 1) + p[both]
+    if key.size == 0:
+        return area_true, area_pred, np.zeros((0, 3), np.int64)
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    lengths = np.diff(np.r_[starts, key.size])
+    joint, inverse = np.unique(key[starts], return_inverse=True)
+    inter = np.bincount(inverse.reshape(-1), weights=lengths).astype(np.int64)
+    pairs = np.stack([joint // (n_pred + 1) - 1, joint % (n_pred + 1) - 1, inter], axis=1)
+    return area_true, area_pred, pairs
+
+
+def _check_thresholds(thresholds):
+    th = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if th.size == 0 or np.any(~np.isfinite(th)) or th.min() < 0.5 or th.max() >= 1.0:
+        raise ValueError(f"IoU thresholds must lie in [0.5, 1): above 0.5 an object has at most "
+                         f"one partner, so matching is unambiguous; got {thresholds!r}")
+    return th
+
+
+def _safe(num, den, empty):
+    return float(num / den) if den else float(empty)
+
+
+def _instance_scores(c):
+    """The scores from summed counts c (see match_instances), as plain Python numbers."""
+    tp, n_true, n_pred = c["tp"], c["n_true"], c["n_pred"]
+    fp, fn = n_pred - tp, n_true - tp
+    nothing = n_true == 0 and n_pred == 0                 # no object on either side: no error
+    ap = [_safe(k, n_true + n_pred - k, 1.0) for k in c["tp_per_threshold"]]
+    sq = _safe(c["iou_sum"], tp, 1.0 if nothing else 0.0)
+    rq = _safe(tp, tp + 0.5 * fp + 0.5 * fn, 1.0)
+    return {
+        "precision": _safe(tp, n_pred, 1.0), "recall": _safe(tp, n_true, 1.0),
+        "f1": _safe(2 * tp, 2 * tp + fp + fn, 1.0), "ap_dsb": float(np.mean(ap)),
+        "pq": sq * rq, "sq": sq, "rq": rq, "splits": int(c["splits"]), "merges": int(c["merges"]),
+        "n_true": int(n_true), "n_pred": int(n_pred), "tp": int(tp), "fp": int(fp), "fn": int(fn),
+        "iou_sum": float(c["iou_sum"]), "thresholds": list(c["thresholds"]),
+        "tp_per_threshold": [int(k) for k in c["tp_per_threshold"]], "ap_per_threshold": ap,
+    }
+
+
+def match_instances(true_labels, pred_labels, thresholds=DSB_THRESHOLDS):
+    """Instance scores of a predicted label image against the true one (0 = background, any
+    other value one object; ids need not be consecutive nor agree between the two images).
+
+    Matching: true object T and predicted object P match at threshold t when
+    IoU(T, P) = |T & P| / |T | P| > t. For t >= 0.5 an object has at most one such partner
+    (two partners would each need more than half of its area), so no assignment problem arises.
+    At t = 0.5:  TP = matched pairs, FP = n_pred - TP, FN = n_true - TP and
+        precision = TP / n_pred, recall = TP / n_true, f1 = 2 TP / (2 TP + FP + FN);
+        panoptic quality: sq = mean IoU of the matched pairs, rq = TP / (TP + FP/2 + FN/2) (= f1),
+        pq = sq * rq (Kirillov et al. 2019).
+    ap_dsb: the 2018 Data Science Bowl score, the mean over `thresholds` (default 0.5, 0.55, ...,
+        0.95) of TP(t) / (TP(t) + FP(t) + FN(t)).
+    splits: true objects that at least two predicted objects lie in, each with at least half of
+        its own area: |T & P| >= |P| / 2 for two or more P (one cell cut in pieces).
+    merges: predicted objects that at least two true objects lie in, each with at least half of
+        its own area: |T & P| >= |T| / 2 for two or more T (touching cells fused).
+    With no object on either side every score is 1 (nothing to find, nothing claimed); a ratio
+    whose denominator is 0 otherwise is 1 for precision/recall when that side is empty and 0 for
+    sq without a match.
+
+    Returns a dict of plain numbers: precision, recall, f1, ap_dsb, pq, sq, rq, splits, merges,
+    and the counts behind them (n_true, n_pred, tp, fp, fn at 0.5, iou_sum of the matched pairs,
+    thresholds, tp_per_threshold, ap_per_threshold) for aggregate_instance_matches.
+    Any number of dimensions (a volume's objects are 3-D); for a batch of images call it per
+    image and aggregate: ids are per image."""
+    th = _check_thresholds(thresholds)
+    area_true, area_pred, pairs = overlap_table(true_labels, pred_labels)
+    i, j, inter = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+    iou = inter / (area_true[i] + area_pred[j] - inter).astype(np.float64)
+    matched = iou > 0.5
+    pieces = np.bincount(i[2 * inter >= area_pred[j]], minlength=len(area_true))
+    fused = np.bincount(j[2 * inter >= area_true[i]], minlength=len(area_pred))
+    counts = {"n_true": len(area_true), "n_pred": len(area_pred), "tp": int(matched.sum()),
+              "iou_sum": float(iou[matched].sum()), "splits": int(np.count_nonzero(pieces >= 2)),
+              "merges": int(np.count_nonzero(fused >= 2)), "thresholds": th.tolist(),
+              "tp_per_threshold": [int(np.count_nonzero(iou > t)) for t in th]}
+    return _instance_scores(counts)
+
+
+def aggregate_instance_matches(results):
+    """Scores over several images from their match_instances results: the counts (n_true,
+    n_pred, tp, iou_sum, splits, merges, tp per threshold) are summed over the images and the
+    scores computed once from the sums (pooled, as evaluate pools pixels). Also gives
+    'ap_dsb_image_mean', the mean of the per-image ap_dsb (the Data Science Bowl's leaderboard
+    averaged per image), and 'images'."""
+    results = list(results)
+    if not results:
+        raise ValueError("aggregate_instance_matches needs at least one match_instances result")
+    th = results[0]["thresholds"]
+    if any(r["thresholds"] != th for r in results):
+        raise ValueError("the results were computed at different IoU thresholds")
+    total = {k: sum(r[k] for r in results)
+             for k in ("n_true", "n_pred", "tp", "iou_sum", "splits", "merges")}
+    total["thresholds"] = th
+    total["tp_per_threshold"] = np.sum([r["tp_per_threshold"] for r in results], axis=0)
+    out = _instance_scores(total)
+    out["ap_dsb_image_mean"] = float(np.mean([r["ap_dsb"] for r in results]))
+    out["images"] = len(results)
+    return out

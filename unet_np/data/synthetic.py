@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import write_image, write_mask
+from .weightmap import label_components
 
 __all__ = ["touching_cells", "shapes", "write_folder"]
 
@@ -54,6 +55,37 @@ def _smooth_field(rng, h, w, grid=4):
     c11 = coarse[iy + 1][:, ix + 1]
     return (c00 * (1 - fy) * (1 - fx) + c01 * (1 - fy) * fx + c10 * fy * (1 - fx)
             + c11 * fy * fx)
+
+
+MIN_CELL_PIXELS = 12
+
+
+def _stray_pieces(inst):
+    """(H, W) bool: the pixels of every cell outside its largest 4-connected piece (a cell
+    squeezed between others can be cut in two), and of cells left with fewer than MIN_CELL_PIXELS
+    pixels; they are made background, so that each id is one connected region of a plausible
+    size, as in real instance label images."""
+    comp = label_components(inst, connectivity=4, by_value=True)
+    n = int(comp.max())
+    if n == 0:
+        return np.zeros(inst.shape, bool)
+    flat = comp.reshape(-1)
+    sizes = np.bincount(flat, minlength=n + 1)
+    pieces, first = np.unique(flat, return_index=True)
+    owner = np.zeros(n + 1, np.int64)
+    owner[pieces] = inst.reshape(-1)[first]
+    best = np.zeros(int(inst.max()) + 1, np.int64)        # largest piece size per cell
+    np.maximum.at(best, owner[1:], sizes[1:])
+    keep = sizes >= best[owner]
+    keep[0] = True
+    # two pieces of equal size: keep the first one only
+    ids = np.arange(n + 1)
+    first_best = np.full(int(inst.max()) + 1, n + 1)
+    np.minimum.at(first_best, owner[keep], ids[keep])
+    keep &= ids == first_best[owner]
+    keep &= sizes >= MIN_CELL_PIXELS                       # slivers of almost hidden cells
+    keep[0] = True
+    return ~keep[comp]
 
 
 def _one_cells(rng, h, w, cells, radius, gap=True):
@@ -109,6 +141,7 @@ def _one_cells(rng, h, w, cells, radius, gap=True):
             cut |= (nb > inst) & (inst > 0)
     if not gap:                       # instance data: touching cells stay in contact
         cut[:] = False
+        inst[_stray_pieces(inst)] = 0
     inst[cut] = 0
     # renumber 1..K in order of appearance (cells fully covered by others vanish)
     ids = np.unique(inst)
