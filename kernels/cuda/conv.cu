@@ -1,8 +1,9 @@
 // conv.cu -- the memory passes around the convolutions' GEMMs (the GEMMs themselves are cuBLAS).
 //
-// NumPy reference: unet_np/nn/conv.py -- _im2col, _col2im, _channels_first, _batch_first
+// NumPy reference: unet_np/nn/conv_reference.py -- im2col, col2im, channels_first, batch_first
 // (conv2d_forward / conv2d_backward / conv_transpose2d_forward / conv_transpose2d_backward).
-// Python side: unet_np/backends/cupy_backend.py (CudaKernels.conv2d_forward, ...).
+// Python side: kernels/cupy_conv.py (Convolutions.conv2d_forward, ...), mixed into
+// unet_np/backends/cupy_backend.py's CudaKernels.
 //
 // Layouts (all row-major, contiguous):
 //   x     (N, C, H, W)                      the image, NCHW
@@ -12,8 +13,8 @@
 // bias and an optional ReLU added) by swap01_bias_act. col2im is im2col's adjoint: every image pixel
 // GATHERS the column entries that were copied from it (no atomics, so the result is deterministic).
 //
-// Every kernel is a grid-stride loop over its outputs: any launch size is correct (the tests even run
-// them with one thread on the CPU), the Python side picks one for speed.
+// Every kernel is a grid-stride loop over its outputs: any launch size is correct, the Python side
+// picks one for speed (kernels/cupy_conv.py).
 // Both dtypes: a template body and two extern "C" entry points, <name>_f32 and <name>_f64.
 //
 // Index arithmetic: the bodies are templates over the index type I as well. Every element takes a few
@@ -32,23 +33,34 @@
          i += (long long)blockDim.x * gridDim.x)
 
 // ---------------------------------------------------------------------------------------------------
-// im2col: x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo). One thread per column entry (writes coalesced).
+// im2col: x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo), or with transposed != 0 its transpose colsT
+// (N*Ho*Wo, C*kh*kw), both contiguous (colsT is the weight gradient's operand: dW = dY @ colsT reads
+// it in cuBLAS's fast order, where dY @ cols^T read cols across its rows).
+// One thread per (channel c, column (n, ho, wo)): the index divisions once per thread, then the kh*kw
+// entries of the window with additions only. Threads next to each other take neighbouring columns:
+// cols' writes are coalesced, colsT's strided by C*kh*kw.
 // ---------------------------------------------------------------------------------------------------
 template <typename T, typename I>
-__device__ void im2col(const T* __restrict__ x, T* __restrict__ cols,
+__device__ void im2col(const T* __restrict__ x, T* __restrict__ cols, long long transposed,
                        I N, I C, I H, I W, I kh, I kw, I Ho, I Wo, I sh, I sw, I ph, I pw, I dh, I dw) {
     const I M = N * Ho * Wo;                          // columns
-    const long long total = (long long)C * kh * kw * M;
+    const I K = C * kh * kw;                          // rows
+    const long long total = (long long)C * M;
     GRID_STRIDE(k, total) {
         const I idx = (I)k;
-        const I row = idx / M, col = idx % M;
-        const I j = row % kw, i = (row / kw) % kh, c = row / (kw * kh);
-        const I wo = col % Wo, ho = (col / Wo) % Ho, n = col / (Wo * Ho);
-        const I h = ho * sh - ph + i * dh;
-        const I w = wo * sw - pw + j * dw;
-        T v = (T)0;
-        if (h >= 0 && h < H && w >= 0 && w < W) v = x[((n * C + c) * H + h) * W + w];
-        cols[idx] = v;
+        const I c = idx / M, col = idx - c * M;
+        const I wo = col % Wo, t = col / Wo;
+        const I ho = t % Ho, n = t / Ho;
+        const T* xc = x + (n * C + c) * H * W;
+        const I h0 = ho * sh - ph, w0 = wo * sw - pw;
+        // entry (row, col) of cols is at row * M + col, of colsT at col * K + row
+        const I step = transposed ? (I)1 : M;
+        I dst = transposed ? col * K + c * kh * kw : c * kh * kw * M + col;
+        for (I i = 0, h = h0; i < kh; ++i, h += dh) {
+            const bool row_in = h >= 0 && h < H;
+            for (I j = 0, w = w0; j < kw; ++j, w += dw, dst += step)
+                cols[dst] = (row_in && w >= 0 && w < W) ? xc[h * W + w] : (T)0;
+        }
     }
 }
 
@@ -56,6 +68,7 @@ __device__ void im2col(const T* __restrict__ x, T* __restrict__ cols,
 // col2im: cols (C*kh*kw, N*Ho*Wo) -> x (N, C, H, W), the adjoint of im2col, plus an optional bias (C,).
 // One thread per image pixel (n, c, h, w): it sums every column entry (c, i, j, n, ho, wo) with
 // ho*sh - ph + i*dh == h and wo*sw - pw + j*dw == w. Pixels no window reaches get 0 (or the bias).
+// With stride 1 (every 3x3 'same' convolution) ho = h + ph - i*dh directly: no division in the loop.
 // ---------------------------------------------------------------------------------------------------
 template <typename T, typename I>
 __device__ void col2im(const T* __restrict__ cols, T* __restrict__ x, const T* __restrict__ bias,
@@ -63,22 +76,27 @@ __device__ void col2im(const T* __restrict__ cols, T* __restrict__ x, const T* _
                        I N, I C, I H, I W, I kh, I kw, I Ho, I Wo, I sh, I sw, I ph, I pw, I dh, I dw) {
     const I M = N * Ho * Wo;
     const long long total = (long long)N * C * H * W;
+    const bool unit_stride = sh == 1 && sw == 1;
     GRID_STRIDE(k, total) {
         const I idx = (I)k;
-        const I w = idx % W, h = (idx / W) % H, c = (idx / (W * H)) % C, n = idx / (W * H * C);
+        const I w = idx % W, t = idx / W;
+        const I h = t % H, t2 = t / H;
+        const I c = t2 % C, n = t2 / C;
+        const T* cc = cols + c * kh * kw * M + n * Ho * Wo;     // row (c, 0, 0), column (n, 0, 0)
         T acc = has_bias ? bias[c] : (T)0;
         for (I i = 0; i < kh; ++i) {
             const I hh = h + ph - i * dh;             // = ho * sh for the window that reads h
-            if (hh < 0 || hh % sh != 0) continue;
-            const I ho = hh / sh;
-            if (ho >= Ho) continue;
+            I ho;
+            if (unit_stride) ho = hh;
+            else { if (hh < 0 || hh % sh != 0) continue; ho = hh / sh; }
+            if (ho < 0 || ho >= Ho) continue;
             for (I j = 0; j < kw; ++j) {
                 const I ww = w + pw - j * dw;
-                if (ww < 0 || ww % sw != 0) continue;
-                const I wo = ww / sw;
-                if (wo >= Wo) continue;
-                const I row = (c * kh + i) * kw + j;
-                acc += cols[row * M + (n * Ho + ho) * Wo + wo];
+                I wo;
+                if (unit_stride) wo = ww;
+                else { if (ww < 0 || ww % sw != 0) continue; wo = ww / sw; }
+                if (wo < 0 || wo >= Wo) continue;
+                acc += cc[(i * kw + j) * M + ho * Wo + wo];
             }
         }
         x[idx] = acc;
@@ -136,13 +154,13 @@ __device__ void bias_act_inplace(T* __restrict__ y, const T* __restrict__ bias, 
 #define IM2COL_FITS32 (C * kh * kw * N * Ho * Wo < INDEX32_LIMIT && N * C * H * W < INDEX32_LIMIT && \
                        Ho * sh + kh * dh + ph + H < INDEX32_LIMIT && Wo * sw + kw * dw + pw + W < INDEX32_LIMIT)
 
-extern "C" __global__ void im2col_f32(const float* x, float* cols, IM2COL_ARGS) {
-    if (IM2COL_FITS32) im2col<float, int>(x, cols, IM2COL_PASS);
-    else im2col<float, long long>(x, cols, IM2COL_PASS);
+extern "C" __global__ void im2col_f32(const float* x, float* cols, long long transposed, IM2COL_ARGS) {
+    if (IM2COL_FITS32) im2col<float, int>(x, cols, transposed, IM2COL_PASS);
+    else im2col<float, long long>(x, cols, transposed, IM2COL_PASS);
 }
-extern "C" __global__ void im2col_f64(const double* x, double* cols, IM2COL_ARGS) {
-    if (IM2COL_FITS32) im2col<double, int>(x, cols, IM2COL_PASS);
-    else im2col<double, long long>(x, cols, IM2COL_PASS);
+extern "C" __global__ void im2col_f64(const double* x, double* cols, long long transposed, IM2COL_ARGS) {
+    if (IM2COL_FITS32) im2col<double, int>(x, cols, transposed, IM2COL_PASS);
+    else im2col<double, long long>(x, cols, transposed, IM2COL_PASS);
 }
 extern "C" __global__ void col2im_f32(const float* cols, float* x, const float* bias, long long has_bias,
                                       IM2COL_ARGS) {

@@ -6,34 +6,30 @@ on CuPy too (as CuPy array operations, not kernels of this project). conv2d_back
 input_grad=False to skip dx. The optimizers of unet_np.optim update the parameters of a cupy model
 with the fused kernels of optim.cu (``sgd_step`` / ``adam_step``: one pass per parameter).
 
-    GEMMs                  cupy.matmul (cuBLAS; TF32 stays off unless CUPY_TF32=1 is set)
+    GEMMs                  cupy.matmul (cuBLAS; in true float32 unless allow_tf32 is set)
     everything else        CUDA C in kernels/cuda/<family>.cu (installed as unet_np.kernels.cuda),
                            compiled once per family with cupy.RawModule (NVRTC) and cached
 
 Each kernel has float32 and float64 entry points, ``<name>_f32`` / ``<name>_f64``; each .cu file
-names the NumPy function it mirrors. How the convolutions run (the same algebra as unet_np/nn/conv.py):
-
-    conv2d forward     cols = im2col(x) (C*kh*kw, N*Ho*Wo);  Y = W @ cols;  y = NCHW(Y) + b
-    conv2d backward    dY = (O, N*Ho*Wo);  db = sum dY;  dW = dY @ cols^T;  dx = col2im(W^T @ dY)
-    transposed conv    its adjoint: y = col2im(W^T @ X) + b;  dx = W @ im2col(dy);  dW = X @ im2col(dy)^T
-    1x1, stride 1      no column buffer: one batched GEMM on the NCHW arrays
-
-Unlike the NumPy reference, a convolution's cache keeps its INPUT, not the column buffer: the backward
-rebuilds ``cols`` with one im2col pass (cheap next to the GEMMs on a GPU), so a training step holds
-one column buffer at a time instead of one per layer (about 16 GB at batch 16, 256x256, for the
-reference network). Reductions (bias gradients, batch-norm statistics, the loss's sums) accumulate
+names the NumPy function it mirrors. The convolutions (kernels/cupy_conv.py, mixed into CudaKernels)
+run 3x3 stride-1 layers as Winograd F(4x4, 3x3) (winograd.cu: transforms as kernels, the 36 position
+GEMMs as one batched cuBLAS call), the rest as im2col + cuBLAS (conv.cu), 1x1 ones as one batched GEMM
+on the NCHW arrays. A convolution's cache keeps its INPUT, never a column buffer: the backward
+rebuilds the columns with one pass, so a training step holds one such buffer at a time.
+Reductions (bias gradients, batch-norm statistics, the loss's sums) accumulate
 in double in two deterministic passes (no atomics), so a run is bit-for-bit repeatable.
 
 The kernels are launched through one small interface, ``get_function(family, name)(grid, block,
 args)``, with every scalar argument typed (np.int64 for ``long long``, the array dtype for ``T``).
 ``CudaKernels`` takes the array module and that getter as arguments, so the tests can also run this
 exact Python code and the exact .cu sources on the CPU (NumPy arrays, the .cu files compiled by g++
-as plain C++ and run as one thread; see tests/backends/test_cupy.py).
+as plain C++ and run with their real thread blocks; see tests/backends/cuda_emulation.py).
 
 Importing this module does not import CuPy; ``make_backend()`` does, and raises a clear error when
 CuPy is missing, no GPU is visible or the driver is too old (``unet_np.backends.get`` turns it into
 BackendUnavailable naming the ``cuda12`` extra).
 """
+import contextlib
 import functools
 import importlib.resources
 import os
@@ -42,7 +38,7 @@ import numpy as np
 
 from . import Backend
 
-FAMILIES = ("conv", "pool", "elementwise", "upsample", "norm", "loss", "optim", "gemm")
+FAMILIES = ("conv", "winograd", "pool", "elementwise", "upsample", "norm", "loss", "optim", "gemm")
 THREADS = 256              # threads per block for the 1-D grid-stride kernels (norm.cu needs 2^k)
 MAX_BLOCKS = 1 << 20       # grid-stride loops cover the rest
 
@@ -59,7 +55,6 @@ REPLACED = (
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
 )
 
-_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,30 +100,53 @@ def _cupy_function(family, name):
 # ---------------------------------------------------------------------------------------------------
 # The same hyper-parameter normalisation as the reference primitives.
 from ..nn.shapes import padding_pairs, pair, scale_pair  # noqa: E402
+from ..kernels.cupy_conv import (SUFFIX as _SUFFIX, WINOGRAD_MODES, Convolutions,  # noqa: E402
+                                 float_dtype, kernel_int)
 
 
-def _i(v):
-    """A ``long long`` kernel argument."""
-    return np.int64(v)
-
-
-def _dtype(a, owner):
-    dt = np.dtype(a.dtype)
-    if dt not in _SUFFIX:
-        raise TypeError(f"{owner}: the cupy backend computes in float32 or float64, got {dt}")
-    return dt
+_i = kernel_int                 # a ``long long`` kernel argument
+_dtype = float_dtype            # the array's dtype, float32 or float64 (TypeError otherwise)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The primitives
 # ---------------------------------------------------------------------------------------------------
-class CudaKernels:
+class CudaKernels(Convolutions):
     """Every primitive of the cupy backend, on array module ``xp`` with kernels from
-    ``get_function(family, name)`` (a callable ``f(grid, block, args)``, as cupy.RawKernel)."""
+    ``get_function(family, name)`` (a callable ``f(grid, block, args)``, as cupy.RawKernel). The
+    convolutions are kernels/cupy_conv.py's (mixed in).
 
-    def __init__(self, xp, get_function):
+    winograd: 'auto' (3x3 stride-1 convolutions with >= WINO_MIN_CHANNELS input and output channels
+    run as Winograd F(4x4, 3x3)), 'always' (every 3x3 stride-1 one) or 'never' (im2col + GEMM).
+    allow_tf32: float32 GEMMs may run on tensor cores in TF32 (10-bit mantissa inputs, float32
+    accumulation), as PyTorch's default for convolutions; off by default. ``tf32_scope(enabled)``
+    returns a context manager inside which the float32 GEMMs of ``xp.matmul`` run in TF32 (enabled)
+    or in true float32 (not enabled, whatever CUPY_TF32 says); the real backend's is
+    cupy_tf32_scope. Without one (NumPy) allow_tf32 cannot be set."""
+
+    def __init__(self, xp, get_function, winograd="auto", allow_tf32=False, tf32_scope=None):
+        if winograd not in WINOGRAD_MODES:
+            raise ValueError(f"winograd must be one of {', '.join(WINOGRAD_MODES)}, got {winograd!r}")
         self.xp = xp
         self._get = get_function
+        self.winograd = winograd
+        self.tf32_scope = tf32_scope
+        self.allow_tf32 = False
+        self.set_allow_tf32(allow_tf32)
+
+    def set_allow_tf32(self, flag):
+        """Let float32 GEMMs run in TF32 (True) or keep them in true float32 (False, the default)."""
+        if flag and self.tf32_scope is None:
+            raise ValueError("allow_tf32=True needs a tf32_scope (the real backend has one: CuPy on a GPU "
+                             "of compute capability 8.0 or newer)")
+        self.allow_tf32 = bool(flag)
+
+    def _matmul(self, a, b):
+        """xp.matmul(a, b): every GEMM of the backend goes through here (TF32 only when allowed)."""
+        if self.tf32_scope is not None and np.dtype(a.dtype) == np.float32:
+            with self.tf32_scope(self.allow_tf32):
+                return self.xp.matmul(a, b)
+        return self.xp.matmul(a, b)
 
     # -- plumbing -------------------------------------------------------------------------------
     def table(self):
@@ -165,146 +183,6 @@ class CudaKernels:
         self._launch("norm", "channel_reduce_finish", dt, C, partial, out, _i(C), _i(splits),
                      np.float64(scale))
         return out
-
-    def _swap01(self, src, A, B, L, bias=None, relu=False):
-        """src (A, B, L) -> (B, A, L), dst[b, a, l] = act(src[a, b, l] + bias[a])."""
-        dt = np.dtype(src.dtype)
-        dst = self.xp.empty((B, A, L), dtype=dt)
-        self._launch("conv", "swap01_bias_act", dt, dst.size, src, dst, src if bias is None else bias,
-                     _i(bias is not None), _i(relu), _i(A), _i(B), _i(L))
-        return dst
-
-    def _im2col(self, img, geom):
-        N, C, H, W, kh, kw, Ho, Wo, sh, sw, ph, pw, dh, dw = geom
-        cols = self.xp.empty((C * kh * kw, N * Ho * Wo), dtype=img.dtype)
-        self._launch("conv", "im2col", img.dtype, cols.size, img, cols, *map(_i, geom))
-        return cols
-
-    def _col2im(self, cols, geom, bias=None):
-        N, C, H, W = geom[:4]
-        out = self.xp.empty((N, C, H, W), dtype=cols.dtype)
-        self._launch("conv", "col2im", cols.dtype, out.size, cols, out, cols if bias is None else bias,
-                     _i(bias is not None), *map(_i, geom))
-        return out
-
-    def _bias_inplace(self, y3, bias, relu=False):
-        """y3 (N, C, L) += bias[c] (then ReLU), in place."""
-        N, C, L = y3.shape
-        self._launch("conv", "bias_act_inplace", y3.dtype, y3.size, y3, bias, _i(1), _i(relu), _i(C), _i(L),
-                     _i(y3.size))
-
-    # -- convolutions ------------------------------------------------------------------------------
-    def conv2d_forward(self, x, w, b, stride=1, padding=0, dilation=1):
-        """y = conv2d(x, w) + b. x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> (y, cache)."""
-        xp = self.xp
-        dt = _dtype(x, "conv2d_forward")
-        (sh, sw), (dh, dw) = pair(stride), pair(dilation)
-        (pt, pb), (pl, pr) = padding_pairs(padding)
-        N, C, H, W = x.shape
-        O, C2, kh, kw = w.shape
-        if C2 != C:
-            raise ValueError(f"conv2d_forward: weight expects {C2} input channels, got {C}")
-        Ho = (H + pt + pb - dh * (kh - 1) - 1) // sh + 1
-        Wo = (W + pl + pr - dw * (kw - 1) - 1) // sw + 1
-        if Ho < 1 or Wo < 1:
-            raise ValueError(f"conv2d_forward: the kernel does not fit the padded input ({H}x{W})")
-        x = self._c(x, dt)
-        w = self._c(w, dt)
-        b = None if b is None else self._c(b, dt)
-        wm = w.reshape(O, C * kh * kw)
-        geom = (N, C, H, W, kh, kw, Ho, Wo, sh, sw, pt, pl, dh, dw)
-        if (kh, kw, sh, sw, pt, pb, pl, pr) == (1, 1, 1, 1, 0, 0, 0, 0):
-            y = self._c(xp.matmul(wm, x.reshape(N, C, H * W)))          # (N, O, H*W): NCHW
-            if b is not None:
-                self._bias_inplace(y, b)
-            return y.reshape(N, O, H, W), ("1x1", x, w, b is not None, geom)
-        cols = self._im2col(x, geom)                                     # (C*kh*kw, N*Ho*Wo)
-        y2 = self._c(xp.matmul(wm, cols))                                # (O, N*Ho*Wo)
-        del cols
-        y = self._swap01(y2, O, N, Ho * Wo, bias=b)                      # (N, O, Ho*Wo) + b
-        return y.reshape(N, O, Ho, Wo), ("cols", x, w, b is not None, geom)
-
-    def conv2d_backward(self, dy, cache, input_grad=True):
-        """dy (N, O, Ho, Wo) -> dx (N, C, H, W), dw (O, C, kh, kw), db (O,) or None.
-        input_grad=False skips dx (returned as None): neither its GEMM nor col2im runs."""
-        xp = self.xp
-        kind, x, w, has_bias, geom = cache
-        N, C, H, W, kh, kw, Ho, Wo = geom[:8]
-        O = w.shape[0]
-        dy = self._c(dy, x.dtype)
-        wm = w.reshape(O, C * kh * kw)
-        db = self._reduce(dy, N, O, Ho * Wo) if has_bias else None
-        if kind == "1x1":
-            dy3 = dy.reshape(N, O, H * W)
-            x3 = x.reshape(N, C, H * W)
-            dw = xp.matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0)         # sum_n dY_n X_n^T (O, C)
-            dw = self._c(dw).reshape(w.shape)
-            if not input_grad:
-                return None, dw, db
-            dx = self._c(xp.matmul(wm.T, dy3))                            # (N, C, H*W)
-            return dx.reshape(N, C, H, W), dw, db
-        dy2 = self._swap01(dy.reshape(N, O, Ho * Wo), N, O, Ho * Wo).reshape(O, N * Ho * Wo)
-        cols = self._im2col(x, geom)
-        dw = self._c(xp.matmul(dy2, cols.T)).reshape(w.shape)           # (O, C*kh*kw)
-        del cols
-        if not input_grad:
-            return None, dw, db
-        dcols = self._c(xp.matmul(wm.T, dy2))                             # (C*kh*kw, N*Ho*Wo)
-        dx = self._col2im(dcols, geom)
-        return dx, dw, db
-
-    def conv_transpose2d_forward(self, x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
-        """y = conv_transpose2d(x, w) + b. x (N, Cin, H, W), w (Cin, Cout, kh, kw) -> (y, cache)."""
-        xp = self.xp
-        dt = _dtype(x, "conv_transpose2d_forward")
-        (sh, sw), (dh, dw) = pair(stride), pair(dilation)
-        (pt, pb), (pl, pr) = padding_pairs(padding)
-        oph, opw = pair(output_padding)
-        N, Cin, H, W = x.shape
-        Cin2, Cout, kh, kw = w.shape
-        if Cin2 != Cin:
-            raise ValueError(f"conv_transpose2d_forward: weight expects {Cin2} input channels, got {Cin}")
-        Hy = (H - 1) * sh - pt - pb + dh * (kh - 1) + oph + 1
-        Wy = (W - 1) * sw - pl - pr + dw * (kw - 1) + opw + 1
-        if Hy < 1 or Wy < 1:
-            raise ValueError(f"conv_transpose2d_forward: the output would be {Hy}x{Wy}")
-        x = self._c(x, dt)
-        w = self._c(w, dt)
-        b = None if b is None else self._c(b, dt)
-        wm = w.reshape(Cin, Cout * kh * kw)
-        # The image of the im2col/col2im pair is the OUTPUT y; the window grid is the input's H x W.
-        geom = (N, Cout, Hy, Wy, kh, kw, H, W, sh, sw, pt, pl, dh, dw)
-        if (kh, kw, sh, sw, pt, pb, pl, pr) == (1, 1, 1, 1, 0, 0, 0, 0) and (Hy, Wy) == (H, W):
-            y = self._c(xp.matmul(wm.T, x.reshape(N, Cin, H * W)))       # (N, Cout, H*W)
-            if b is not None:
-                self._bias_inplace(y, b)
-            return y.reshape(N, Cout, H, W), ("1x1", x, w, b is not None, geom)
-        x2 = self._swap01(x.reshape(N, Cin, H * W), N, Cin, H * W).reshape(Cin, N * H * W)
-        dcols = self._c(xp.matmul(wm.T, x2))                              # (Cout*kh*kw, N*H*W)
-        y = self._col2im(dcols, geom, bias=b)
-        return y, ("cols", x2, w, b is not None, geom)
-
-    def conv_transpose2d_backward(self, dy, cache):
-        """dy (N, Cout, Hy, Wy) -> dx (N, Cin, H, W), dw (Cin, Cout, kh, kw), db (Cout,) or None."""
-        xp = self.xp
-        kind, xs, w, has_bias, geom = cache
-        N, Cout, Hy, Wy, kh, kw, H, W = geom[:8]
-        Cin = w.shape[0]
-        dy = self._c(dy, xs.dtype)
-        wm = w.reshape(Cin, Cout * kh * kw)
-        db = self._reduce(dy, N, Cout, Hy * Wy) if has_bias else None
-        if kind == "1x1":
-            dy3 = dy.reshape(N, Cout, H * W)
-            x3 = xs.reshape(N, Cin, H * W)
-            dx = self._c(xp.matmul(wm, dy3))                              # (N, Cin, H*W)
-            dw = xp.matmul(x3, dy3.transpose(0, 2, 1)).sum(axis=0)         # (Cin, Cout)
-            return dx.reshape(N, Cin, H, W), self._c(dw).reshape(w.shape), db
-        cols = self._im2col(dy, geom)                                     # (Cout*kh*kw, N*H*W)
-        dw = self._c(xp.matmul(xs, cols.T)).reshape(w.shape)              # (Cin, Cout*kh*kw)
-        dx2 = self._c(xp.matmul(wm, cols))                                # (Cin, N*H*W)
-        del cols
-        dx = self._swap01(dx2, Cin, N, H * W)                             # (N, Cin, H*W)
-        return dx.reshape(N, Cin, H, W), dw, db
 
     # -- activations -------------------------------------------------------------------------------
     def _unary(self, name, x):
@@ -681,13 +559,27 @@ def kernels():
         raise ImportError("the cupy backend needs CuPy: pip install 'unet-np[cuda12]' (CUDA 12) or "
                           "'unet-np[cuda13]' (CUDA 13)") from exc
     _check_gpu(cupy)
-    k = CudaKernels(cupy, _cupy_function)
+    k = CudaKernels(cupy, _cupy_function, tf32_scope=cupy_tf32_scope)
     try:
         k.self_test()
     except Exception as exc:
         raise RuntimeError(f"the CUDA kernels of the cupy backend could not be compiled or run "
                            f"(NVRTC missing or too old?): {type(exc).__name__}: {exc}") from exc
     return k
+
+
+@contextlib.contextmanager
+def cupy_tf32_scope(enabled):
+    """Inside: cupy.matmul of float32 runs in TF32 (enabled) or in true float32 (not enabled), whatever
+    CUPY_TF32 says; the previous setting is restored after. CuPy has no per-call switch, so this
+    sets its compute type for float32 (cupy._core._routines_linalg, the setting CUPY_TF32 feeds)."""
+    from cupy._core import _routines_linalg as linalg
+    before = linalg.get_compute_type(np.float32)
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(np.float32, before)
 
 
 def backend_from(name, xp, k):
@@ -700,6 +592,8 @@ def backend_from(name, xp, k):
 
 
 def make_backend():
+    """The cupy backend. Its convolution settings are attributes of ``backend.kernels``: ``winograd``
+    ('auto', 'always', 'never') and ``set_allow_tf32(True)`` (TF32 GEMMs, off by default)."""
     k = kernels()                   # raises a clear error without CuPy, a GPU or a recent driver
     import cupy
     return backend_from("cupy", cupy, k)
