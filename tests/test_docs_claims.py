@@ -14,6 +14,7 @@ import pytest
 
 from unet_np.nn import Conv2d, ConvTranspose2d, DiceLoss
 from unet_np.nn import conv as conv_module
+from tests.doc_blocks import python_blocks, run_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-12
@@ -268,3 +269,31 @@ def test_gradcheck_without_torch_never_imports_it():
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+# -- docs/writing-a-layer.md: every ```python block runs, in order ---------------------------------------
+LAYER_DOC = "docs/writing-a-layer.md"
+
+
+def test_writing_a_layer_has_code_to_run():
+    assert len(python_blocks(LAYER_DOC)) >= 6
+
+
+def test_writing_a_layer_every_python_block_runs():
+    ns = run_blocks(LAYER_DOC)
+    assert "ChannelScale" in ns and ns["errors"]
+
+
+def test_doc_blocks_reports_a_failing_block(tmp_path):
+    doc = tmp_path / "d.md"
+    doc.write_text("text\n\n```python\nx = 1\n```\n\n```\nnot run\n```\n\n```python\nassert x == 2\n```\n")
+    assert [line for line, _ in python_blocks(str(doc))] == [4, 12]
+    with pytest.raises(AssertionError, match=r"line 12 raised AssertionError"):
+        run_blocks(str(doc))
+
+
+def test_doc_blocks_refuses_an_unclosed_fence(tmp_path):
+    doc = tmp_path / "d.md"
+    doc.write_text("```python\nx = 1\n")
+    with pytest.raises(ValueError, match="never closed"):
+        python_blocks(str(doc))
