@@ -30,7 +30,7 @@ TOL = 1e-13  # relative; the ranks sum in another order: measured worst 4.0e-16 
              # ranks, after 10 steps; unet++ 2.2e-16), a margin of 250x
 
 HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and shutil.which("mpiexec") is not None
-needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (pip install 'unet-np[mpi]')")
+needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (from the checkout: pip install '.[mpi]')")
 
 
 def rel(a, b):
