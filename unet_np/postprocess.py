@@ -258,7 +258,7 @@ def remove_small(labels, min_size):
     1..K keeping their order. labels: (H, W) non-negative int; returns int64."""
     lab = np.asarray(labels)
     sizes = np.bincount(lab.reshape(-1))
-    keep = sizes >= min_size
+    keep = sizes >= max(min_size, 1)                  # ids absent from the image go too
     keep[0] = False
     lut = np.cumsum(keep) * keep
     return lut[lab]

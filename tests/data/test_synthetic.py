@@ -76,3 +76,22 @@ def test_write_folder_round_trip(tmp_path):
     assert ds.mask_convention == "labels" and ds.num_classes == 3
     with pytest.raises(ValueError):
         write_folder(tmp_path / "bad", imgs[0], masks)
+
+
+def test_touching_cells_without_gap_are_instance_labels():
+    # gap=False: cells stay in contact (no background line), each id one piece of >= 12 pixels
+    imgs, masks, inst = touching_cells(4, size=96, seed=0, gap=False)
+    with_gap = touching_cells(4, size=96, seed=0)
+    contacts = 0
+    for i in range(4):
+        lab = inst[i]
+        ids = np.unique(lab)
+        assert np.array_equal(ids, np.arange(len(ids)))
+        assert label_components(lab, 4, by_value=True).max() == lab.max()
+        assert np.bincount(lab.ravel())[1:].min() >= 12
+        contacts += int(np.count_nonzero((lab[:, 1:] > 0) & (lab[:, :-1] > 0)
+                                         & (lab[:, 1:] != lab[:, :-1])))
+    assert contacts > 20
+    np.testing.assert_array_equal(masks, inst > 0)
+    # the default (with a gap) is unchanged by the option's existence
+    assert len(with_gap) == 3 and with_gap[2].dtype == np.int32

@@ -9,6 +9,8 @@ dataset    load_folder -> SegmentationDataset, normalize_image, batches; every b
 synthetic  touching_cells (instances for the weight map), shapes (needs context), write_folder
 weightmap  edt (exact Euclidean distance transform), label_components, weight_map
 augment    flip_rotate, elastic (the same random field for image, labels and weights)
+instances  instance_targets (background / interior / border from label images),
+           instance_weight_map, instance_mask_problem (are these masks instance labels?)
 
 NumPy only: Pillow (PNG/JPEG/BMP) and tifffile (TIFF) are imported when a file needs them.
 """
@@ -21,6 +23,8 @@ from .synthetic import shapes, touching_cells, write_folder
 from .weightmap import (class_weights, edt, edt_squared, label_components, weight_map,
                         weight_map_from_mask)
 from .augment import compose, displacement_field, elastic, flip_rotate, warp
+from .instances import (INSTANCE_CLASSES, check_instance_labels, instance_mask_problem,
+                        instance_targets, instance_weight_map)
 
 __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "PairReport", "check_dir", "find_pairs", "list_images",
@@ -32,4 +36,6 @@ __all__ = [
     "class_weights", "edt", "edt_squared", "label_components", "weight_map",
     "weight_map_from_mask",
     "compose", "displacement_field", "elastic", "flip_rotate", "warp",
+    "INSTANCE_CLASSES", "check_instance_labels", "instance_mask_problem", "instance_targets",
+    "instance_weight_map",
 ]

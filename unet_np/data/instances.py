@@ -127,7 +127,7 @@ def instance_targets(labels, border=2):
 def _one_interior_piece(targets, lab):
     """Keep each object's largest 4-connected piece of interior; smaller pieces (where a narrow
     neck of the object is all border) become border, so every object has exactly one seed."""
-    comp = label_components(targets == 1, connectivity=4)
+    comp = label_components(np.where(targets == 1, lab, 0), connectivity=4, by_value=True)
     n = int(comp.max())
     if n == 0:
         return targets
