@@ -307,6 +307,8 @@ def layer_cases():
         Case("Dropout3d p=0.5 (one fixed mask)", lambda: _same_mask(nn.Dropout3d(0.5, dtype=f64), 7),
              (x(2, 4, 2, 2, 2),),
              lambda t, xs, p: xs[0] * t.as_tensor(_mask_of(7, (2, 4, 1, 1, 1), 0.5))),
+        # volumes (N, C, D, H, W): their own random stream, so the cases above keep their inputs
+        *_volume_cases(nn, f64, fixed),
         Case("UNet depth 1 (whole model)", fixed(lambda: UNet(1, 2, depth=1, base_channels=2, dtype=f64)),
              (x(1, 1, 4, 4),), None),
     ]
@@ -354,3 +356,56 @@ def _against_torch(case, torch):
     errs += [relative_error(d, t.grad.numpy()) for d, t in zip(dxs, txs)]
     errs += [relative_error(p.grad, tp[n].grad.numpy()) for n, p in module.named_parameters()]
     return max(errs)
+
+
+def _volume_cases(nn, f64, fixed):
+    """The 3-D layers' cases: anisotropic kernels, strides and pooling, as nnU-Net uses them."""
+    v = np.random.default_rng(30).standard_normal
+
+    def conv3d(**kw):
+        return lambda t, xs, p: t.nn.functional.conv3d(xs[0], p["weight"], p.get("bias"), **kw)
+
+    def convT3d(**kw):
+        return lambda t, xs, p: t.nn.functional.conv_transpose3d(xs[0], p["weight"], p.get("bias"), **kw)
+
+    def interp(**kw):
+        return lambda t, xs, p: t.nn.functional.interpolate(xs[0], **kw)
+
+    target = np.random.default_rng(31).integers(0, 3, (2, 2, 3, 3))
+    return [
+        Case("Conv3d (1,3,3) stride (1,2,1) pad (0,1,1)",
+             fixed(lambda: nn.Conv3d(2, 3, (1, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), dtype=f64)),
+             (v((2, 2, 2, 5, 4)),), conv3d(stride=(1, 2, 1), padding=(0, 1, 1))),
+        Case("Conv3d 3x3x3 same, dilation (2,1,1), no bias",
+             fixed(lambda: nn.Conv3d(2, 2, 3, padding="same", dilation=(2, 1, 1), bias=False, dtype=f64)),
+             (v((1, 2, 5, 3, 4)),), conv3d(padding=(2, 1, 1), dilation=(2, 1, 1))),
+        Case("ConvTranspose3d 2 stride 2", fixed(lambda: nn.ConvTranspose3d(3, 2, 2, stride=2, dtype=f64)),
+             (v((1, 3, 2, 2, 3)),), convT3d(stride=2)),
+        Case("ConvTranspose3d (1,3,3) stride (1,2,2) pad (0,1,1) output_padding (0,1,1)",
+             fixed(lambda: nn.ConvTranspose3d(2, 2, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1),
+                                              output_padding=(0, 1, 1), dtype=f64)),
+             (v((1, 2, 2, 3, 2)),), convT3d(stride=(1, 2, 2), padding=(0, 1, 1), output_padding=(0, 1, 1))),
+        Case("MaxPool3d 2", lambda: nn.MaxPool3d(2, dtype=f64), (v((1, 2, 4, 4, 4)),),
+             lambda t, xs, p: t.nn.functional.max_pool3d(xs[0], 2)),
+        Case("MaxPool3d (1,2,2)", lambda: nn.MaxPool3d((1, 2, 2), dtype=f64), (v((1, 2, 3, 4, 4)),),
+             lambda t, xs, p: t.nn.functional.max_pool3d(xs[0], (1, 2, 2))),
+        Case("MaxPool3d 3 stride 2 pad 1", lambda: nn.MaxPool3d(3, 2, 1, dtype=f64), (v((1, 1, 4, 5, 3)),),
+             lambda t, xs, p: t.nn.functional.max_pool3d(xs[0], 3, 2, 1)),
+        Case("Upsample trilinear x2", lambda: nn.Upsample(2, mode="trilinear", dtype=f64), (v((1, 2, 2, 3, 2)),),
+             interp(scale_factor=2, mode="trilinear", align_corners=False)),
+        Case("Upsample trilinear (1,2,2) align_corners",
+             lambda: nn.Upsample((1, 2, 2), mode="trilinear", align_corners=True, dtype=f64),
+             (v((1, 2, 2, 3, 2)),), interp(scale_factor=(1, 2, 2), mode="trilinear", align_corners=True)),
+        Case("Upsample nearest x2 (volume)", lambda: nn.Upsample(2, mode="nearest", dtype=f64),
+             (v((1, 2, 2, 2, 3)),), interp(scale_factor=2, mode="nearest")),
+        Case("Concat (volumes)", lambda: nn.Concat(axis=1, dtype=f64), (v((1, 2, 2, 3, 2)), v((1, 1, 2, 3, 2))),
+             lambda t, xs, p: t.cat(xs, 1)),
+        Case("CenterCrop (volume)", lambda: nn.CenterCrop((2, 3, 2), dtype=f64), (v((1, 2, 5, 4, 3)),),
+             lambda t, xs, p: xs[0][:, :, 1:3, 0:3, 0:2]),
+        Case("Pad3d reflect", lambda: nn.Pad3d((2, 1, 1, 0, 1, 2), dtype=f64), (v((1, 2, 3, 3, 4)),),
+             lambda t, xs, p: t.nn.functional.pad(xs[0], (2, 1, 1, 0, 1, 2), mode="reflect")),
+        Case("Pad3d constant", lambda: nn.Pad3d(1, mode="constant", value=0.5, dtype=f64), (v((1, 1, 2, 2, 3)),),
+             lambda t, xs, p: t.nn.functional.pad(xs[0], (1,) * 6, mode="constant", value=0.5)),
+        Case("CrossEntropyLoss (volume)", lambda: nn.CrossEntropyLoss(dtype=f64), (v((2, 3, 2, 3, 3)),),
+             lambda t, xs, p: t.nn.functional.cross_entropy(xs[0], t.as_tensor(target)), target=target),
+    ]

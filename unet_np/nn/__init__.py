@@ -7,10 +7,10 @@ from . import activation, concat, conv, dropout, init, loss, norm, pool, upsampl
 from .module import Module, Parameter, Sequential, no_grad, is_grad_enabled
 from .activation import LeakyReLU, ReLU, Sigmoid
 from .loss import BCEWithLogitsLoss, CrossEntropyLoss, DiceLoss
-from .conv import Conv2d, ConvTranspose2d
-from .pool import MaxPool2d
+from .conv import Conv2d, ConvTranspose2d, Conv3d, ConvTranspose3d
+from .pool import MaxPool2d, MaxPool3d
 from .upsample import Upsample
-from .concat import Concat, CenterCrop, Pad2d
+from .concat import Concat, CenterCrop, Pad2d, Pad3d
 from .norm import BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm2d, InstanceNorm3d
 from .dropout import Dropout, Dropout2d, Dropout3d
 

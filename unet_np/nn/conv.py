@@ -1,19 +1,46 @@
-"""Convolution layers: Conv2d and ConvTranspose2d.
+"""Convolution layers: Conv2d, ConvTranspose2d, Conv3d and ConvTranspose3d.
 
-The maths lives in two modules beside this one: conv_reference.py (the plain version: im2col, one
-GEMM, col2im, with the derivation of every gradient) and conv_fast.py (tiled drivers and Winograd, the
-default numpy primitives). A layer calls its backend's primitives (``self.ops``) and knows nothing of
-how they are computed; the names below are re-exported so ``unet_np.nn.conv.conv2d_forward`` etc. keep
-working.
+The maths lives in modules beside this one: conv_reference.py (the plain 2-D version: im2col, one
+GEMM, col2im, with the derivation of every gradient), conv_fast.py (tiled drivers and Winograd, the
+default numpy primitives), and for volumes conv3d_reference.py (vol2col / col2vol for any number of
+spatial axes) and conv3d_fast.py (its tiled driver). A layer calls its backend's primitives
+(``self.ops``) and knows nothing of how they are computed; the names below are re-exported so
+``unet_np.nn.conv.conv2d_forward`` etc. keep working.
 """
+import numpy as np
+
+from . import conv3d_reference as _ref3
+from . import conv_reference as _ref2
 from . import init as _init
+from .conv3d_fast import (conv3d_backward, conv3d_forward, conv_transpose3d_backward,  # noqa: F401
+                          conv_transpose3d_forward, make_conv3d_primitives)
+from .conv3d_reference import (conv3d_backward_reference, conv3d_forward_reference,  # noqa: F401
+                               conv_transpose3d_backward_reference,
+                               conv_transpose3d_forward_reference)
 from .conv_fast import (conv2d_backward, conv2d_forward, conv_transpose2d_backward,  # noqa: F401
                         conv_transpose2d_forward, make_conv_primitives)
-from .conv_reference import (OPS, conv2d_backward_reference, conv2d_forward_reference,  # noqa: F401
+from .conv_reference import (conv2d_backward_reference, conv2d_forward_reference,  # noqa: F401
                              conv_output_size, conv_transpose2d_backward_reference,
                              conv_transpose2d_forward_reference, conv_transpose_output_size)
 from .module import Module, Parameter, check_input
 from .shapes import check_int, check_pair
+
+# The primitives of this family, 2-D then 3-D (the numpy backend's table is built from OPS).
+OPS = _ref2.OPS + _ref3.OPS
+
+
+def check_input_nd(owner, x, spatial_dims, instead=None, channels=None, xp=np, dtype=None):
+    """check_input for a layer of ``spatial_dims`` spatial axes (2: (N, C, H, W), 3: (N, C, D, H, W)).
+    An array of the other rank is refused with the layout expected and, when ``instead`` names it,
+    the layer meant for that rank (a 4-D image given to Conv3d: "use Conv2d")."""
+    layouts = {2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+    ndim = getattr(x, "ndim", None)
+    if isinstance(ndim, int) and ndim != spatial_dims + 2 and hasattr(x, "dtype"):
+        what = {4: "an image (N, C, H, W)", 5: "a volume (N, C, D, H, W)"}.get(ndim)
+        hint = f" (for {what} use {instead})" if instead and what else ""
+        raise ValueError(f"{owner}: expected a {spatial_dims + 2}-D array {layouts[spatial_dims]}, got "
+                         f"{ndim}-D with shape {tuple(x.shape)}{hint}")
+    return check_input(owner, x, ndim=None, channels=channels, xp=xp, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +133,8 @@ class Conv2d(Module):
                 conv_output_size(W, kw, sw, pl + pr, dw))
 
     def forward(self, x):
-        x = check_input("Conv2d", x, channels=self.in_channels, xp=self.xp, dtype=self.dtype)
+        x = check_input_nd("Conv2d", x, 2, "Conv3d", channels=self.in_channels, xp=self.xp,
+                           dtype=self.dtype)
         out_shape = self.output_shape(x.shape)
         b = self.bias.data if self.bias is not None else None
         y, cache = self.ops.conv2d_forward(x, self.weight.data, b, self.stride, self._pads, self.dilation)
@@ -187,7 +215,8 @@ class ConvTranspose2d(Module):
         return (N, self.out_channels, size[0], size[1])
 
     def forward(self, x):
-        x = check_input("ConvTranspose2d", x, channels=self.in_channels, xp=self.xp, dtype=self.dtype)
+        x = check_input_nd("ConvTranspose2d", x, 2, "ConvTranspose3d", channels=self.in_channels,
+                           xp=self.xp, dtype=self.dtype)
         out_shape = self.output_shape(x.shape)
         b = self.bias.data if self.bias is not None else None
         y, cache = self.ops.conv_transpose2d_forward(x, self.weight.data, b, self.stride, self.padding,
@@ -208,3 +237,163 @@ class ConvTranspose2d(Module):
                 f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding}, "
                 f"dilation={self.dilation}, bias={self.bias is not None}, dtype={self.dtype}")
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Volumes: (N, C, D, H, W)
+# ---------------------------------------------------------------------------------------------------
+def _same_pads(layer, kernel, stride, dilation):
+    """padding='same' per axis: total d (k - 1), the odd extra voxel after (PyTorch's choice)."""
+    if any(s != 1 for s in stride):
+        raise ValueError(f"{layer}: padding='same' needs stride 1, got stride {stride}")
+    return tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation))
+
+
+class Conv3d(Module):
+    """3-D convolution (cross-correlation, as PyTorch's) over (N, C, D, H, W) input.
+
+    kernel_size, stride, dilation: an int or a triple (d, h, w), e.g. (1, 3, 3) for an in-plane
+    kernel on thin-slice volumes; padding: an int, a triple, 'valid' or 'same' (stride 1; an odd
+    total padding puts the extra voxel after, as PyTorch). weight: (out, in, kd, kh, kw), bias:
+    (out,). init: 'torch' (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias) or 'he'
+    (He-normal, zero bias); fan_in = in_channels * kd * kh * kw. Maths: conv3d_reference.py.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 bias=True, init="torch", dtype=None, backend="numpy"):
+        super().__init__(backend=backend, dtype=dtype)
+        name = "Conv3d"
+        self.in_channels = check_int(name, "in_channels", in_channels, 1)
+        self.out_channels = check_int(name, "out_channels", out_channels, 1)
+        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=3)
+        self.stride = check_pair(name, "stride", stride, 1, dims=3)
+        self.dilation = check_pair(name, "dilation", dilation, 1, dims=3)
+        _check_init(name, init)
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(f"{name}: padding must be an int, a triple, 'same' or 'valid', got "
+                                 f"{padding!r}")
+            pads = ((0, 0),) * 3 if padding == "valid" else _same_pads(
+                name, self.kernel_size, self.stride, self.dilation)
+            self.padding = padding
+        else:
+            self.padding = check_pair(name, "padding", padding, 0, dims=3)
+            pads = tuple((p, p) for p in self.padding)
+        self._pads = pads
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        w, b = _init.init_weight_and_bias((self.out_channels, self.in_channels) + self.kernel_size,
+                                          self.out_channels if bias else None, fan_in, init, self.dtype)
+        _set_parameters(self, w, b)
+
+    def output_shape(self, input_shape):
+        """(N, out_channels, Do, Ho, Wo) for an input (N, C, D, H, W); ValueError when the kernel
+        does not fit in the padded input."""
+        N, _, *size = input_shape
+        spans = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
+        padded = [n + sum(p) for n, p in zip(size, self._pads)]
+        if any(e > n for e, n in zip(spans, padded)):
+            raise ValueError(f"Conv3d: the kernel spans {tuple(spans)} voxels (kernel "
+                             f"{self.kernel_size}, dilation {self.dilation}), larger than the padded "
+                             f"input {tuple(padded)} (input {tuple(size)}, padding {self._pads})")
+        return (N, self.out_channels) + tuple(
+            conv_output_size(n, k, s, sum(p), d) for n, k, s, p, d in
+            zip(size, self.kernel_size, self.stride, self._pads, self.dilation))
+
+    def forward(self, x):
+        x = check_input_nd("Conv3d", x, 3, "Conv2d", channels=self.in_channels, xp=self.xp,
+                           dtype=self.dtype)
+        out_shape = self.output_shape(x.shape)
+        b = self.bias.data if self.bias is not None else None
+        y, cache = self.ops.conv3d_forward(x, self.weight.data, b, self.stride, self._pads, self.dilation)
+        self._keep((cache, out_shape))
+        return y
+
+    # False: backward computes no input gradient and returns None (as Conv2d.needs_input_grad).
+    needs_input_grad = True
+
+    def backward(self, dy):
+        cache, out_shape = self._take()
+        dy = _check_dy("Conv3d", dy, out_shape, self.xp, self.dtype)
+        dx, dw, db = self.ops.conv3d_backward(dy, cache, input_grad=self.needs_input_grad)
+        _add_grads(self, dw, db)
+        self._release()
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}, dtype={self.dtype}")
+
+
+class ConvTranspose3d(Module):
+    """3-D transposed convolution over (N, C, D, H, W): the adjoint of Conv3d with the same weight.
+
+    Output size per axis: (n - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding
+    + 1; output_padding must be smaller than the stride or the dilation (PyTorch's rule). Every
+    hyper-parameter is an int or a triple (d, h, w). weight: (in, out, kd, kh, kw), PyTorch's layout.
+    init as ConvTranspose2d: 'torch' takes fan_in = out_channels * kd * kh * kw (what PyTorch
+    computes for this layout), 'he' the true fan-in in_channels * kd * kh * kw / (sd * sh * sw).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+                 dilation=1, bias=True, init="torch", dtype=None, backend="numpy"):
+        super().__init__(backend=backend, dtype=dtype)
+        name = "ConvTranspose3d"
+        self.in_channels = check_int(name, "in_channels", in_channels, 1)
+        self.out_channels = check_int(name, "out_channels", out_channels, 1)
+        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=3)
+        self.stride = check_pair(name, "stride", stride, 1, dims=3)
+        self.dilation = check_pair(name, "dilation", dilation, 1, dims=3)
+        if isinstance(padding, str):
+            raise ValueError(f"{name}: padding must be an int or a triple (pd, ph, pw), got {padding!r}")
+        self.padding = check_pair(name, "padding", padding, 0, dims=3)
+        self.output_padding = check_pair(name, "output_padding", output_padding, 0, dims=3)
+        for op, s, d in zip(self.output_padding, self.stride, self.dilation):
+            if op >= max(s, d):
+                raise ValueError(f"{name}: output_padding must be smaller than the stride or the "
+                                 f"dilation, got output_padding {self.output_padding}, stride "
+                                 f"{self.stride}, dilation {self.dilation}")
+        _check_init(name, init)
+        kvol = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        if init == "he":
+            fan_in = self.in_channels * kvol / (self.stride[0] * self.stride[1] * self.stride[2])
+        else:
+            fan_in = self.out_channels * kvol
+        w, b = _init.init_weight_and_bias((self.in_channels, self.out_channels) + self.kernel_size,
+                                          self.out_channels if bias else None, fan_in, init, self.dtype)
+        _set_parameters(self, w, b)
+
+    def output_shape(self, input_shape):
+        """(N, out_channels, Dy, Hy, Wy) for an input (N, C, D, H, W); ValueError when not positive."""
+        N, _, *size = input_shape
+        out = tuple(conv_transpose_output_size(n, k, s, 2 * p, op, d) for n, k, s, p, op, d in
+                    zip(size, self.kernel_size, self.stride, self.padding, self.output_padding,
+                        self.dilation))
+        if min(out) < 1:
+            raise ValueError(f"ConvTranspose3d: the output would be {out} for an input {tuple(size)}: "
+                             f"the padding {self.padding} crops more than the full output (kernel "
+                             f"{self.kernel_size}, stride {self.stride}, dilation {self.dilation})")
+        return (N, self.out_channels) + out
+
+    def forward(self, x):
+        x = check_input_nd("ConvTranspose3d", x, 3, "ConvTranspose2d", channels=self.in_channels,
+                           xp=self.xp, dtype=self.dtype)
+        out_shape = self.output_shape(x.shape)
+        b = self.bias.data if self.bias is not None else None
+        y, cache = self.ops.conv_transpose3d_forward(x, self.weight.data, b, self.stride, self.padding,
+                                                     self.output_padding, self.dilation)
+        self._keep((cache, out_shape))
+        return y
+
+    def backward(self, dy):
+        cache, out_shape = self._take()
+        dy = _check_dy("ConvTranspose3d", dy, out_shape, self.xp, self.dtype)
+        dx, dw, db = self.ops.conv_transpose3d_backward(dy, cache)
+        _add_grads(self, dw, db)
+        self._release()
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding}, "
+                f"dilation={self.dilation}, bias={self.bias is not None}, dtype={self.dtype}")

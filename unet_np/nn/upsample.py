@@ -1,4 +1,4 @@
-"""Upsampling by an integer factor: Upsample (bilinear or nearest).
+"""Upsampling by an integer factor: Upsample (bilinear, trilinear or nearest).
 
 Primitives (plain NumPy; ``scale`` is an int or an (sh, sw) pair of ints):
 
@@ -6,6 +6,10 @@ Primitives (plain NumPy; ``scale`` is an int or an (sh, sw) pair of ints):
     upsample_bilinear2d_backward(dy, cache) -> dx
     upsample_nearest2d_forward(x, scale) -> (y, cache)
     upsample_nearest2d_backward(dy, cache) -> dx
+    upsample_trilinear3d_forward(x, scale, align_corners=False) -> (y, cache)   x: (N, C, D, H, W)
+    upsample_trilinear3d_backward(dy, cache) -> dx
+    upsample_nearest3d_forward(x, scale) -> (y, cache)
+    upsample_nearest3d_backward(dy, cache) -> dx
 
 Bilinear matches PyTorch's F.interpolate(mode='bilinear', align_corners=False). It is separable:
 y = A_h x A_w^T with interpolation matrices A_h (sh*H x H) and A_w (sw*W x W) of two non-zeros per
@@ -21,7 +25,9 @@ from .module import Module, check_input
 from .shapes import scale_pair
 
 OPS = ("upsample_bilinear2d_forward", "upsample_bilinear2d_backward",
-       "upsample_nearest2d_forward", "upsample_nearest2d_backward")
+       "upsample_nearest2d_forward", "upsample_nearest2d_backward",
+       "upsample_trilinear3d_forward", "upsample_trilinear3d_backward",
+       "upsample_nearest3d_forward", "upsample_nearest3d_backward")
 
 
 def _phase_offset(r, s):
@@ -186,24 +192,109 @@ def linear_align_corners_backward(dy, mats, xp=np):
     return xp.ascontiguousarray(dx)
 
 
-class Upsample(Module):
-    """Upsampling of (N, C, H, W) input by an integer factor, as torch.nn.Upsample with
-    align_corners=False. mode: 'bilinear' (default) or 'nearest'. Parameter-free: the input's float
-    dtype is kept."""
+# -- volumes: the same 1-D interpolation, once per axis ------------------------------------------------
+def upsample_trilinear3d_forward(x, scale, align_corners=False):
+    """Trilinear upsampling, as F.interpolate(mode='trilinear'): separable, one 1-D linear
+    interpolation per axis (W, then H, then D), y = A_d A_h A_w x.
 
-    MODES = ("bilinear", "nearest")
+    x: (N, C, D, H, W) -> y: (N, C, sd*D, sh*H, sw*W), same dtype. align_corners=False runs the
+    phase-wise strided passes of the bilinear case (O(output)); True the (s L, L) matrices of
+    linear_align_corners_forward. cache: (scale triple, align_corners, those matrices or None).
+    """
+    scale = scale_pair(scale, dims=3)
+    if align_corners:
+        y, mats = linear_align_corners_forward(x, scale)
+        return y, (scale, True, mats)
+    y = _interp_axis(_interp_axis(_interp_axis(x, scale[2], 4), scale[1], 3), scale[0], 2)
+    if y is x:
+        y = x.copy()
+    return y, (scale, False, None)
+
+
+def upsample_trilinear3d_backward(dy, cache):
+    """dx = A_w^T A_h^T A_d^T dy: the forward is linear and separable, so its adjoint runs the
+    transposed 1-D passes in the reverse order (D, then H, then W); each output's weights are added
+    back into the inputs it read. dy: (N, C, sd*D, sh*H, sw*W) -> dx: (N, C, D, H, W).
+    Long form: docs/backprop.md#what-changes-in-3-d."""
+    (sd, sh, sw), align_corners, mats = cache
+    if align_corners:
+        return linear_align_corners_backward(dy, mats)
+    dx = _interp_axis_adjoint(_interp_axis_adjoint(_interp_axis_adjoint(dy, sd, 2), sh, 3), sw, 4)
+    if dx is dy:
+        dx = dy.copy()
+    return dx
+
+
+def upsample_nearest3d_forward(x, scale):
+    """y[n, c, a, b, e] = x[n, c, a // sd, b // sh, e // sw].
+    x: (N, C, D, H, W) -> y: (N, C, sd*D, sh*H, sw*W). cache: (sd, sh, sw)."""
+    sd, sh, sw = scale_pair(scale, dims=3)
+    N, C, D, H, W = x.shape
+    y = np.empty((N, C, D, sd, H, sh, W, sw), dtype=x.dtype)
+    y[...] = x[:, :, :, None, :, None, :, None]
+    return y.reshape(N, C, D * sd, H * sh, W * sw), (sd, sh, sw)
+
+
+def upsample_nearest3d_backward(dy, cache):
+    """dx = the sum of dy over the sd x sh x sw block that copied each voxel (a copy's adjoint adds).
+    dy: (N, C, sd*D, sh*H, sw*W) -> dx: (N, C, D, H, W)."""
+    sd, sh, sw = cache
+    N, C, Do, Ho, Wo = dy.shape
+    return dy.reshape(N, C, Do // sd, sd, Ho // sh, sh, Wo // sw, sw).sum(axis=(3, 5, 7))
+
+
+class Upsample(Module):
+    """Upsampling by an integer factor, as torch.nn.Upsample. mode: 'bilinear' (default) on
+    (N, C, H, W), 'trilinear' on (N, C, D, H, W), 'nearest' on either; scale_factor an int or one
+    integer per spatial axis. align_corners (bilinear, trilinear) as in PyTorch. Parameter-free: the
+    input's float dtype is kept."""
+
+    MODES = ("bilinear", "nearest", "trilinear")
 
     def __init__(self, scale_factor=2, mode="bilinear", align_corners=False, backend="numpy", dtype=None):
         super().__init__(backend=backend, dtype=dtype)
         if mode not in self.MODES:
             raise ValueError(f"Upsample: mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         if align_corners and mode == "nearest":
-            raise ValueError("Upsample: align_corners=True needs mode='bilinear' (as PyTorch)")
-        self.scale_factor = scale_pair(scale_factor)
+            raise ValueError("Upsample: align_corners=True needs mode='bilinear' or 'trilinear' (as "
+                             "PyTorch)")
+        # a triple (or mode 'trilinear') scales volumes; an int serves 'nearest' on either rank
+        three = mode == "trilinear" or (mode == "nearest" and isinstance(scale_factor, (tuple, list))
+                                        and len(scale_factor) == 3)
+        self.scale_factor = scale_pair(scale_factor, dims=3 if three else 2)
+        self._scale_any_rank = None if isinstance(scale_factor, (tuple, list)) else scale_factor
         self.mode = mode
         self.align_corners = bool(align_corners)  # True: linear_align_corners_forward, any backend
 
+    def _volume_scale(self, x):
+        """The (sd, sh, sw) factors for a 5-D input; an error for the wrong rank."""
+        if getattr(x, "ndim", None) == 5 and self.mode != "bilinear":
+            if len(self.scale_factor) == 3:
+                return self.scale_factor
+            if self._scale_any_rank is not None:
+                return scale_pair(self._scale_any_rank, dims=3)
+            raise ValueError(f"Upsample: a volume (N, C, D, H, W) needs a scale_factor triple "
+                             f"(d, h, w), got {self.scale_factor}")
+        if self.mode == "trilinear" or len(self.scale_factor) == 3:
+            raise ValueError(f"Upsample: mode {self.mode!r} with scale_factor {self.scale_factor} "
+                             f"expects a 5-D array (N, C, D, H, W), got shape "
+                             f"{tuple(getattr(x, 'shape', ()))}" + (" (for an image use "
+                             "mode='bilinear')" if self.mode == "trilinear" else ""))
+        if getattr(x, "ndim", None) == 5:
+            raise ValueError(f"Upsample: mode 'bilinear' expects a 4-D array (N, C, H, W), got shape "
+                             f"{tuple(x.shape)} (for a volume use mode='trilinear')")
+        return None
+
     def forward(self, x):
+        scale3 = self._volume_scale(x)
+        if scale3 is not None:
+            x = check_input("Upsample", x, ndim=5, xp=self.xp)
+            if self.mode == "trilinear":
+                y, cache = self.ops.upsample_trilinear3d_forward(x, scale3, self.align_corners)
+            else:
+                y, cache = self.ops.upsample_nearest3d_forward(x, scale3)
+            self._keep((("3d", cache), tuple(y.shape)))
+            return y
         x = check_input("Upsample", x, xp=self.xp)
         if self.align_corners:
             y, mats = linear_align_corners_forward(x, self.scale_factor, self.xp)
@@ -220,6 +311,12 @@ class Upsample(Module):
         dy = self.xp.asarray(dy)
         if tuple(dy.shape) != shape:
             raise ValueError(f"Upsample: backward expected dy of shape {shape}, got {tuple(dy.shape)}")
+        if isinstance(cache, tuple) and cache and cache[0] == "3d":
+            bwd = self.ops.upsample_trilinear3d_backward if self.mode == "trilinear" else \
+                self.ops.upsample_nearest3d_backward
+            dx = bwd(dy, cache[1])
+            self._release()
+            return dx
         if isinstance(cache, tuple) and cache and cache[0] == "align_corners":
             dx = linear_align_corners_backward(dy, cache[1], self.xp)
             self._release()
@@ -231,6 +328,6 @@ class Upsample(Module):
         return dx
 
     def extra_repr(self):
-        sh, sw = self.scale_factor
+        s = self.scale_factor
         corners = ", align_corners=True" if self.align_corners else ""
-        return f"scale_factor={sh if sh == sw else (sh, sw)}, mode={self.mode!r}{corners}"
+        return f"scale_factor={s[0] if len(set(s)) == 1 else s}, mode={self.mode!r}{corners}"
