@@ -3,11 +3,13 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unet_np.metrics import (boundary_f1, boundary_map, boundary_scores, confusion_matrix,
-                             dice_per_class, evaluate, iou_per_class, pixel_accuracy)
+from unet_np.metrics import (DSB_THRESHOLDS, aggregate_instance_matches, boundary_f1,
+                             boundary_map, boundary_scores, confusion_matrix, dice_per_class,
+                             evaluate, iou_per_class, match_instances, overlap_table,
+                             pixel_accuracy)
 
 
 # -- brute-force references (plain Python loops) ----------------------------------------------------
@@ -362,3 +364,159 @@ def test_large_batch_is_vectorised_and_quick():
     r = evaluate(p, t, 4)
     assert 0.85 < r["pixel_accuracy"] < 0.95
     assert 0 < boundary_f1(p, t, tolerance=2, num_classes=4) < 1
+
+
+# -- instances -------------------------------------------------------------------------------------
+def ref_instance_scores(t, p, thresholds=DSB_THRESHOLDS):
+    """Object by object with Python loops: every IoU, matches above each threshold."""
+    tids = [k for k in np.unique(t) if k]
+    pids = [k for k in np.unique(p) if k]
+    iou = {}
+    for a in tids:
+        for b in pids:
+            inter = np.count_nonzero((t == a) & (p == b))
+            if inter:
+                iou[a, b] = inter / np.count_nonzero((t == a) | (p == b))
+    tp = [sum(v > th for v in iou.values()) for th in thresholds]
+    n = len(tids) + len(pids)
+    ap = [k / (n - k) if n - k else 1.0 for k in tp]
+    return tp, float(np.mean(ap))
+
+
+def test_instances_no_match():
+    t = np.zeros((6, 6), int)
+    t[0:2, 0:2] = 1
+    p = np.zeros((6, 6), int)
+    p[4:6, 4:6] = 3
+    r = match_instances(t, p)
+    assert (r["tp"], r["fp"], r["fn"]) == (0, 1, 1)
+    assert r["precision"] == r["recall"] == r["f1"] == r["ap_dsb"] == r["pq"] == 0.0
+    assert r["splits"] == r["merges"] == 0
+    # nothing predicted at all
+    r = match_instances(t, np.zeros_like(t))
+    assert r["recall"] == 0.0 and r["precision"] == 1.0 and r["f1"] == 0.0
+    # nothing on either side: no error to count
+    r = match_instances(np.zeros((3, 3), int), np.zeros((3, 3), np.uint16))
+    assert r["f1"] == r["ap_dsb"] == r["pq"] == 1.0 and r["n_true"] == 0
+
+
+def test_instances_one_split():
+    # a 4x8 true cell cut into two 4x4 halves: IoU 0.5 each, not > 0.5, so no match
+    t = np.zeros((6, 10), int)
+    t[1:5, 1:9] = 40
+    p = np.zeros((6, 10), int)
+    p[1:5, 1:5] = 1
+    p[1:5, 5:9] = 2
+    r = match_instances(t, p)
+    assert r["splits"] == 1 and r["merges"] == 0
+    assert (r["tp"], r["fp"], r["fn"]) == (0, 2, 1)
+    # a larger piece (24 of 32 pixels) matches with IoU 0.75
+    p[1:5, 1:7] = 1
+    p[1:5, 7:9] = 2
+    r = match_instances(t, p)
+    assert r["splits"] == 1 and r["tp"] == 1 and r["sq"] == pytest.approx(0.75)
+    # precision 1/2, recall 1/1, f1 = 2/3; PQ = 0.75 * 2/3
+    assert r["precision"] == 0.5 and r["recall"] == 1.0 and r["f1"] == pytest.approx(2 / 3)
+    assert r["rq"] == pytest.approx(2 / 3) and r["pq"] == pytest.approx(0.5)
+
+
+def test_instances_one_merge():
+    t = np.zeros((6, 10), int)
+    t[1:5, 1:5] = 3
+    t[1:5, 5:9] = 65535                    # two touching cells ...
+    p = np.where(t > 0, 9, 0)               # ... predicted as one
+    r = match_instances(t, p)
+    assert r["merges"] == 1 and r["splits"] == 0 and r["tp"] == 0
+    assert r["n_true"] == 2 and r["n_pred"] == 1
+
+
+def test_instances_dsb_formula_on_a_known_case():
+    # true: three 10x10 squares. pred: one exact, one shifted by 2 columns (IoU 80/120 = 2/3),
+    # one missed, and one false positive.
+    t = np.zeros((40, 40), int)
+    p = np.zeros((40, 40), int)
+    t[0:10, 0:10] = 1
+    p[0:10, 0:10] = 5
+    t[15:25, 0:10] = 2
+    p[15:25, 2:12] = 6
+    t[0:10, 20:30] = 3
+    p[30:35, 30:35] = 7
+    r = match_instances(t, p)
+    iou2 = 80 / 120
+    # TP(t) = 2 for t < 2/3 (0.5, 0.55, 0.6, 0.65), then 1 (0.7 .. 0.95): n_true = 3, n_pred = 3
+    ap = (4 * (2 / (2 + 1 + 1)) + 6 * (1 / (1 + 2 + 2))) / 10
+    assert r["tp_per_threshold"] == [2, 2, 2, 2, 1, 1, 1, 1, 1, 1]
+    assert r["ap_dsb"] == pytest.approx(ap)
+    assert r["sq"] == pytest.approx((1 + iou2) / 2)
+    assert r["f1"] == pytest.approx(2 / 3) and r["pq"] == pytest.approx((1 + iou2) / 2 * 2 / 3)
+    assert ref_instance_scores(t, p) == (r["tp_per_threshold"], pytest.approx(r["ap_dsb"]))
+    # a custom set of thresholds
+    assert match_instances(t, p, thresholds=[0.5])["ap_dsb"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="0.5"):
+        match_instances(t, p, thresholds=[0.3])
+
+
+@given(st.integers(1, 10), st.integers(1, 10), st.integers(0, 2 ** 31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_instances_fuzzed_against_loops(h, w, seed):
+    rng = np.random.default_rng(seed)
+    choices = [0, 1, 2, 17, 65535]
+    t = rng.choice(choices, size=(h, w)).astype(np.uint16)
+    p = rng.choice(choices[:3] + [40000], size=(h, w))
+    r = match_instances(t, p)
+    tp, ap = ref_instance_scores(t, p)
+    assert r["tp_per_threshold"] == tp and r["ap_dsb"] == pytest.approx(ap)
+    assert r["n_true"] == len(np.unique(t[t > 0])) and r["n_pred"] == len(np.unique(p[p > 0]))
+    # against itself: perfect
+    s = match_instances(t, t)
+    assert s["f1"] == s["ap_dsb"] == s["pq"] == 1.0 and s["splits"] == s["merges"] == 0
+    # the overlap table sums to the pixels in both foregrounds
+    _, _, pairs = overlap_table(t, p)
+    assert pairs[:, 2].sum() == np.count_nonzero((t > 0) & (p > 0))
+
+
+def test_instances_aggregate_pools_counts():
+    t = np.zeros((6, 10), int)
+    t[1:5, 1:5] = 1
+    t[1:5, 5:9] = 2
+    p1 = t.copy()                            # perfect
+    p2 = np.where(t > 0, 1, 0)               # a merge
+    r1, r2 = match_instances(t, p1), match_instances(t, p2)
+    agg = aggregate_instance_matches([r1, r2])
+    assert agg["n_true"] == 4 and agg["n_pred"] == 3 and agg["tp"] == 2 and agg["merges"] == 1
+    assert agg["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 2))
+    assert agg["ap_dsb_image_mean"] == pytest.approx((1.0 + 0.0) / 2) and agg["images"] == 2
+    assert agg["ap_dsb"] == pytest.approx(2 / (2 + 1 + 2))
+    with pytest.raises(ValueError):
+        aggregate_instance_matches([])
+    with pytest.raises(ValueError, match="thresholds"):
+        aggregate_instance_matches([r1, match_instances(t, p1, thresholds=[0.5])])
+
+
+def test_instances_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        match_instances(np.zeros((3, 3), int), np.zeros((3, 4), int))
+    with pytest.raises(ValueError, match="negative"):
+        match_instances(np.array([[-1, 0]]), np.zeros((1, 2), int))
+    with pytest.raises(TypeError, match="integer"):
+        match_instances(np.array([["a"]]), np.zeros((1, 1), int))
+
+
+def test_instances_5000_objects_on_2048_well_under_a_second():
+    import time
+    # a grid of 4,900 squares, prediction shifted by one pixel
+    t = np.zeros((2048, 2048), np.int32)
+    ys, xs = np.meshgrid(np.arange(70), np.arange(70), indexing="ij")
+    ids = (ys * 70 + xs + 1).astype(np.int32)
+    block = np.kron(ids, np.ones((29, 29), np.int32))
+    t[:block.shape[0], :block.shape[1]] = np.where((np.arange(29 * 70) % 29 < 26)[:, None]
+                                                   & (np.arange(29 * 70) % 29 < 26)[None], block, 0)
+    p = np.roll(t, 1, axis=1) * 3
+    elapsed = []
+    for _ in range(2):                       # the first call also pays for fresh memory pages
+        t0 = time.perf_counter()
+        r = match_instances(t, p)
+        elapsed.append(time.perf_counter() - t0)
+    assert r["n_true"] == 4900 and r["tp"] == 4900
+    assert r["sq"] == pytest.approx(25 / 27)
+    assert min(elapsed) < 1.0

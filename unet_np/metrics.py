@@ -303,9 +303,11 @@ def _instance_ids(labels, name):
             raise ValueError(f"{name} must hold whole-number object ids")
     elif lab.dtype.kind not in "iub":
         raise TypeError(f"{name} must be an integer label image, got dtype {lab.dtype}")
-    flat = lab.reshape(-1).astype(np.int64)
+    flat = lab.reshape(-1)
+    if flat.dtype.kind != "i" and flat.dtype.kind != "u":
+        flat = flat.astype(np.int64)
     if flat.size == 0:
-        return flat, 0
+        return flat.astype(np.int64), 0
     if flat.min() < 0:
         raise ValueError(f"{name} holds a negative id ({int(flat.min())})")
     top = int(flat.max())
@@ -313,7 +315,7 @@ def _instance_ids(labels, name):
         present = np.zeros(top + 1, bool)
         present[flat] = True
         present[0] = False
-        lut = np.cumsum(present) * present
+        lut = (np.cumsum(present) * present).astype(np.int32 if top < 2 ** 31 else np.int64)
         return lut[flat], int(present.sum())
     ids, inverse = np.unique(flat, return_inverse=True)
     inverse = inverse.reshape(-1) + (0 if ids[0] == 0 else 1)
@@ -337,10 +339,10 @@ def overlap_table(true_labels, pred_labels):
     if np.shape(true_labels) != np.shape(pred_labels):
         raise ValueError(f"true_labels {np.shape(true_labels)} and pred_labels "
                          f"{np.shape(pred_labels)} differ in shape")
-    area_true = np.bincount(t, minlength=n_true + 1)[1:]
+    area_true = np.bincount(t, minlength=n_true + 1)[1:]                 # pixels per object
     area_pred = np.bincount(p, minlength=n_pred + 1)[1:]
     both = (t > 0) & (p > 0)
-    key = t[both] * (n_pred + 1) + p[both]
+    key = t[both].astype(np.int64) * (n_pred + 1) + p[both]
     if key.size == 0:
         return area_true, area_pred, np.zeros((0, 3), np.int64)
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
