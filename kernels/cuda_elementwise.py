@@ -34,9 +34,10 @@ def relu_forward_kernel(x, y):
 
 @cuda.jit
 def relu_backward_kernel(dy, y, dx):
-    """dx = dy * 1[y > 0] (the derivative at 0 is 0, as PyTorch)."""
+    """dx = dy * 1[y > 0] (the derivative at 0 is 0, as PyTorch). Where y <= 0 dx is dy * 0, not 0,
+    so a NaN (or inf) in dy stays NaN there too, as in NumPy's dy * (y > 0) and elementwise.cu."""
     for i in range(cuda.grid(1), dy.size, cuda.gridsize(1)):
-        dx[i] = dy[i] if y[i] > 0 else 0
+        dx[i] = dy[i] if y[i] > 0 else dy[i] * 0
 
 
 @cuda.jit
@@ -68,22 +69,40 @@ def bias_relu_kernel(x, bias, C, plane, relu, y):
 
 # -- upsampling --------------------------------------------------------------------------------------
 @cuda.jit(device=True, inline=True)
-def _bilinear_src(o, s, L):
-    """Output o of an axis upsampled by s from length L reads inputs i0, i1 with weights (1 - lam, lam):
-    src = max((o + 0.5) / s - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1, L - 1) (PyTorch's rule)."""
-    src = (o + 0.5) / s - 0.5
-    if src < 0:
-        src = 0.0
-    i0 = int(src)
-    if i0 > L - 1:
-        i0 = L - 1
-    i1 = i0 + 1 if i0 < L - 1 else L - 1
-    return i0, i1, src - i0
+def _taps(o, s, L):
+    """The two taps of output o along an axis of length L upsampled by s: inputs i0, i1 with weights
+    w0, w1, exactly as upsample.cu's taps(). o = s*i + r sits at source position i + d,
+    d = (2r + 1 - s) / (2s) (PyTorch's align_corners=False): d < 0 reads x[i-1] (weight -d) and x[i]
+    (1 + d); d >= 0 reads x[i] (1 - d) and x[i+1] (d). At the edges (and where d = 0) the second
+    weight is 0 and the second tap repeats the first."""
+    i = o // s
+    r = o - i * s
+    d = (2 * r + 1 - s) / (2 * s)
+    if d < 0:
+        if i == 0:
+            return 0, 0, 1.0, 0.0
+        return i - 1, i, -d, 1 + d
+    if i == L - 1 or d == 0:
+        return i, i, 1.0, 0.0
+    return i, i + 1, 1 - d, d
+
+
+@cuda.jit(device=True, inline=True)
+def _tap_weight(o, i, s, L):
+    """The weight with which output o (along one axis) reads input i: 0 when it does not."""
+    i0, i1, w0, w1 = _taps(o, s, L)
+    w = 0.0
+    if i0 == i:
+        w += w0
+    if i1 == i:
+        w += w1
+    return w
 
 
 @cuda.jit
 def upsample_bilinear_forward_kernel(x, y, g):
-    """y (N, C, sh*H, sw*W) from x (N, C, H, W); g = (N, C, H, W, sh, sw). One thread per output."""
+    """y (N, C, sh*H, sw*W) from x (N, C, H, W); g = (N, C, H, W, sh, sw). One thread per output;
+    the same sums in the same order as upsample.cu's bilinear_fwd (rows along W first, then H)."""
     N, C, H, W, sh, sw = g
     Ho, Wo = H * sh, W * sw
     for idx in range(cuda.grid(1), N * C * Ho * Wo, cuda.gridsize(1)):
@@ -91,18 +110,25 @@ def upsample_bilinear_forward_kernel(x, y, g):
         t = idx // Wo
         oh = t % Ho
         nc = t // Ho
-        h0, h1, lh = _bilinear_src(oh, sh, H)
-        w0, w1, lw = _bilinear_src(ow, sw, W)
+        h0, h1, a0, a1 = _taps(oh, sh, H)
+        c0, c1, b0, b1 = _taps(ow, sw, W)
         base = nc * H * W
-        top = (1 - lw) * x[base + h0 * W + w0] + lw * x[base + h0 * W + w1]
-        bot = (1 - lw) * x[base + h1 * W + w0] + lw * x[base + h1 * W + w1]
-        y[idx] = (1 - lh) * top + lh * bot
+        z0 = x[base + h0 * W + c0] * b0                   # row h0 interpolated along W
+        if b1 != 0:
+            z0 += b1 * x[base + h0 * W + c1]
+        v = z0 * a0
+        if a1 != 0:
+            z1 = x[base + h1 * W + c0] * b0               # row h1 interpolated along W
+            if b1 != 0:
+                z1 += b1 * x[base + h1 * W + c1]
+            v += a1 * z1
+        y[idx] = v
 
 
 @cuda.jit
 def upsample_bilinear_backward_kernel(dy, dx, g):
-    """dx = A_h^T dy A_w as a gather: input row i is read only by output rows in [s(i-1), s(i+2)),
-    with weight (1 - lam) where i0 == i plus lam where i1 == i (both at a clamped edge)."""
+    """dx = A_h^T dy A_w as a gather (upsample.cu's bilinear_bwd): input row i is read only by output
+    rows in [s(i-1), s(i+2)), each with the weight _tap_weight gives."""
     N, C, H, W, sh, sw = g
     Ho, Wo = H * sh, W * sw
     for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
@@ -112,23 +138,15 @@ def upsample_bilinear_backward_kernel(dy, dx, g):
         nc = t // H
         acc = 0.0
         for oh in range(max(0, sh * (i - 1)), min(Ho, sh * (i + 2))):
-            h0, h1, lh = _bilinear_src(oh, sh, H)
-            wh = 0.0
-            if h0 == i:
-                wh += 1 - lh
-            if h1 == i:
-                wh += lh
-            if wh == 0:
+            a = _tap_weight(oh, i, sh, H)
+            if a == 0:
                 continue
+            row = 0.0
             for ow in range(max(0, sw * (j - 1)), min(Wo, sw * (j + 2))):
-                w0, w1, lw = _bilinear_src(ow, sw, W)
-                ww = 0.0
-                if w0 == j:
-                    ww += 1 - lw
-                if w1 == j:
-                    ww += lw
-                if ww != 0:
-                    acc += wh * ww * dy[(nc * Ho + oh) * Wo + ow]
+                b = _tap_weight(ow, j, sw, W)
+                if b != 0:
+                    row += b * dy[(nc * Ho + oh) * Wo + ow]
+            acc += a * row
         dx[idx] = acc
 
 

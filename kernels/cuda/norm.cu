@@ -8,8 +8,9 @@
 // Reductions work on a (N, C, L) array (NCHW with L = H*W; a (C, M) array is N = 1, L = M) and
 // produce one number per channel c, summed over n and l, ACCUMULATED IN DOUBLE for both dtypes (so a
 // float32 sum over millions of values keeps ~7 good digits). Two deterministic passes, no atomics:
-//   channel_reduce_partial: grid (splits, C'), block 256 (a power of two): block (s, c) sums the
-//       elements e = s*blockDim + tid, stepping by splits*blockDim, into partial[c*splits + s];
+//   channel_reduce_partial: grid (splits, C'), block of any size (256 from the Python side): block
+//       (s, c) sums, with its first `width` threads (the largest power of two <= min(blockDim, 256)),
+//       the elements e = s*width + tid, stepping by splits*width, into partial[c*splits + s];
 //   channel_reduce_finish: out[c] = T(scale * sum_s partial[c*splits + s]), in a fixed order.
 // What is summed (mode): 0 sum a;  1 sum (a - m[c])^2;  2 sum a * b.
 // Both loops are grid-stride too, so any grid (even one thread) gives the same sums.
@@ -26,22 +27,29 @@ __device__ void channel_reduce_partial(const T* __restrict__ a, const T* __restr
                                        long long N, long long C, long long L, long long splits,
                                        long long mode) {
     __shared__ double buf[REDUCE_THREADS];
+    // The tree sum needs a power of two no larger than buf: the block's first `width` threads do the
+    // work (all of it, for the 256-thread blocks the Python side launches), any others only meet the
+    // barriers. So no launch shape can write past buf or drop a value.
+    long long width = 1;
+    while (width * 2 <= (long long)blockDim.x && width * 2 <= REDUCE_THREADS) width *= 2;
     const long long count = N * L;                     // values per channel
     const long long tid = threadIdx.x;
     for (long long c = blockIdx.y; c < C; c += gridDim.y) {
         for (long long s = blockIdx.x; s < splits; s += gridDim.x) {
             double acc = 0.0;
-            for (long long e = s * blockDim.x + tid; e < count; e += splits * blockDim.x) {
-                const long long n = e / L, l = e % L;
-                const long long k = (n * C + c) * L + l;
-                const double v = (double)a[k];
-                if (mode == 0) acc += v;
-                else if (mode == 1) { const double d = v - (double)m[c]; acc += d * d; }
-                else acc += v * (double)b[k];
+            if (tid < width) {
+                for (long long e = s * width + tid; e < count; e += splits * width) {
+                    const long long n = e / L, l = e % L;
+                    const long long k = (n * C + c) * L + l;
+                    const double v = (double)a[k];
+                    if (mode == 0) acc += v;
+                    else if (mode == 1) { const double d = v - (double)m[c]; acc += d * d; }
+                    else acc += v * (double)b[k];
+                }
+                buf[tid] = acc;
             }
-            buf[tid] = acc;
             __syncthreads();
-            for (long long stride = blockDim.x / 2; stride > 0; stride /= 2) {   // tree sum
+            for (long long stride = width / 2; stride > 0; stride /= 2) {   // tree sum
                 if (tid < stride) buf[tid] += buf[tid + stride];
                 __syncthreads();
             }

@@ -138,6 +138,7 @@ def conv_checks(dt):
         check(name + " fwd", yg, yr, dt)
         dy = rnd(*yr.shape, dt=dt)
         pairs(name + " bwd", B.conv2d_backward(dy, cg), REF["conv2d_backward"](dy, cr), dt)
+    winograd_checks(dt)
     tcases = [  # x shape, w shape (Cin, Cout, kh, kw), stride, padding, output_padding, dilation
         ((2, 3, 3, 4), (3, 2, 2, 2), 2, 0, 0, 1),
         ((1, 2, 3, 3), (2, 3, 3, 3), 2, 1, 1, 1),
@@ -153,6 +154,34 @@ def conv_checks(dt):
         dy = rnd(*yr.shape, dt=dt)
         pairs(name + " bwd", B.conv_transpose2d_backward(dy, cg),
               REF["conv_transpose2d_backward"](dy, cr), dt)
+
+
+def winograd_checks(dt):
+    """3x3 stride-1 convolutions through kernels/cuda_winograd.py: forced ('always') on small cases
+    (partial tiles, uneven padding, padding 3), and taken by 'auto' from 16 channels."""
+    from unet_np.kernels import cuda_winograd
+    cases = [  # x shape, w shape, padding, bias, mode
+        ((2, 2, 5, 6), (3, 2, 3, 3), 1, True, "always"),
+        ((1, 3, 6, 5), (2, 3, 3, 3), ((2, 0), (1, 2)), False, "always"),
+        ((1, 2, 9, 7), (2, 2, 3, 3), 3, True, "always"),
+        ((1, 16, 4, 5), (16, 16, 3, 3), 1, True, "auto"),
+    ]
+    for xs, ws, p, bias, mode in cases:
+        x, w = rnd(*xs, dt=dt), rnd(*ws, dt=dt)
+        b = rnd(ws[0], dt=dt) if bias else None
+        name = f"winograd ({mode}) x{xs} w{ws} p{p}"
+        B.settings["winograd"] = mode
+        try:
+            with counting(cuda_winograd, "wino_input_kernel") as c:
+                yg, cg = B.conv2d_forward(x, w, b, 1, p, 1)
+                dy = rnd(*yg.shape, dt=dt)
+                got = B.conv2d_backward(dy, cg)
+        finally:
+            B.settings["winograd"] = "auto"
+        yr, cr = REF["conv2d_forward"](x, w, b, 1, p, 1)
+        check_equal(name + " ran Winograd", c["wino_input_kernel"].calls >= 3, True)
+        check(name + " fwd", yg, yr, dt)
+        pairs(name + " bwd", got, REF["conv2d_backward"](dy, cr), dt)
 
 
 def layer_checks(dt):
@@ -173,6 +202,24 @@ def layer_checks(dt):
         yg, cg = B.ops[f"{op}_forward"](x * 3)
         check(f"{op} fwd", yg, yr, dt)
         check(f"{op} bwd", B.ops[f"{op}_backward"](dy, cg), REF[f"{op}_backward"](dy, cr), dt)
+    # ReLU backward where y <= 0 is dy * 0: a NaN in dy stays NaN (as NumPy and elementwise.cu)
+    yr, cr = REF["relu_forward"](x)
+    dy_nan = dy.copy()
+    dy_nan[0, 0, 0, 0] = np.nan                            # x there is 0: y = 0
+    got = B.ops["relu_backward"](dy_nan, B.ops["relu_forward"](x)[1])
+    check_equal("relu bwd keeps a NaN of dy where y = 0", bool(np.isnan(backends.to_numpy(got)[0, 0, 0, 0])),
+                True)
+    check("relu bwd with a NaN in dy", got, REF["relu_backward"](dy_nan, cr), dt)
+    # reflect padding must be smaller than the padded dimension: a clear error
+    for pads in ((4, 0, 0, 0), (0, 0, 0, 5), (-1, 0, 0, 0)):
+        try:
+            B.pad2d_forward(rnd(1, 1, 5, 4, dt=dt), pads, "reflect")
+            raised = "nothing"
+        except ValueError as exc:
+            raised = "ValueError" if "smaller than the padded dimension" in str(exc) else str(exc)
+        check_equal(f"pad2d reflect {pads} on 5x4 refused", raised, "ValueError")
+    # bilinear: the same taps and sums as upsample.cu (its C++ emulation, when g++ is there)
+    bilinear_twin_checks(dt)
     for mode in ("bilinear", "nearest"):
         for scale in (2, (3, 2)):
             x = rnd(1, 2, 3, 4, dt=dt)
@@ -230,6 +277,26 @@ def layer_checks(dt):
         check(f"cross-entropy {name} loss", lg, lr, dt)
         check(f"cross-entropy {name} dlogits", B.softmax_cross_entropy_backward(cg),
               REF["softmax_cross_entropy_backward"](cr), dt)
+
+
+def bilinear_twin_checks(dt):
+    """numba-cuda's bilinear kernels against upsample.cu's (built by g++ through the emulation of
+    tests/backends/cuda_emulation.py): the same formula, so in float64 they agree to rounding."""
+    import shutil
+    if shutil.which("g++") is None:
+        print("skip bilinear twin check: g++ is not installed")
+        return
+    from cuda_emulation import emulated_kernels          # beside this script
+    k = emulated_kernels()
+    for shape, scale in (((1, 2, 3, 4), 2), ((2, 1, 5, 3), (3, 2)), ((1, 1, 1, 2), (4, 1))):
+        x = rnd(*shape, dt=dt)
+        y_cu, c_cu = k.upsample_bilinear2d_forward(x, scale)
+        y_nb, c_nb = B.ops["upsample_bilinear2d_forward"](x, scale)
+        tol = 1e-14 if dt == np.float64 else 1e-6
+        check(f"bilinear x{scale} numba-cuda == upsample.cu fwd", y_nb, y_cu, dt, tol=tol)
+        dy = rnd(*y_cu.shape, dt=dt)
+        check(f"bilinear x{scale} numba-cuda == upsample.cu bwd", B.ops["upsample_bilinear2d_backward"](dy, c_nb),
+              k.upsample_bilinear2d_backward(dy, c_cu), dt, tol=tol)
 
 
 def _biases_before_batchnorm(model):
@@ -371,9 +438,12 @@ def input_grad_checks(dt):
         counts = []
         for input_grad in (True, False):
             _, cg = B.conv2d_forward(x, w, b, s, p, d)
-            with counting(cuda_gemm, "gemm") as g, counting(cuda_conv, "col2im_kernel") as c:
+            # the cache keeps the input, no column buffer: nothing in it larger than x or w
+            kept = max(a.size for a in cg if hasattr(a, "size") and not isinstance(a, (int, float)))
+            check_equal(name + " cache holds no column buffer", kept <= max(x.size, w.size), True)
+            with counting(cuda_gemm, "gemm") as g, counting(cuda_conv, "col2im_kernel", "im2col_kernel") as c:
                 got = B.conv2d_backward(dy, cg, input_grad=input_grad)
-            counts.append((g["gemm"].calls, c["col2im_kernel"].calls))
+            counts.append(g["gemm"].calls + c["col2im_kernel"].calls + c["im2col_kernel"].calls)
             if input_grad:
                 full = got
         dx, dw, db = got
@@ -384,9 +454,8 @@ def input_grad_checks(dt):
             check(name + " db", db, db_r, dt)
         else:
             check_equal(name + " db", db, None)
-        (gemms, col2ims), (gemms_no_dx, col2ims_no_dx) = counts
-        check_equal(name + " GEMMs (with dx, without)", (gemms, gemms_no_dx), (2, 1))
-        check_equal(name + " col2im launches without dx", col2ims_no_dx, 0)
+        work, work_no_dx = counts          # GEMMs and column passes, whichever algorithm runs
+        check_equal(name + " less work without dx", work_no_dx < work, True)
 
 
 # -- losses ------------------------------------------------------------------------------------------------

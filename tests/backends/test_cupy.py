@@ -564,6 +564,14 @@ def test_pad2d_bad_mode(xb):
         xb.k.pad2d_forward(xb.put(np.zeros((1, 1, 3, 3))), (1, 1, 1, 1), "edge")
 
 
+@pytest.mark.parametrize("pads", [(3, 0, 0, 0), (0, 3, 0, 0), (0, 0, 4, 0), (0, 0, 0, 5), (0, -1, 0, 0)])
+def test_pad2d_reflect_pad_too_large(xb, pads):
+    """A reflect pad must be smaller than the dimension it pads (one mirror image): a clear error,
+    not a read outside the input. x is 4 x 3."""
+    with pytest.raises(ValueError, match="smaller than the padded dimension"):
+        xb.k.pad2d_forward(xb.put(np.zeros((1, 1, 4, 3))), pads, "reflect")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Batch norm
 # ---------------------------------------------------------------------------------------------------

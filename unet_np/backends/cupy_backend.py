@@ -344,6 +344,10 @@ class CudaKernels(Convolutions):
         if mode == "constant":
             y = self._window(x, (t + H + b, l + W + r), -t, -l, fill=value)
         elif mode == "reflect":
+            if min(l, r, t, b) < 0 or max(l, r) >= W or max(t, b) >= H:
+                raise ValueError(f"pad2d_forward: reflect padding must be >= 0 and smaller than the padded "
+                                 f"dimension, got pads (left, right, top, bottom) = {(l, r, t, b)} for an "
+                                 f"input of {H}x{W}")
             y = self.xp.empty((N, C, t + H + b, l + W + r), dtype=dt)
             self._launch("elementwise", "reflect_pad_fwd", dt, y.size, x, y, _i(N * C), _i(H), _i(W),
                          _i(t + H + b), _i(l + W + r), _i(t), _i(l))

@@ -86,10 +86,13 @@ def make_backend():
     xp = cupy if cupy is not None else np
 
     from ..kernels import (cuda_conv, cuda_elementwise as ew, cuda_gemm, cuda_launch, cuda_loss,
-                           cuda_norm, cuda_optim, cuda_pool, cuda_reduce)
+                           cuda_norm, cuda_optim, cuda_pool, cuda_reduce, cuda_winograd as wino)
     from .numpy_backend import reference_ops
 
     dev = _Device(cuda, cupy)
+    # Settings read at every call (backend.settings): 'winograd' is 'auto' (3x3 stride-1 convolutions
+    # with >= 16 input and output channels run as Winograd F(4x4, 3x3)), 'always' or 'never'.
+    settings = {"winograd": "auto"}
     grid = cuda_launch.grid_1d
 
     def launch(kernel, n, *args):
@@ -149,26 +152,38 @@ def make_backend():
         lead = (pads[0][0], pads[1][0])
         K = C * kh * kw
         y = dev.empty((N, O, Ho, Wo), x_d.dtype)
-        if pointwise(kh, kw, stride, pads):                 # no column buffer: x is B as it is
+        pw = pointwise(kh, kw, stride, pads)
+        if wino.use_winograd(settings["winograd"], kh, kw, stride, dilation, C, O):
+            y = wino.conv(dev, x_d, wino.filter_transform(dev, w_d), O, b_d, Ho, Wo, lead)
+            return dev.get(y), (x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, b is not None,
+                                "winograd")
+        if pw:                                              # no column buffer: x is B as it is
             gemm(w_d, x_d, y, O, N * H * W, C, lay.dense(C), lay.nchw(C, H * W), lay.nchw(O, H * W), b_d)
-            cols = None
         else:
             cols = im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation)
             gemm(w_d, cols, y, O, N * Ho * Wo, K, lay.dense(K), lay.dense(N * Ho * Wo),
                  lay.nchw(O, Ho * Wo), b_d)
-        cache = (cols, x_d if cols is None else None, w_d, (N, C, H, W), (Ho, Wo), stride, lead,
-                 dilation, b is not None)
+            del cols                                        # the backward rebuilds it (see below)
+        cache = (x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, b is not None, pw)
         return dev.get(y), cache
 
     def conv2d_backward(dy, cache, input_grad=True):
         """dy -> (dx, dw, db); input_grad=False skips dx (None): neither its GEMM nor col2im runs."""
-        cols, x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, has_bias = cache
+        x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, has_bias, pw = cache
         O, _, kh, kw = w_d.shape
         K, P = C * kh * kw, N * Ho * Wo
         dy_d = dev.put(dy, dtype=w_d.dtype)
         db = dev.get(channel_reduce(dy_d, N, O, Ho * Wo)) if has_bias else None
         dw = dev.empty((O, C, kh, kw), w_d.dtype)
-        if cols is None:                                   # 1x1: dW = dY X^T, dX = W^T dY
+        if pw == "winograd":                               # 3x3 stride 1: kernels/cuda_winograd.py
+            dw = wino.weight_grad(dev, x_d, dy_d, lead)
+            if not input_grad:
+                return None, dev.get(dw), db
+            # dx: the forward of dy with w flipped and transposed, leading padding 2 - p
+            dx = wino.conv(dev, dy_d, wino.filter_transform(dev, w_d, flip=True), C, None, H, W,
+                           (2 - lead[0], 2 - lead[1]))
+            return dev.get(dx), dev.get(dw), db
+        if pw:                                             # 1x1: dW = dY X^T, dX = W^T dY
             gemm(dy_d, x_d, dw, O, C, P, lay.nchw(O, Ho * Wo), lay.nchw(C, H * W, trans=True),
                  lay.dense(C))
             if not input_grad:
@@ -177,7 +192,11 @@ def make_backend():
             gemm(w_d, dy_d, dx, C, P, O, lay.dense(C, trans=True), lay.nchw(O, Ho * Wo),
                  lay.nchw(C, H * W))
             return dev.get(dx), dev.get(dw), db
+        # The forward kept its input, not its column buffer (one per layer would hold 15 GiB at batch
+        # 16, 256x256): one im2col pass rebuilds it, and a step holds one column buffer at a time.
+        cols = im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation)
         gemm(dy_d, cols, dw, O, K, P, lay.nchw(O, Ho * Wo), lay.dense(P, trans=True), lay.dense(K))
+        del cols
         if not input_grad:
             return None, dev.get(dw), db
         dcols = dev.empty((K, P), w_d.dtype)
@@ -380,6 +399,10 @@ def make_backend():
             launch(ew.fill_kernel, y.size, _flat(y), float(value))
             copy_box(x_d, y, (N, C, H, W), (0, 0, 0), (0, t, l))
         elif mode == "reflect":
+            if min(l, r, t, b) < 0 or max(l, r) >= W or max(t, b) >= H:
+                raise ValueError(f"pad2d_forward: reflect padding must be >= 0 and smaller than the padded "
+                                 f"dimension, got pads (left, right, top, bottom) = {(l, r, t, b)} for an "
+                                 f"input of {H}x{W}")
             launch(ew.reflect_pad_forward_kernel, y.size, _flat(x_d), _flat(y), (N, C, H, W, l, r, t, b))
         else:
             raise ValueError(f"pad2d_forward: mode must be one of reflect, constant, got {mode!r}")
@@ -658,5 +681,6 @@ def make_backend():
     )
     backend = Backend("numba-cuda", xp, ops)
     backend.simulated = simulated
+    backend.settings = settings
     backend.sgd_step, backend.adam_step = sgd_step, adam_step        # fused updates for unet_np.optim
     return backend
