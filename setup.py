@@ -18,6 +18,7 @@ setup(
         "unet_np.nn",
         "unet_np.models",
         "unet_np.backends",
+        "unet_np.cli",
         "unet_np.data",
         "unet_np.kernels",
         "unet_np.kernels.cuda",

@@ -96,11 +96,11 @@ def test_evaluate_json(data, trained):
     _, idir, mdir = data
     p = cli("evaluate", "--model", trained / "model.npz", "--images", idir, "--masks", mdir, "--json")
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = json.loads(p.stdout)          # stdout is the JSON document and nothing else
     for key in ("dice", "iou", "per_class", "pixel_accuracy", "boundary_f1"):
         assert key in res
     assert len(res["per_class"]) == 2 and {"dice", "iou"} <= set(res["per_class"][0])
-    assert "Dice" in p.stdout  # the table comes first
+    assert "Dice" in p.stderr and "Dice" not in p.stdout  # the table goes to stderr
 
 
 def test_existing_model_is_not_overwritten(data, trained):

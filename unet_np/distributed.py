@@ -518,11 +518,10 @@ class DistributedTrainer(Trainer):
                     getattr(m, k)[...] = m.backend.asarray(v)
 
     # -- a whole run -----------------------------------------------------------------------------
-    def fit(self, images, masks, epochs, batch_size=4, val=None, pixel_weights=None, augment=None,
-            out_dir=None, seed=0, checkpoint_every=1, progress=None):
-        """Trainer.fit on every rank (same seed: same global batches); rank 0 alone validates,
-        writes out_dir, reports progress and calls the callbacks. An error on any rank aborts the
-        job (abort_on_error)."""
+    def fit(self, data, masks=None, epochs=None, out_dir=None, progress=None, **kwargs):
+        """Trainer.fit (either form) on every rank: the same seed gives the same global batches and
+        validation split; rank 0 alone validates, writes out_dir, reports progress and calls the
+        callbacks. An error on any rank aborts the job (abort_on_error)."""
         root = self.is_root
         callbacks = self.callbacks
         if not root:
@@ -530,10 +529,8 @@ class DistributedTrainer(Trainer):
         guard = abort_on_error(self.comm) if self.abort_on_error else contextlib.nullcontext()
         try:
             with guard:
-                return super().fit(images, masks, epochs, batch_size=batch_size,
-                                   val=val if root else None, pixel_weights=pixel_weights,
-                                   augment=augment, out_dir=out_dir if root else None, seed=seed,
-                                   checkpoint_every=checkpoint_every, progress=progress if root else None)
+                return super().fit(data, masks, epochs, out_dir=out_dir if root else None,
+                                   progress=progress if root else None, **kwargs)
         finally:
             self.callbacks = callbacks
 

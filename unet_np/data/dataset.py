@@ -12,6 +12,7 @@ import numpy as np
 
 from .files import DataError, match_files, pair_problems
 from .io import read_image, read_mask_info
+from .pipeline import crop_sample
 
 # ---------------------------------------------------------------------------------------------
 # Normalisation
@@ -360,16 +361,8 @@ def batches(dataset, batch_size, shuffle=True, rng=None, crop=None, augment=None
             x = np.asarray(images[i], dtype=np.float32)
             y = np.asarray(masks[i]).astype(np.int64, copy=False)
             w = None if weights is None else np.asarray(weights[i], dtype=np.float32)
-            if crop is not None and crop != y.shape:
-                h, wd = y.shape
-                if shuffle:
-                    top = int(rng.integers(0, h - crop[0] + 1))
-                    left = int(rng.integers(0, wd - crop[1] + 1))
-                else:
-                    top, left = (h - crop[0]) // 2, (wd - crop[1]) // 2
-                sl = (slice(top, top + crop[0]), slice(left, left + crop[1]))
-                x, y = x[(slice(None),) + sl], y[sl]
-                w = None if w is None else w[sl]
+            if crop is not None:
+                x, y, w = crop_sample(x, y, w, crop, rng if shuffle else None)
             for f in fns:
                 x, y, w = f(x, y, w, rng)
             xs.append(x)

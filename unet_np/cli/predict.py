@@ -1,0 +1,70 @@
+"""unet-np predict: one mask per input image, written as the training masks were."""
+from pathlib import Path
+
+import numpy as np
+
+from .common import (CLIError, add_common, add_tiling, image_files, load_model, normalise,
+                     prepare_out_dir, probabilities, resolve_backend, say)
+
+
+def add_parser(sub):
+    p = sub.add_parser("predict", help="segment images with a trained model",
+                       description="Write one mask per input image (same file stem, .png), in the "
+                                   "convention of the training masks (binary as 0/255). Any image "
+                                   "size works: the image is mirror-padded and, when large, tiled.")
+    p.add_argument("--model", required=True, help="a model.npz written by unet-np train")
+    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write the class probabilities (num_classes, H, W) as .npy")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace masks (and .npy files) already in --out")
+    add_tiling(p)
+    add_common(p)
+    return p
+
+
+def read_checked(path, model):
+    """An image file, refused when its channels are not the model's."""
+    from ..data import read_image
+    x = read_image(path)
+    if x.shape[0] != model.in_channels:
+        raise CLIError(f"{path}: image has {x.shape[0]} channel(s), the model takes {model.in_channels}")
+    return x
+
+
+def run(args):
+    from ..data import whole_file, write_mask
+    model, data = load_model(args.model, backend=resolve_backend(args.backend, args.quiet))
+    files = image_files(args.input)
+    out = Path(args.out)
+    if out.resolve() in {f.parent.resolve() for f in files}:
+        raise CLIError(f"{args.out}: is the folder of the input images; choose another --out")
+    stems = {}
+    for f in files:
+        if f.stem in stems:
+            raise CLIError(f"{f}: has the same name as {stems[f.stem].name}; the outputs would collide")
+        stems[f.stem] = f
+    suffixes = (".png", ".npy") if args.probabilities else (".png",)
+    there = [out / (stem + x) for stem in stems for x in suffixes if (out / (stem + x)).exists()]
+    if there and not args.overwrite:
+        more = f" and {len(there) - 1} more exist" if len(there) > 1 else " exists"
+        raise CLIError(f"{there[0]}{more}: pass --overwrite to replace, or choose another --out")
+    prepare_out_dir(out)
+    conv, pal = data.get("mask_convention"), data.get("palette")
+    if conv in ("binary255", "binary01", "empty") and model.num_classes > 2:
+        conv = "labels"
+    for f in files:
+        x = normalise(read_checked(f, model), data)
+        probs = probabilities(model, x, args.tile, args.overlap)
+        labels = probs.argmax(axis=0)
+        write_mask(out / f"{f.stem}.png", labels, convention=conv,
+                   palette=[tuple(c) for c in pal] if pal else None)
+        if args.probabilities:
+            with whole_file(out / f"{f.stem}.npy") as fh:       # whole or not at all, as the masks
+                np.save(fh, probs.astype(np.float32))
+        say(f"{f.name} -> {out / (f.stem + '.png')} ({x.shape[1]}x{x.shape[2]}, "
+            + ", ".join(f"class {c}: {100.0 * np.mean(labels == c):.1f}%"
+                        for c in range(model.num_classes)) + ")", args.quiet)
+    say(f"wrote {len(files)} mask(s) to {out} ({conv} convention)", args.quiet)
+    return 0
