@@ -604,6 +604,22 @@ def test_batchnorm(xb, training, affine, dtype):
         close(g, r, name)
 
 
+@pytest.mark.parametrize("threads", [1, 100, 256, 512])
+def test_channel_reduce_any_block_size(threads):
+    """norm.cu's block reduction sums every value whatever the block size (its shared buffer holds 256:
+    a block of 512 once wrote past it, one of 100 summed a tree of a non-power of two)."""
+    if shutil.which("g++") is None or os.environ.get("UNET_NP_EMULATION", "1") == "0":
+        pytest.skip("the CPU emulation is not available or switched off")
+    f = emu.emu_function("norm", "channel_reduce_partial_f64")
+    rng = rng_for("reduce-block", threads)
+    N, C, L, splits = 2, 3, 333, 2
+    a = rng.standard_normal((N, C, L))
+    partial = np.zeros(C * splits)
+    f((splits, C, 1), (threads, 1, 1), (a, a, a, partial, np.int64(N), np.int64(C), np.int64(L), np.int64(splits),
+                                        np.int64(0)))
+    assert rel_err(partial.reshape(C, splits).sum(axis=1), a.sum(axis=(0, 2))) <= 1e-12
+
+
 # ---------------------------------------------------------------------------------------------------
 # Softmax cross-entropy
 # ---------------------------------------------------------------------------------------------------
