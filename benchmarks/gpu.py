@@ -55,7 +55,9 @@ def build_parser():
     p.add_argument("--nets", default="article,depth4", help="comma list of article,depth4")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=256, help="image height = width")
-    p.add_argument("--backends", default="cupy,numba-cuda", help="unet_np backends to time")
+    p.add_argument("--backends", default="cupy,cupy-im2col,cupy-tf32,numba-cuda",
+                   help="unet_np backends to time; cupy-im2col: the cupy backend with Winograd off "
+                        "(winograd='never'), cupy-tf32: with allow_tf32 (compare with torch_tf32_on)")
     p.add_argument("--modes", default="train,forward", help="comma list of train,forward")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, autotuning)")
@@ -292,9 +294,34 @@ def run_torch(net, args, x, t, device, smoke, tf32):
     return out
 
 
+# Variants of the cupy backend timed under names of their own: settings of backend.kernels.
+CUPY_VARIANTS = {"cupy-im2col": dict(winograd="never"), "cupy-tf32": dict(allow_tf32=True)}
+
+
+def base_backend(name):
+    """The unet_np backend a timed name runs on (a cupy variant runs on 'cupy')."""
+    return "cupy" if name in CUPY_VARIANTS else name
+
+
 def run_ours(net, name, args, x, t, weights, smoke):
     from unet_np import backends
-    backend = backends.get("numpy" if smoke else name)
+    backend = backends.get("numpy" if smoke else base_backend(name))
+    k = getattr(backend, "kernels", None)
+    variant = CUPY_VARIANTS.get(name, {}) if k is not None else {}
+    saved = (k.winograd, k.allow_tf32) if k is not None else None
+    try:
+        if "winograd" in variant:
+            k.winograd = variant["winograd"]
+        if variant.get("allow_tf32"):
+            k.set_allow_tf32(True)
+        return _run_ours(net, name, backend, args, x, t, weights, smoke)
+    finally:
+        if k is not None:
+            k.winograd = saved[0]
+            k.set_allow_tf32(saved[1])
+
+
+def _run_ours(net, name, backend, args, x, t, weights, smoke):
     model = ours_model(net, backend, weights)
     dx, dt = _device_inputs(backend, x, t)
     fns, loss_fn, _ = ours_fns(model, backend, dx, dt)
@@ -629,7 +656,7 @@ def main(argv=None):
             usable[b] = None
             continue
         try:
-            backends.get(b)
+            backends.get(base_backend(b))
             usable[b] = None
         except Exception as exc:
             usable[b] = f"unavailable: {exc}"
