@@ -107,7 +107,7 @@ def test_save_and_load_keep_config_torch_names_and_weights(tmp_path):
                                    norm_kwargs=dict(affine=True, track_running_stats=True),
                                    torch_names=None, dtype=np.float64))
     names = [[f"theirs.{k}", k] for k in model.state_dict()] + [["alias.head", "head0.weight"]]
-    model.torch_names = model._config["torch_names"] = names
+    model.set_torch_names(names)
     model.save(tmp_path / "m.npz")
     back = load_model(tmp_path / "m.npz")
     assert type(back) is GeneralUNet and back.torch_names == names

@@ -135,13 +135,15 @@ class GeneralUNet(SegmentationModel):
         strides = _per_level("strides", strides, L, dims)
         kernel_sizes = _per_level("kernel_sizes", kernel_sizes, L, dims)
         out_ch = [lev[-1] for lev in encoder_convs]
+        # the map upsampled into level l comes from the bottleneck (l = L-2) or from dec{l+1}
+        below = [out_ch[L - 1] if l == L - 2 else decoder_convs[l + 1][-1] for l in range(L - 1)]
+        keeps = upsample in ("bilinear", "trilinear")
         if up_channels is None:
-            up_channels = [out_ch[l + 1] if upsample in ("bilinear", "trilinear") else out_ch[l]
-                           for l in range(L - 1)]
+            up_channels = [below[l] if keeps else out_ch[l] for l in range(L - 1)]
         up_channels = [int(c) for c in up_channels]
-        if upsample in ("bilinear", "trilinear") and any(up_channels[l] != out_ch[l + 1] for l in range(L - 1)):
+        if keeps and up_channels != below:
             raise ValueError(f"GeneralUNet: upsample={upsample!r} keeps the channels, so up_channels must "
-                             f"be {out_ch[1:]}, got {up_channels}")
+                             f"be {below}, got {up_channels}")
         self._config = dict(in_channels=in_channels, num_classes=num_classes, channels=channels,
                             encoder_convs=encoder_convs, decoder_convs=decoder_convs,
                             up_channels=up_channels, spatial_dims=dims,
@@ -175,8 +177,7 @@ class GeneralUNet(SegmentationModel):
             cin = out_ch[l]
         ups, decs = OrderedDict(), OrderedDict()
         for l in range(L - 2, -1, -1):
-            below = out_ch[l + 1] if l == L - 2 else decoder_convs[l + 1][-1]
-            ups[f"up{l}"] = self._up(below, up_channels[l], strides[l + 1], upsample, align_corners, up_bias, init)
+            ups[f"up{l}"] = self._up(below[l], up_channels[l], strides[l + 1], upsample, align_corners, up_bias, init)
             decs[f"dec{l}"] = self._stack(up_channels[l] + out_ch[l], decoder_convs[l], kernel_sizes[l], (1,) * dims)
         heads_ = OrderedDict()
         for l in (range(L - 2, -1, -1) if heads == "all" else [0]):
@@ -309,6 +310,18 @@ class GeneralUNet(SegmentationModel):
         return d
 
     # -- PyTorch names ---------------------------------------------------------------------------
+    def set_torch_names(self, names):
+        """Name this model's state entries as a PyTorch twin does: names is [[theirs, ours], ...] in
+        the twin's state_dict order (several of theirs may name one of ours); kept in the config, so
+        a saved model keeps it. Every ``ours`` must be an entry of state_dict()."""
+        ours = self.state_dict()
+        names = [[str(t), str(o)] for t, o in names]
+        unknown = [o for _, o in names if o not in ours]
+        if unknown:
+            raise ValueError(f"set_torch_names: ours {unknown[0]!r} is not an entry of this model")
+        self.torch_names = self._config["torch_names"] = names
+        return self
+
     def torch_state_dict(self):
         """name -> NumPy array under the PyTorch twin's names (torch_names), every alias included, so
         the twin's load_state_dict(strict=True) takes it; our own names when torch_names is None."""
