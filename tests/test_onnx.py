@@ -118,11 +118,11 @@ def test_dynamic_batch_and_size(tmp_path):
                                       (dict(padding="valid"), (1, 1, 44, 44)),
                                       (dict(upsample="bilinear", pad_input=True), (2, 1, 15, 17))])
 def test_float64_graph_with_reference_evaluator(kw, shape, tmp_path):
-    """float64 models export float64 graphs (ONNX Runtime's CPU Conv is float32-only, so the onnx
-    package's NumPy reference evaluator runs them)."""
+    """float64 models export float64 graphs on request (ONNX Runtime's CPU Conv is float32-only, so
+    the onnx package's NumPy reference evaluator runs them)."""
     from onnx.reference import ReferenceEvaluator
     model = randomise(unet_np.UNet(1, 2, depth=2, base_channels=4, dtype="float64", **kw))
-    path = export_onnx(model, tmp_path / "m64.onnx")
+    path = export_onnx(model, tmp_path / "m64.onnx", dtype="float64")
     proto = onnx.load(str(path))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
     x = np.random.default_rng(4).standard_normal(shape)
@@ -131,14 +131,17 @@ def test_float64_graph_with_reference_evaluator(kw, shape, tmp_path):
     assert rel(y, model.predict(x)) < TOL64
 
 
-def test_float64_model_exported_as_float32(tmp_path):
+def test_float64_model_exported_as_float32_by_default(tmp_path):
+    """onnxruntime has no double Conv ('Could not find an implementation for Conv(11)'), so the
+    default export of a float64 model is a float32 graph it runs."""
     model = randomise(unet_np.AttentionUNet(1, 2, depth=2, base_channels=4, dtype="float64"))
-    path = export_onnx(model, tmp_path / "m.onnx", dtype="float32")
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert onnx.load(str(path)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     x = np.random.default_rng(5).standard_normal((2, 1, 16, 16))
     assert rel(run_ort(path, x.astype(np.float32)), model.predict(x)) < TOL32
 
 
-def test_opset_choice_and_to_onnx_method(tmp_path):
+def test_opset_choice_and_package_entry_point(tmp_path):
     model = randomise(unet_np.UNet(1, 2, depth=2, base_channels=4, batchnorm=True, pad_input=True))
     x = np.random.default_rng(6).standard_normal((1, 1, 12, 12)).astype(np.float32)
     for opset in (13, 18):
@@ -146,9 +149,9 @@ def test_opset_choice_and_to_onnx_method(tmp_path):
         assert proto.opset_import[0].version == opset
         sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         assert rel(sess.run(None, {"input": x})[0], model.predict(x)) < TOL32
-    if hasattr(model, "to_onnx"):
-        path = model.to_onnx(tmp_path / "m.onnx")
-        assert rel(run_ort(path, x), model.predict(x)) < TOL32
+    path = unet_np.export_onnx(model, tmp_path / "m.onnx")
+    assert rel(run_ort(path, x), model.predict(x)) < TOL32
+    assert not hasattr(model, "to_onnx")       # a model never imports the code that exports it
 
 
 def test_atomic_write_and_errors(tmp_path):

@@ -180,6 +180,16 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
+def save_model(model, path, optimizer=None, meta=None):
+    """Write a model (anything with ``arch``, ``config()`` and ``state_dict()``, as every unet_np
+    model has), its optimizer's state (or None) and meta (a JSON-able dict) as one checkpoint,
+    atomically. Read it back with unet_np.load_model(path). This is ``unet_np.save``; this module
+    knows nothing of the models (loading, which needs the registry of architectures, is in models)."""
+    save_checkpoint(path, config=dict(model.config(), arch=model.arch), arrays=model.state_dict(),
+                    optimizer=optimizer.state_dict() if optimizer is not None else None,
+                    meta=meta or {})
+
+
 def save_checkpoint(path, config, arrays, optimizer=None, meta=None):
     """Write a checkpoint to ``path`` (exactly that name; no suffix is added) atomically.
 

@@ -15,9 +15,9 @@ order its ``_forward`` visits them (nothing is traced, nothing is run):
     pad_input        -> Shape / Mod arithmetic, Pad(mode=reflect), and a Slice of the logits
 
 The batch and spatial dimensions are symbolic ('N', 'H', 'W'), so one file takes any batch size and
-any input size the model itself accepts. The tensors have the model's dtype (float32 or float64; pass
-``dtype=`` to export a float64 model as float32: ONNX Runtime's CPU kernels for Conv, ConvTranspose
-and Resize exist for float32 only). UNet++ exports its inference output, X[0][L] with L the pruned
+any input size the model itself accepts. The tensors are float32 by default, whatever the model's
+dtype (ONNX Runtime's CPU kernels for Conv, ConvTranspose and Resize exist for float32 only);
+``dtype='float64'`` keeps a float64 model's precision for a reference evaluator (onnx.reference). UNet++ exports its inference output, X[0][L] with L the pruned
 level (``model.prune(L)``); the graph is always the evaluation-mode network.
 
 ``onnx`` is needed only here, as the ``[onnx]`` extra (``pip install unet-np[onnx]``).
@@ -283,14 +283,14 @@ def _body(model):
                     f"{type(model).__name__}")
 
 
-def build_onnx(model, opset=DEFAULT_OPSET, dtype=None, input_name="input", output_name="logits"):
+def build_onnx(model, opset=DEFAULT_OPSET, dtype="float32", input_name="input", output_name="logits"):
     """The ONNX ModelProto of ``model`` in evaluation mode (checked with onnx.checker)."""
     onnx = _require_onnx()
     body = _body(model)
     if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or opset < MIN_OPSET:
         raise ValueError(f"export_onnx: opset must be an integer >= {MIN_OPSET}, got {opset!r}")
     opset = int(opset)
-    dt = np.dtype(model.dtype if dtype is None else dtype)
+    dt = np.dtype(model.dtype if dtype is None else dtype)           # None: the model's own
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"export_onnx: dtype must be float32 or float64, got {dt}")
     g = _Graph(onnx, dt, opset)
@@ -318,9 +318,12 @@ def build_onnx(model, opset=DEFAULT_OPSET, dtype=None, input_name="input", outpu
     return proto
 
 
-def export_onnx(model, path, opset=DEFAULT_OPSET, dtype=None):
+def export_onnx(model, path, opset=DEFAULT_OPSET, dtype="float32"):
     """Write ``model`` (UNet, UNetPlusPlus or AttentionUNet) as an ONNX file at ``path``, atomically
     (a temporary file in the same folder, then os.replace). Batch and spatial dims are dynamic.
+    dtype: the graph's float type, float32 by default whatever the model's (ONNX Runtime's CPU Conv,
+    ConvTranspose and Resize exist for float32 only); 'float64' (or None: the model's dtype) writes
+    a graph that only a reference evaluator such as onnx.reference runs.
     Returns the path. See the module docstring for the operator mapping."""
     proto = build_onnx(model, opset=opset, dtype=dtype)
     data = proto.SerializeToString()

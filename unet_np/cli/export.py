@@ -13,6 +13,10 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="the graph's float type (default float32, whatever the model's, which is what "
+                        "onnxruntime runs; a float64 graph runs only in a reference evaluator such as "
+                        "onnx.reference)")
     p.add_argument("--level", type=positive_int, default=None,
                    help="U-Net++ only: export the network pruned to this level")
     add_common(p)
@@ -33,8 +37,8 @@ def run(args):
         model.prune(args.level)
     model.eval()
     try:
-        path = export_onnx(model, str(out), opset=args.opset)
+        path = export_onnx(model, str(out), opset=args.opset, dtype=args.dtype)
     except OSError as e:
         raise CLIError(f"{out}: cannot write it ({e.strerror or e})") from None
-    say(f"wrote {path}", args.quiet)
+    say(f"wrote {path} ({args.dtype})", args.quiet)
     return 0

@@ -12,7 +12,7 @@ with dq_pre = relu'(.) * psi^T(sigmoid'(.) * d_alpha).
 """
 from ..nn import Concat, Conv2d, ReLU, Sigmoid, Upsample
 from ..nn.module import Module
-from .base import Block, SegmentationModel, _check_common, register
+from .base import Block, SegmentationModel, check_common, register
 from .unet import up_layer
 
 
@@ -57,7 +57,7 @@ class AttentionUNet(SegmentationModel):
     def __init__(self, in_channels, num_classes, depth=4, base_channels=64, batchnorm=False,
                  upsample="transpose", init="torch", pad_input=False, dtype=None, backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
-        _check_common(in_channels, num_classes, depth, base_channels, upsample, init)
+        check_common(in_channels, num_classes, depth, base_channels, upsample, init)
         self._config = dict(in_channels=in_channels, num_classes=num_classes, depth=depth,
                             base_channels=base_channels, batchnorm=bool(batchnorm), upsample=upsample,
                             init=init, pad_input=bool(pad_input))

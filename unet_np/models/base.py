@@ -47,26 +47,26 @@ class Block(Module):
         return self.conv.backward(dy)
 
 
-def _check_choice(name, value, choices):
+def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def _check_int(name, value, lo, hi=None):
+def check_range(name, value, lo, hi=None):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or \
             (hi is not None and value > hi):
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
 
 
-def _check_common(in_channels, num_classes, depth, base_channels, upsample, init):
+def check_common(in_channels, num_classes, depth, base_channels, upsample, init):
     """The constructor arguments every architecture shares: a clear ValueError for a bad one."""
-    _check_int("in_channels", in_channels, 1)
-    _check_int("num_classes", num_classes, 1)
-    _check_int("depth", depth, 1, 5)
-    _check_int("base_channels", base_channels, 1)
-    _check_choice("upsample", upsample, ("transpose", "bilinear"))
-    _check_choice("init", init, ("torch", "he"))
+    check_range("in_channels", in_channels, 1)
+    check_range("num_classes", num_classes, 1)
+    check_range("depth", depth, 1, 5)
+    check_range("base_channels", base_channels, 1)
+    check_choice("upsample", upsample, ("transpose", "bilinear"))
+    check_choice("init", init, ("torch", "he"))
 
 
 class SegmentationModel(Module):
@@ -184,12 +184,10 @@ class SegmentationModel(Module):
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, path, optimizer=None, meta=None):
         """Write one .npz checkpoint (config, weights, running statistics, optional optimizer state
-        and meta such as the epoch), atomically. Nothing is pickled."""
-        from ..checkpoint import save_checkpoint
-        config = dict(self.config(), arch=self.arch)
-        save_checkpoint(path, config=config, arrays=self.state_dict(),
-                        optimizer=optimizer.state_dict() if optimizer is not None else None,
-                        meta=meta or {})
+        and meta such as the epoch), atomically; the same as unet_np.save(model, path). Nothing is
+        pickled."""
+        from ..checkpoint import save_model
+        save_model(self, path, optimizer=optimizer, meta=meta)
 
     @classmethod
     def load(cls, path, backend="numpy", return_checkpoint=False):
@@ -228,11 +226,6 @@ class SegmentationModel(Module):
                              f"the first without a partner is entry {i}: {extra}")
         self.load_state_dict({mk: tv for (mk, _), (_, tv) in zip(ours, theirs)})
         return self
-
-    def to_onnx(self, path, opset=17, dtype=None):
-        """Export for inference as an ONNX file (needs the [onnx] extra); see unet_np.onnx_export."""
-        from ..onnx_export import export_onnx
-        return export_onnx(self, path, opset=opset, dtype=dtype)
 
     def torch_state_dict(self):
         """name -> NumPy array, with the names of the matching PyTorch module (wrap each with

@@ -8,7 +8,7 @@
 and its state_dict names are those of that PyTorch code (enc1.conv.0.weight, ..., final.bias).
 """
 from ..nn import Concat, Conv2d, ConvTranspose2d, MaxPool2d, Sequential, Upsample, CenterCrop
-from .base import Block, SegmentationModel, _check_common, _check_choice, register
+from .base import Block, SegmentationModel, check_common, check_choice, register
 
 
 def up_layer(cin, cout, upsample, init, dtype, backend):
@@ -38,8 +38,8 @@ class UNet(SegmentationModel):
                  batchnorm=False, upsample="transpose", init="torch", pad_input=False, dtype=None,
                  backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
-        _check_common(in_channels, num_classes, depth, base_channels, upsample, init)
-        _check_choice("padding", padding, ("same", "valid"))
+        check_common(in_channels, num_classes, depth, base_channels, upsample, init)
+        check_choice("padding", padding, ("same", "valid"))
         if pad_input and padding == "valid":
             raise ValueError("pad_input=True works with padding='same' only; for 'valid' use "
                              "valid_input_shape() to choose the input size")

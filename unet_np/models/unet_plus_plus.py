@@ -9,7 +9,7 @@ trained (the loss averaged over them) and at inference the network can be pruned
 only nodes with i + j <= L are computed and the output of X[0][L] is used.
 """
 from ..nn import Concat, Conv2d, MaxPool2d
-from .base import Block, SegmentationModel, _check_common, _check_int, register
+from .base import Block, SegmentationModel, check_common, check_range, register
 from .unet import up_layer
 
 
@@ -26,7 +26,7 @@ class UNetPlusPlus(SegmentationModel):
                  batchnorm=False, upsample="transpose", init="torch", pad_input=False, dtype=None,
                  backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
-        _check_common(in_channels, num_classes, depth, base_channels, upsample, init)
+        check_common(in_channels, num_classes, depth, base_channels, upsample, init)
         self._config = dict(in_channels=in_channels, num_classes=num_classes, depth=depth,
                             base_channels=base_channels, deep_supervision=bool(deep_supervision),
                             batchnorm=bool(batchnorm), upsample=upsample, init=init,
@@ -59,7 +59,7 @@ class UNetPlusPlus(SegmentationModel):
         if level is None:
             self.level = self.depth
             return self
-        _check_int("level", level, 1, self.depth)
+        check_range("level", level, 1, self.depth)
         if level != self.depth and not self.deep_supervision:
             raise ValueError("pruning needs a model trained with deep_supervision=True: only then does "
                              f"X[0][{level}] have a trained output layer")
