@@ -188,26 +188,82 @@ def predict_labels(model, images, tile=None, overlap=None):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Instances
+# ---------------------------------------------------------------------------------------------------
+INSTANCE_KEYS = ("f1", "precision", "recall", "ap_dsb", "pq", "sq", "rq", "splits", "merges")
+
+
+def instance_meta(data):
+    """{'border': N} when the checkpoint's model predicts instance targets (background / interior
+    / border; trained with --instances), else None (data: load_model's data meta)."""
+    inst = data.get("instances")
+    if inst is None and data.get("mask_convention") == "instances":
+        inst = {"border": None}
+    return inst
+
+
+def objects_from(probs, instance_model, min_size=10):
+    """An instance label image (H, W) uint16 from one image's class probabilities: for a model
+    trained on instance targets, labels_from_probabilities (interior seeds grown by a watershed);
+    for any other model, the connected components (4-connected) of the non-background prediction,
+    objects under min_size pixels dropped."""
+    from ..postprocess import labels_from_probabilities, remove_small
+    if instance_model:
+        try:
+            return labels_from_probabilities(probs, min_size=min_size, dtype=np.uint16)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    from ..data import label_components
+    lab = remove_small(label_components(probs.argmax(axis=0) > 0, connectivity=4), min_size)
+    if int(lab.max()) > 65535:
+        raise CLIError(f"{int(lab.max())} objects do not fit a 16-bit label image")
+    return lab.astype(np.uint16)
+
+
+def predict_objects(model, images, instance_model, min_size=10, tile=None, overlap=None):
+    """(class labels, instance labels) for each normalised image: see objects_from."""
+    labels, objects = [], []
+    for x in images:
+        probs = probabilities(model, x, tile, overlap)
+        labels.append(probs.argmax(axis=0))
+        objects.append(objects_from(probs, instance_model, min_size))
+    return labels, objects
+
+
+def score_objects(true_labels, pred_labels):
+    """Pooled instance scores (metrics.aggregate_instance_matches) of pairs of label images."""
+    from ..metrics import aggregate_instance_matches, match_instances
+    return aggregate_instance_matches([match_instances(t, p) for t, p in zip(true_labels,
+                                                                            pred_labels)])
+
+
+def print_instances(inst, quiet=False, err=False):
+    """The instance scores as a one-row table, and the object counts."""
+    say(table([["objects (IoU > 0.5)"] + [fmt(inst[k], 3) if k not in ("splits", "merges")
+                                          else inst[k] for k in INSTANCE_KEYS]],
+              [""] + list(INSTANCE_KEYS)), quiet, err)
+    say(f"{inst['n_true']} true objects, {inst['n_pred']} predicted, {inst['tp']} matched at IoU "
+        f"> 0.5; ap_dsb is the mean of TP/(TP+FP+FN) over IoU 0.5:0.05:0.95", quiet, err)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Option types and shared options
 # ---------------------------------------------------------------------------------------------------
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def int_at_least(lowest, words):
+    """An argparse type: an integer >= lowest, else an error saying 'expected <words>'."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < lowest:
+            raise argparse.ArgumentTypeError(f"expected {words}, got {s!r}")
+        return v
+    return parse
 
 
-def nonneg_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+positive_int = int_at_least(1, "a positive integer")
+nonneg_int = int_at_least(0, "an integer >= 0")
 
 
 def positive_float(s):
