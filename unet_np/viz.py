@@ -4,6 +4,7 @@
     overlay(images, truths, preds, "overlay.png")      image | truth | prediction | errors, a row each
     weight_map(image, weights, "weights.png")          the U-Net paper's loss weight map
     feature_maps(model, image, "features.png")         a few channels of every encoder/decoder level
+    instance_overlay(images, true, pred, "inst.png")   separated objects, each in its own colour
 
 matplotlib is part of the optional ``[viz]`` extra; it is imported when a plot is drawn, and a missing
 matplotlib raises ``VizUnavailable`` (an ImportError) saying how to install it.
@@ -15,7 +16,7 @@ import numpy as np
 from .backends import to_numpy
 
 __all__ = ["VizUnavailable", "available", "learning_curves", "overlay", "weight_map", "feature_maps",
-           "capture_features", "class_colours"]
+           "capture_features", "class_colours", "instance_rgb", "instance_overlay"]
 
 
 class VizUnavailable(ImportError):
@@ -174,6 +175,68 @@ def weight_map(image, weights, path, mask=None, w0=None):
     fig.colorbar(im, ax=axes[-1], fraction=0.046, pad=0.04)
     for a in axes:
         a.set_axis_off()
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def instance_rgb(labels, seed=0):
+    """(H, W, 3) float colours of an instance label image: black background, each object id its own
+    bright colour (hues spread by the golden ratio from a seeded start, so neighbours differ);
+    pure NumPy. The same id gets the same colour in every call with one seed."""
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"instance_rgb needs a 2-D label image, got shape {lab.shape}")
+    ids, inverse = np.unique(lab.reshape(-1), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    start = rng.random()
+    hue = (start + 0.618033988749895 * np.arange(len(ids))) % 1.0
+    sat = 0.65 + 0.35 * rng.random(len(ids))
+    val = 0.75 + 0.25 * rng.random(len(ids))
+    i = np.floor(hue * 6).astype(int) % 6                  # HSV -> RGB
+    f = hue * 6 - np.floor(hue * 6)
+    p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
+    rgb = np.choose(i[None], [np.stack(c) for c in ((val, t, p), (q, val, p), (p, val, t),
+                                                    (p, q, val), (t, p, val), (val, p, q))])
+    colours = rgb.T
+    colours[ids == 0] = 0.0
+    return colours[inverse.reshape(lab.shape)]
+
+
+def instance_overlay(images, truths, preds, path, names=None, max_rows=4):
+    """One row per sample: the image, the true objects and the predicted objects (each object in its
+    own colour), and the image with the predicted objects tinted and outlined, so that touching
+    objects show as separate. images (N, C, H, W) or a list of (C, H, W); truths / preds: instance
+    label images (N, H, W) or lists (truths may be None)."""
+    plt = _plt()
+    images = [np.asarray(to_numpy(x)) for x in images]
+    preds = [np.asarray(p) for p in preds]
+    truths = None if truths is None else [np.asarray(t) for t in truths]
+    n = min(len(preds), max_rows)
+    if n == 0:
+        raise ValueError("instance_overlay: no sample to draw")
+    cols = 4 if truths is not None else 3
+    fig, axes = plt.subplots(n, cols, figsize=(3 * cols, 3 * n), squeeze=False)
+    for r in range(n):
+        img = _display(images[r])
+        pred = preds[r]
+        panels = [("image", img, "gray")]
+        if truths is not None:
+            panels.append((f"truth ({len(np.unique(truths[r][truths[r] > 0]))} objects)",
+                           instance_rgb(truths[r], seed=1), None))
+        k = len(np.unique(pred[pred > 0]))
+        panels.append((f"prediction ({k} objects)", instance_rgb(pred, seed=2), None))
+        for c, (t, a, cmap) in enumerate(panels):
+            axes[r, c].imshow(a, cmap=cmap, interpolation="nearest")
+            axes[r, c].set_title(t if names is None else f"{names[r]}: {t}", fontsize=9)
+        rgb = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3].copy()
+        tint = instance_rgb(pred, seed=2)
+        on = pred > 0
+        rgb[on] = 0.55 * rgb[on] + 0.45 * tint[on]
+        rgb[_class_edges(pred)] = (1.0, 1.0, 1.0)
+        axes[r, cols - 1].imshow(rgb, interpolation="nearest")
+        axes[r, cols - 1].set_title("predicted objects", fontsize=9)
+        for a in axes[r]:
+            a.set_axis_off()
     fig.tight_layout()
     return _save(fig, path, plt)
 

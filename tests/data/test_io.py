@@ -363,7 +363,7 @@ def test_load_folder_mixed_conventions_and_channels(tmp_path):
     with pytest.raises(DataError, match="s2.png: image has 3 channels"):
         load_folder(idir, mdir)
     idir, mdir, _ = make_folder(tmp_path / "c", n=2)
-    save(mdir / "s0_mask.png", (np.arange(80).reshape(8, 10) * 3).astype(np.uint8))
+    save(mdir / "s0_mask.png", (np.arange(80).reshape(8, 10) % 40 * 3).astype(np.uint8))
     with pytest.raises(DataError, match="max_classes"):
         load_folder(idir, mdir, max_classes=100)
 

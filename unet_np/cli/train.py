@@ -4,15 +4,17 @@ The training itself is the library's: ``Trainer.fit(dataset, ...)`` with the dat
 ``data.load_folder``. This module turns options into those calls, keeps what the user has (an
 existing model, a checkpoint being resumed), and reports.
 """
+import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import (BACKEND_CHOICES, CLIError, add_common, fmt, json_clean, load_model, plot,
-                     positive_float, positive_int, predict_labels, prepare_out_dir, print_metrics,
-                     resolve_backend, say, warn, write_metrics)
+from .common import (BACKEND_CHOICES, CLIError, add_common, fmt, instance_meta, json_clean,
+                     load_model, plot, positive_float, positive_int, predict_labels,
+                     predict_objects, prepare_out_dir, print_instances, print_metrics,
+                     resolve_backend, say, score_objects, warn, write_metrics)
 
 # What `unet-np train` uses where a flag is not given. With --resume the architecture is the
 # checkpoint's, and a training setting not given is the one the checkpoint's run used.
@@ -33,8 +35,9 @@ def add_parser(sub):
                                    "validation Dice), OUT/last.npz (resumable), OUT/metrics.json and "
                                    ".csv, learning_curves.png and overlay.png.")
     p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--masks", required=True, help="folder of masks (0/255, 0/1, labels 0..K-1, or "
-                                                  "indexed-colour PNG)")
+    p.add_argument("--masks", required=True, help="folder of masks (0/255, 0/1, labels 0..K-1, "
+                                                  "indexed-colour PNG, or with --instances "
+                                                  "instance label images)")
     p.add_argument("--out", required=True, help="output folder")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=30, help="total epochs (default 30)")
@@ -47,9 +50,11 @@ def add_parser(sub):
     g.add_argument("--augment", choices=("none", "basic", "elastic"), default=None,
                    help="basic: flips and quarter turns; elastic: also the paper's elastic "
                         "deformation (default basic)")
-    g.add_argument("--weight-map", action="store_true", default=None,
+    g.add_argument("--weight-map", action=argparse.BooleanOptionalAction, default=None,
                    help="weight the loss by the paper's weight map (borders between touching "
-                        "objects count more; objects are the masks' connected components)")
+                        "objects count more; objects are the masks' connected components, or "
+                        "with --instances the true instances). Default: on with --instances, "
+                        "else off")
     g.add_argument("--val-split", type=float, default=None, help="fraction held out (default 0.2)")
     g.add_argument("--seed", type=int, default=None, help="default 0")
     g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. OUT/last.npz) up to "
@@ -57,6 +62,15 @@ def add_parser(sub):
                                                     "optimizer, seed and validation split; other "
                                                     "settings not given are its run's")
     g.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model.npz")
+    i = p.add_argument_group("instances")
+    i.add_argument("--instances", action="store_true", default=None,
+                   help="the masks are instance label images (0 background, one id per object, "
+                        "ids up to 65535, 8/16-bit PNG or TIFF): learn 3 classes, background / "
+                        "interior / border, so that touching objects come out separate "
+                        "(predict and evaluate then give one label per object)")
+    i.add_argument("--border", type=positive_int, default=None,
+                   help="with --instances: width in pixels of the border band inside each object "
+                        "where it meets another object or the background (default 2)")
     a = p.add_argument_group("architecture")
     a.add_argument("--arch", choices=("unet", "unet++", "attention"), default=None, help="default unet")
     a.add_argument("--depth", type=positive_int, default=None, help="poolings (default 3)")
@@ -179,16 +193,18 @@ class Progress:
             self.bar.close()
 
 
-def run_training(args, ds, out, quiet=False, instances=None):
+def run_training(args, ds, out, quiet=False):
     """Train on a SegmentationDataset with the options in args; writes model.npz, last.npz,
-    metrics.json/.csv and the plots into out. Returns (model, final metrics, skipped plots, trainer);
-    on MPI ranks other than 0, (None, None, [], trainer)."""
+    metrics.json/.csv and the plots into out. A dataset of instance targets (ds.instances, from
+    load_folder(instances=True)) also gets the instance scores of the best model ("instance" in
+    the final metrics) and an overlay of the separated objects. Returns (model, final metrics,
+    skipped plots, trainer); on MPI ranks other than 0, (None, None, [], trainer)."""
     import unet_np
     from ..data import pipeline
     from ..metrics import score_images
     from ..nn.loss import CrossEntropyLoss
     from ..optim import SGD, Adam
-    from ..viz import learning_curves, overlay
+    from ..viz import instance_overlay, learning_curves, overlay
 
     args.backend = resolve_backend(args.backend, quiet)
     num_classes = ds.num_classes
@@ -214,7 +230,7 @@ def run_training(args, ds, out, quiet=False, instances=None):
     if not 0 <= args.val_split < 1:
         raise CLIError(f"--val-split must be in [0, 1), got {args.val_split}")
     if args.weight_map:
-        ds.compute_weights(instances=instances)
+        ds.compute_weights()            # a dataset of instance targets: from its true instances
     if not args.resume:
         unet_np.seed(args.seed)
         model = build_model(args, ds.in_channels, num_classes)
@@ -235,6 +251,8 @@ def run_training(args, ds, out, quiet=False, instances=None):
     trainer.run_meta = json_clean({"num_classes": num_classes,
                                    "train": {**{key: getattr(args, key) for key in TRAIN_DEFAULTS},
                                              "lr": lr}})
+    if ds.instances is not None:         # the model predicts instance targets: predict/evaluate know
+        trainer.run_meta["instances"] = {"border": int(ds.instance_border)}
     if args.resume:
         try:
             trainer.resume(args.resume)
@@ -256,6 +274,7 @@ def run_training(args, ds, out, quiet=False, instances=None):
     say(f"model: {type(model).__name__} {json.dumps(model.config())} ({n_params:,} parameters)", quiet)
     say(f"training on {len(tr)} image(s), validating on {len(va)}, crops of {crop[0]}x{crop[1]}, "
         f"{args.optimizer} lr {lr:g}, batch {args.batch_size}, {args.epochs} epochs"
+        + (f", instance targets (border {ds.instance_border} px)" if ds.instances is not None else "")
         + (", weight map" if args.weight_map else "") + f", augment {args.augment}", quiet)
     if trainer.epoch >= args.epochs:
         say(f"the checkpoint is already at epoch {trainer.epoch} >= --epochs {args.epochs}: "
@@ -281,9 +300,16 @@ def run_training(args, ds, out, quiet=False, instances=None):
     eval_idx = va if len(va) else tr
     eval_images = [ds.images[i] for i in eval_idx]
     eval_masks = [ds.masks[i] for i in eval_idx]
-    preds = predict_labels(best, eval_images)
+    if ds.instances is not None:
+        preds, objects = predict_objects(best, eval_images, True)
+    else:
+        preds = predict_labels(best, eval_images)
     final["evaluated_on"] = "validation" if len(va) else "training (no validation split)"
     final.update(score_images(preds, eval_masks, best.num_classes))
+    if ds.instances is not None:
+        true_objects = [ds.instances[i] for i in eval_idx]
+        final["dice_cells"] = cell_dice(preds, eval_masks)
+        final["instance"] = score_objects(true_objects, objects)
     write_metrics(out, trainer.history, final)
     if trainer.history:
         plot("learning curves", learning_curves, skipped, trainer.history, out / "learning_curves.png")
@@ -291,7 +317,18 @@ def run_training(args, ds, out, quiet=False, instances=None):
         else items[0][None]  # noqa: E731
     plot("overlay", overlay, skipped, first4(eval_images), first4(eval_masks), first4(preds),
          out / "overlay.png", num_classes=best.num_classes, names=[ds.names[i] for i in eval_idx[:4]])
+    if ds.instances is not None:
+        plot("instance overlay", instance_overlay, skipped, eval_images[:4], true_objects[:4],
+             objects[:4], out / "instances.png", names=[ds.names[i] for i in eval_idx[:4]])
     return best, final, skipped, trainer
+
+
+def cell_dice(preds, masks):
+    """Dice of the cell pixels (any class but background) over a set of images."""
+    inter = sum(int(np.count_nonzero((p > 0) & (m > 0))) for p, m in zip(preds, masks))
+    total = sum(int(np.count_nonzero(p > 0)) + int(np.count_nonzero(m > 0))
+                for p, m in zip(preds, masks))
+    return 2.0 * inter / total if total else 1.0
 
 
 def print_summary(final, out, skipped, quiet=False):
@@ -299,6 +336,9 @@ def print_summary(final, out, skipped, quiet=False):
     say(f"{final['evaluated_on']} set, {final['num_images']} image(s), best model "
         f"({final['epochs']} epochs, {final['train_seconds']:.0f} s of training):", quiet)
     print_metrics(final, quiet)
+    if final.get("instance"):
+        say(f"cell Dice (interior + border) {fmt(final['dice_cells'])}", quiet)
+        print_instances(final["instance"], quiet)
     written = sorted(p.name for p in Path(out).iterdir() if p.suffix in (".npz", ".json", ".csv", ".png"))
     say(f"wrote {out}/: {', '.join(written)}", quiet)
     if skipped:
@@ -306,11 +346,41 @@ def print_summary(final, out, skipped, quiet=False):
              f"or the [viz] extra)")
 
 
+def instance_settings(args):
+    """Settle --instances, --border and the weight map's default from the flags and, with --resume,
+    the checkpoint (a run trained with --instances goes on with them). Returns a note for the user,
+    or None."""
+    note = None
+    saved = instance_meta(load_model(args.resume)[1]) if args.resume else None
+    if args.resume and args.instances and saved is None:
+        raise CLIError(f"{args.resume}: its model was not trained with --instances (it predicts "
+                       f"classes); start a new run to learn instances")
+    if saved is not None:
+        was = saved.get("border")
+        if args.border is not None and was is not None and args.border != was:
+            raise CLIError(f"{args.resume}: a resumed run keeps the checkpoint's targets; drop "
+                           f"--border {args.border} (the checkpoint has {was})")
+        if not args.instances:
+            note = f"--instances: {args.resume} was trained with it"
+        args.instances = True
+        args.border = args.border if args.border is not None else (was or 2)
+    if args.border is not None and not args.instances:
+        raise CLIError("--border sets the border band of --instances; give both, or neither")
+    if args.instances:
+        args.border = 2 if args.border is None else args.border
+        if args.classes is not None and args.classes != 3:
+            raise CLIError(f"--instances learns 3 classes (background, interior, border); drop "
+                           f"--classes {args.classes}")
+        if args.weight_map is None and not args.resume:
+            args.weight_map = True       # the paper's weight map, from the true instances
+    return note
+
+
 def run(args):
     from ..data import check_dir, load_folder
     check_dir(args.images, "image")        # before the output folder is made: no empty one is left
     check_dir(args.masks, "mask")
-    out = prepare_out_dir(args.out)
+    out = Path(args.out)
     if (out / "model.npz").exists() and not args.overwrite:
         if not args.resume:
             raise CLIError(f"{out / 'model.npz'} exists: pass --overwrite to replace it, or --resume "
@@ -319,11 +389,19 @@ def run(args):
             raise CLIError(f"{out / 'model.npz'} exists and belongs to another run than "
                            f"{args.resume}: resume into the checkpoint's own folder, or pass "
                            f"--overwrite to replace it")
-    ds = load_folder(args.images, args.masks, normalize="image")
+    note = instance_settings(args)
+    # instance label images: read as ids (--instances), as classes (--classes), or refused when they
+    # look like instances and neither is given (load_folder's DataError names both flags)
+    ds = load_folder(args.images, args.masks, normalize="image",
+                     instances=True if args.instances else (False if args.classes else None),
+                     border=args.border or 2, max_classes=max(256, args.classes or 0))
+    out = prepare_out_dir(args.out)
     quiet = args.quiet
     if distributed_run(args):
         from ..distributed import is_root
         quiet = quiet or not is_root()
+    if note:
+        say(note, quiet)
     say(str(ds.diagnostics()), quiet)
     say("", quiet)
     _, final, skipped, _ = run_training(args, ds, out, quiet=quiet)

@@ -1,6 +1,7 @@
 """Segmentation data in memory: normalisation, the dataset, loading a folder, batches.
 
     ds = load_folder("train/images", "train/masks")      # -> SegmentationDataset
+    ds = load_folder("imgs", "labels", instances=True)    # instance label images -> 3 classes
     ds.images, ds.masks, ds.num_classes, ds.in_channels, ds.diagnostics()
     for x, y in batches(ds, 4, crop=(128, 128)): ...
 
@@ -11,7 +12,8 @@ from collections import Counter
 import numpy as np
 
 from .files import DataError, match_files, pair_problems
-from .io import read_image, read_mask_info
+from .instances import instance_mask_problem, instance_targets, instance_weight_map
+from .io import read_image, read_labels, read_mask_info
 from .pipeline import crop_sample
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +75,13 @@ class Diagnostics(dict):
             lines.append(f"unexpected mask values in {name}: {vals}")
         for name, msg in self.get("unreadable", []):
             lines.append(f"skipped {name}: {msg}")
+        inst = self.get("instances")
+        if inst:
+            lines.append(f"instance label images: {inst['objects']} objects, learnt as background "
+                         f"/ interior / border (border {inst['border']} px)")
+            if inst.get("from_components"):
+                lines.append(f"  {inst['from_components']} mask(s) with a single id: their objects "
+                             f"are its connected components")
         if self.get("mixed_conventions"):
             lines.append("mask conventions differ: " + ", ".join(
                 f"{c} ({n})" for c, n in self["mixed_conventions"].items()))
@@ -86,10 +95,14 @@ class SegmentationDataset:
     (H, W); names: the image file stems; num_classes; in_channels; mask_convention (how to write
     predictions back, see write_mask); palette (for 'palette' / 'rgb'); normalize, mean, std
     (what to apply to new images: normalize_image(x, ds.normalize, ds.mean, ds.std));
-    weights: None, or a list of float32 (H, W) loss weight maps (see compute_weights)."""
+    weights: None, or a list of float32 (H, W) loss weight maps (see compute_weights);
+    instances: None, or the instance label images (H, W) the masks were made from (then the masks
+    are instance_targets(instances, instance_border): 0 background, 1 interior, 2 border, and
+    mask_convention is 'instances'; see from_instances)."""
 
     def __init__(self, images, masks, names=None, num_classes=None, mask_convention="labels",
-                 palette=None, normalize=None, mean=None, std=None, weights=None, report=None):
+                 palette=None, normalize=None, mean=None, std=None, weights=None, report=None,
+                 instances=None, instance_border=None):
         self.images = [np.asarray(x, dtype=np.float32) for x in images]
         self.masks = [np.asarray(m).astype(np.int64) for m in masks]
         if len(self.images) != len(self.masks):
@@ -112,6 +125,12 @@ class SegmentationDataset:
         self.mean = mean
         self.std = std
         self.weights = None if weights is None else [np.asarray(w, np.float32) for w in weights]
+        self.instances = None if instances is None else [np.asarray(a) for a in instances]
+        self.instance_border = instance_border
+        if self.instances is not None:
+            if len(self.instances) != len(self.masks) or any(
+                    a.shape != m.shape for a, m in zip(self.instances, self.masks)):
+                raise ValueError("instances must be one (H, W) label image per mask, of its size")
         self._report = report or {}
 
     @classmethod
@@ -125,6 +144,26 @@ class SegmentationDataset:
         imgs, mean, std = _normalize_all(imgs, normalize)
         return cls(imgs, list(masks), normalize=normalize, mean=mean, std=std, **kw)
 
+    @classmethod
+    def from_instances(cls, images, labels, border=2, normalize="image", names=None, report=None):
+        """From images (N, C, H, W) (or a list) and instance label images (0 background, one id per
+        object, any ids up to 65535): the masks are the three-class targets
+        instance_targets(labels, border) (0 background, 1 interior, 2 border), the label images
+        are kept as .instances (the weight map and the instance metrics use them)."""
+        labs = [np.asarray(a) for a in labels]
+        if len(labs) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labs)} label images")
+        targets = [instance_targets(a, border) for a in labs]
+        imgs, mean, std = _normalize_all([np.asarray(x, dtype=np.float32) for x in images],
+                                         normalize)
+        keep = [a.astype(np.int32 if a.size == 0 or a.max() < 2 ** 31 else np.int64) for a in labs]
+        rep = dict(report or {})
+        rep.setdefault("instances", {"objects": sum(len(np.unique(a[a > 0])) for a in labs),
+                                     "border": int(border)})
+        return cls(imgs, targets, names=names, num_classes=3, mask_convention="instances",
+                   normalize=normalize, mean=mean, std=std, report=rep, instances=keep,
+                   instance_border=int(border))
+
     def __len__(self):
         return len(self.images)
 
@@ -136,8 +175,15 @@ class SegmentationDataset:
     def compute_weights(self, w0=10.0, sigma=5.0, class_balance=True, instances=None):
         """Fill `weights` with the U-Net paper's weight maps (weightmap.weight_map). The objects
         are `instances` (a list of (H, W) instance labels) when given, else the connected
-        components of each mask's foreground. Returns the list."""
+        components of each mask's foreground. A dataset of instance targets (from_instances,
+        load_folder(instances=True)) uses its own .instances: instance_weight_map, the border term
+        on background and border pixels. Returns the list."""
         from .weightmap import label_components, weight_map
+        if instances is None and self.instances is not None:
+            self.weights = [instance_weight_map(a, targets=m, w0=w0, sigma=sigma,
+                                                class_balance=class_balance)
+                            for a, m in zip(self.instances, self.masks)]
+            return self.weights
         out = []
         for i, m in enumerate(self.masks):
             inst = label_components(m) if instances is None else np.asarray(instances[i])
@@ -199,7 +245,7 @@ def _resolve_convention(conventions):
 
 
 def load_folder(images_dir, masks_dir, normalize="image", palette=None, strict=True,
-                max_classes=256):
+                max_classes=256, instances=None, border=2):
     """Load every image of images_dir with its mask from masks_dir (matched by find_pairs' rules).
 
     normalize: 'image' (per image and channel), 'dataset' (per channel over the whole set; the
@@ -208,7 +254,17 @@ def load_folder(images_dir, masks_dir, normalize="image", palette=None, strict=T
     strict: True raises one DataError listing every problem (each by file name); False skips the
         faulty pairs and lists them in diagnostics() (still raising if nothing usable is left).
     max_classes: a mask label >= this is an error (it is most likely an image given as a mask).
+    instances: what the mask values are.
+        None (default): class labels, unless the masks look like instance label images (one id
+            per object: instances.instance_mask_problem), which raises a DataError saying so;
+        False: class labels, whatever they look like;
+        True: instance label images (0 background, any ids up to 65535, read exactly by
+            read_labels): the dataset's masks are instance_targets(labels, border) (3 classes:
+            background / interior / border) and .instances keeps the label images. A mask with a
+            single id (a binary mask) gives its connected components as the objects.
     Raises DataError for a missing or empty folder."""
+    if instances not in (None, False, True):
+        raise ValueError(f"instances must be None, False or True, got {instances!r}")
     rep = match_files(images_dir, masks_dir)
     problems = pair_problems(rep, images_dir)
     if not rep.pairs and not rep.unmatched_images and not rep.ambiguous:
@@ -217,6 +273,7 @@ def load_folder(images_dir, masks_dir, normalize="image", palette=None, strict=T
               "unmatched_masks": [p.name for p in rep.unmatched_masks],
               "size_mismatches": [], "unexpected_values": [], "unreadable": []}
     images, masks, names, paths, conventions, file_pal = [], [], [], [], {}, None
+    too_many = []
     for ip, mp in rep.pairs:
         try:
             x = read_image(ip)
@@ -225,7 +282,10 @@ def load_folder(images_dir, masks_dir, normalize="image", palette=None, strict=T
             report["unreadable"].append((ip.name, str(e)))
             continue
         try:
-            m, conv, fp = read_mask_info(mp, palette)
+            if instances:
+                m, conv, fp = read_labels(mp), "instances", None
+            else:
+                m, conv, fp = read_mask_info(mp, palette)
         except DataError as e:
             problems.append(str(e))
             key = "unexpected_values" if "unexpected mask values" in str(e) else "unreadable"
@@ -237,11 +297,10 @@ def load_folder(images_dir, masks_dir, normalize="image", palette=None, strict=T
             problems.append(msg)
             report["size_mismatches"].append((ip.name, x.shape[1:], m.shape))
             continue
-        if int(m.max()) >= max_classes:
+        if not instances and int(m.max()) >= max_classes:
             msg = (f"{mp}: mask label {int(m.max())} >= max_classes={max_classes} (is this an "
                    f"image rather than a mask?)")
-            problems.append(msg)
-            report["unexpected_values"].append((mp.name, msg))
+            too_many.append((mp.name, m, msg))      # decided below: instance ids, or a problem
             continue
         if fp is not None and file_pal is None:
             file_pal = fp
@@ -265,6 +324,15 @@ def load_folder(images_dir, masks_dir, normalize="image", palette=None, strict=T
         images = [images[i] for i in keep]
         masks = [masks[i] for i in keep]
         names = [names[i] for i in keep]
+    if instances is None:
+        found = _instance_problem(masks + [m for _, m, _ in too_many])
+        if found:
+            err = DataError(f"{masks_dir}: {found}", masks_dir)
+            err.instance_problem = found        # the message alone, for a command to reword
+            raise err
+    for name, _, msg in too_many:
+        problems.append(msg)
+        report["unexpected_values"].append((name, msg))
     if strict and problems:
         first = rep.unmatched_images[0] if rep.unmatched_images else images_dir
         head = f"{len(problems)} problem(s) in {images_dir} / {masks_dir}:\n  "
@@ -287,10 +355,27 @@ def load_folder(images_dir, masks_dir, normalize="image", palette=None, strict=T
         num_classes = max(max((int(m.max()) for m in masks), default=0) + 1, len(pal), 2)
     elif convention == "palette":
         pal = file_pal
+    if instances:
+        from .weightmap import label_components
+        single = [i for i, m in enumerate(masks) if len(np.unique(m[m > 0])) == 1]
+        for i in single:
+            masks[i] = label_components(masks[i], connectivity=8)
+        report["instances"] = {"objects": sum(len(np.unique(m[m > 0])) for m in masks),
+                               "border": int(border), "from_components": len(single)}
+        return SegmentationDataset.from_instances(images, masks, border, normalize, names,
+                                                  report=report)
     images, mean, std = _normalize_all(images, normalize)
     return SegmentationDataset(images, masks, names=names, num_classes=num_classes,
                                mask_convention=convention, palette=pal, normalize=normalize,
                                mean=mean, std=std, report=report)
+
+
+def _instance_problem(masks, min_ids=5):
+    """instance_mask_problem's message for these masks, or None; masks that cannot be instance
+    label images (fewer than min_ids ids each: binary and few-class masks) are not looked at."""
+    if not any(len(np.unique(m)) > min_ids for m in masks):
+        return None
+    return instance_mask_problem(masks, min_ids=min_ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,14 @@ Masks
 
     An all-zero mask fits every convention ('empty'). A grayscale 8-bit mask that holds 255 and
     also values other than 0 and 255 (a 0/255 mask with stray grey levels, e.g. anti-aliased or
-    saved as JPEG) is refused: such values are almost never class labels. An RGB mask without a
-    palette is refused, unless it is grey (R = G = B).
+    saved as JPEG) is refused: such values are almost never class labels. A 16-bit mask is a
+    label image: 65535 beside other values is kept as an id (an instance label image's ids go up
+    to 65535), unless 65535 covers most of the foreground (a 0/65535 mask with stray values,
+    refused as in 8 bits). An RGB mask without a palette is refused, unless it is grey (R = G = B).
+
+Instance label images
+    `read_labels(path)` -> int64 (H, W) ids exactly as stored (no convention: 255 and 65535 are
+    ids); `write_labels(path, labels)` writes 16-bit .tif (tifffile) or .png (Pillow), whole.
 
 Every problem with a file raises `DataError` (a ValueError) whose message begins with the file's
 path. `load_folder` collects every problem of a folder before raising, so one run lists them all.
@@ -41,7 +47,8 @@ from .files import DataError, IMAGE_EXTENSIONS, MASK_SUFFIXES  # noqa: F401 (re-
 
 __all__ = [
     "DataError", "IMAGE_EXTENSIONS", "MASK_SUFFIXES", "CONVENTIONS", "TIFF_EXTENSIONS",
-    "read_image", "read_mask", "read_mask_info", "write_image", "write_mask", "whole_file",
+    "read_image", "read_mask", "read_mask_info", "read_labels", "write_image", "write_mask",
+    "write_labels", "whole_file",
     "default_palette",
 ]
 
@@ -218,6 +225,11 @@ def _gray_convention(path, g, bits):
         return g.astype(np.int64), "binary01"
     if np.all(np.isin(vals, (0, top))):
         return (g == top).astype(np.int64), "binary255"
+    if top in vals and bits >= 16 and 2 * np.count_nonzero(g == top) < np.count_nonzero(g):
+        # 16-bit files are label images (instance ids up to 65535): the top value is one id
+        # among others. Only when it covers most of the foreground is it a 0/65535 binary mask
+        # with stray grey levels (refused below).
+        return g.astype(np.int64), "labels"
     if top in vals:
         odd = [int(v) for v in vals if v not in (0, top)]
         shown = ", ".join(map(str, odd[:8])) + (" ..." if len(odd) > 8 else "")
@@ -279,6 +291,40 @@ def read_mask_info(path, palette=None):
         bits = 32
     labels, conv = _gray_convention(path, arr, bits)
     return labels, conv, None
+
+
+def read_labels(path):
+    """One instance label image -> int64 (H, W) ids exactly as stored: 0 background, any other
+    value one object (8-, 16- or 32-bit grayscale PNG / TIFF, or the indices of an indexed-colour
+    PNG). No convention is inferred: 255 or 65535 is an id like any other. A colour, multi-channel
+    or non-integer file is a DataError naming it."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_EXTENSIONS:
+        arr = _read_tiff(path)
+        if arr.shape[0] != 1:
+            raise _fail(path, f"an instance label image must have one channel, this TIFF has "
+                              f"{arr.shape[0]}")
+        arr, mode = arr[0], "L"
+    else:
+        arr, mode, _ = _open_pil(path)
+    if mode in ("RGB", "RGBA", "RGBX") and arr.ndim == 3 and _is_gray(np.moveaxis(arr[..., :3],
+                                                                                   -1, 0)):
+        arr = arr[..., 0]
+    elif mode in ("LA", "La"):
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise _fail(path, f"an instance label image must be one grayscale channel of integer ids, "
+                          f"got a {mode} image of shape {arr.shape}")
+    if arr.size == 0:
+        raise _fail(path, f"zero-size mask (shape {arr.shape})")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise _fail(path, "instance label image has non-integer values")
+    elif arr.dtype.kind not in "iub":
+        raise _fail(path, f"unsupported pixel type {arr.dtype} for a label image")
+    if arr.min() < 0:
+        raise _fail(path, f"instance label image has negative values (min {int(arr.min())})")
+    return arr.astype(np.int64)
 
 
 def _is_gray(chw):
@@ -365,6 +411,33 @@ def write_mask(path, labels, convention="binary255", palette=None):
     else:
         raise ValueError(f"unknown mask convention {convention!r}; one of {CONVENTIONS}")
     _save_whole(Image, im, path)
+    return path
+
+
+def write_labels(path, labels):
+    """Write an instance label image (H, W), ids 0..65535, as a 16-bit file that keeps every id:
+    .tif / .tiff through tifffile, .png through Pillow (16-bit grayscale). Written whole or not at
+    all (whole_file). Returns the path."""
+    path = Path(path)
+    lab = _check_labels(labels)
+    if int(lab.max()) > 65535:
+        raise ValueError(f"{path}: ids above 65535 do not fit a 16-bit label image "
+                         f"(got {int(lab.max())})")
+    u16 = lab.astype(np.uint16)
+    ext = path.suffix.lower()
+    if ext in TIFF_EXTENSIONS:
+        try:
+            import tifffile
+        except ImportError:
+            raise ValueError(f"{path}: writing TIFF files needs tifffile: pip install tifffile "
+                             f"(or write 16-bit PNG)") from None
+        with whole_file(path) as f:
+            tifffile.imwrite(f, u16)
+    elif ext == ".png":
+        Image = _pil(path)
+        _save_whole(Image, Image.fromarray(u16), path)
+    else:
+        raise ValueError(f"{path}: label images are written as .tif, .tiff or .png")
     return path
 
 
