@@ -112,6 +112,7 @@ def compare(peer, ours, shape, train, num_classes, outputs=None, seed=1):
     {'logits', 'loss', 'grads'} and checks the peer loads our torch_state_dict strictly."""
     peer.train(train)
     ours.train(train)
+    peer.zero_grad(set_to_none=True)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)
     target = rng.integers(0, num_classes, (shape[0],) + shape[2:])
