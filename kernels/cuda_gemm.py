@@ -17,7 +17,17 @@ tests/backends/numba_cuda_check.py:
                  partials (then alpha, bias, ReLU). Without it such a GEMM ran on 9 blocks of the
                  H100's 132 multiprocessors.
 
-Operand layouts. Convolutions keep activations in NCHW, while the GEMMs see them as matrices with
+  gemm_batched   the fast one (layout-specialised, batched, register-blocked, double-buffered):
+                 C[b] = op(A[b]) @ op(B[b]) for b < batch in ONE launch (Winograd's 36 position
+                 GEMMs; a 1x1 convolution's images, with A's batch stride 0). One kernel is compiled
+                 per (dtype, tiles, trans_a, trans_b): the operand layout is fixed at compile time, so
+                 the loads are plain ``row * ld + col`` with no branch and no division. Each thread
+                 owns TM x TN outputs (8x8 on a GPU) in registers; the K loop runs over shared-memory
+                 tiles, double-buffered: the next tile is read from global memory into registers
+                 while the current one is multiplied, then stored into the other buffer (one barrier
+                 per K-step). Split-K over gridDim.z for the weight gradient's long K.
+
+Operand layouts (kernels 1 and 2). Convolutions keep activations in NCHW, while the GEMMs see them as matrices with
 the batch folded into the columns, (C, N*H*W). Instead of copying into that layout, every operand is
 read (and C written) through a *layout* tuple
 
@@ -300,4 +310,252 @@ def gemm(A, B, C, M, N, K, la, lb, lc, bias=None, relu=False, alpha=1.0, config=
     kern[(grid, S), block](A, B, part, M, N, K, la, lb, dense(N), part, False, False, 1.0, kchunk)
     blocks, threads = grid_1d(M * N)
     sum_splits_kernel[blocks, threads](part, C, M, N, S, lc, b, has_bias, bool(relu), float(alpha))
+    return C
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Batched, layout-specialised, register-blocked, double-buffered GEMM.
+#
+#    C[b] (M, N, row stride ldc) = op(A[b]) @ op(B[b])  [+ bias[m]] [ReLU],  b < batch, where
+#        A[b] starts at b * sa:  op(A)(m, k) = A[m*lda + k]      (trans_a: A[k*lda + m])
+#        B[b] starts at b * sb:  op(B)(k, n) = B[k*ldb + n]      (trans_b: B[n*ldb + k])
+#    grid (x, y, z): a block-stride loop over the ceil(M/BM) x ceil(N/BN) tiles in x, over the batch
+#    in y, and the z-th slice of K (split-K) in z; block: (BM/TM) x (BN/TN) threads, thread
+#    t = ty*RX + tx owning C[m0 + ty + i*RY, n0 + tx + j*RX] (i < TM, j < TN), strided so that
+#    neighbouring threads read neighbouring shared words and store neighbouring columns.
+#    Shared tiles are stored k-major, As[buf, kk, m] and Bs[buf, kk, n], so the TM (TN) values a
+#    thread needs at step kk are one row of each. Per K-step of BK:
+#        registers <- global tile k0 + BK (the next one), while
+#        acc += As[cur] x Bs[cur]   (BK x TM x TN FMAs, the loops unrolled: constant trip counts)
+#        As[1 - cur], Bs[1 - cur] <- registers;  barrier
+#    Split-K (gridDim.z = S > 1): slice z sums k in [z*kchunk, min(K, (z+1)*kchunk)) into the dense
+#    partial part[(z*batch + b)*M*N + m*N + n] (no bias, no ReLU); sum_splits_batched_kernel adds them.
+#    Numba-CUDA has no vector types (float4), so the loads are scalar; along the contiguous axis the
+#    threads of a warp read consecutive words (coalesced).
+# ---------------------------------------------------------------------------------------------------
+_batched_cache = {}
+
+
+def gemm_batched_kernel(dtype, BM, BN, BK, TM, TN, trans_a, trans_b):
+    key = (str(dtype), BM, BN, BK, TM, TN, bool(trans_a), bool(trans_b))
+    if key in _batched_cache:
+        return _batched_cache[key]
+    assert BM % TM == 0 and BN % TN == 0
+    RY, RX = BM // TM, BN // TN
+    NT = RY * RX
+    assert (BM * BK) % NT == 0 and (BN * BK) % NT == 0, "each thread loads whole tiles' shares"
+    LA, LB = BM * BK // NT, BN * BK // NT      # elements of A (B) each thread loads per K-step
+    TA, TB = bool(trans_a), bool(trans_b)
+    nt = _numba_type(dtype)
+
+    @cuda.jit(device=True, inline=True)
+    def load_a(A, a0, lda, M, m0, k0, k_end, t, ra):
+        # ra[q] <- op(A)(m0 + r, k0 + c) for this thread's q-th element; (r, c) along the contiguous axis
+        for q in range(LA):
+            e = t + q * NT
+            if TA:                                  # stored (K, M): m contiguous
+                r = e % BM
+                c = e // BM
+                m = m0 + r
+                k = k0 + c
+                ra[q] = A[a0 + k * lda + m] if (m < M and k < k_end) else nt(0)
+            else:                                   # stored (M, K): k contiguous
+                r = e // BK
+                c = e % BK
+                m = m0 + r
+                k = k0 + c
+                ra[q] = A[a0 + m * lda + k] if (m < M and k < k_end) else nt(0)
+
+    @cuda.jit(device=True, inline=True)
+    def store_a(As, buf, t, ra):
+        for q in range(LA):
+            e = t + q * NT
+            if TA:
+                As[buf, e // BM, e % BM] = ra[q]
+            else:
+                As[buf, e % BK, e // BK] = ra[q]
+
+    @cuda.jit(device=True, inline=True)
+    def load_b(B, b0, ldb, N, n0, k0, k_end, t, rb):
+        for q in range(LB):
+            e = t + q * NT
+            if TB:                                  # stored (N, K): k contiguous
+                r = e % BK
+                c = e // BK
+                k = k0 + r
+                n = n0 + c
+                rb[q] = B[b0 + n * ldb + k] if (n < N and k < k_end) else nt(0)
+            else:                                   # stored (K, N): n contiguous
+                r = e // BN
+                c = e % BN
+                k = k0 + r
+                n = n0 + c
+                rb[q] = B[b0 + k * ldb + n] if (n < N and k < k_end) else nt(0)
+
+    @cuda.jit(device=True, inline=True)
+    def store_b(Bs, buf, t, rb):
+        for q in range(LB):
+            e = t + q * NT
+            if TB:
+                Bs[buf, e % BK, e // BK] = rb[q]
+            else:
+                Bs[buf, e // BN, e % BN] = rb[q]
+
+    @cuda.jit
+    def kernel(A, B, C, M, N, K, batch, lda, ldb, ldc, sa, sb, sc, bias, has_bias, relu, kchunk):
+        As = cuda.shared.array((2, BK, BM), dtype=nt)
+        Bs = cuda.shared.array((2, BK, BN), dtype=nt)
+        acc = cuda.local.array((TM, TN), dtype=nt)
+        a_reg = cuda.local.array(TM, dtype=nt)
+        b_reg = cuda.local.array(TN, dtype=nt)
+        ra = cuda.local.array(LA, dtype=nt)
+        rb = cuda.local.array(LB, dtype=nt)
+        t = cuda.threadIdx.x
+        ty = t // RX
+        tx = t % RX
+        tiles_n = (N + BN - 1) // BN
+        tiles = ((M + BM - 1) // BM) * tiles_n
+        z = cuda.blockIdx.z
+        k_begin = z * kchunk
+        k_end = min(K, k_begin + kchunk)
+        nk = (k_end - k_begin + BK - 1) // BK      # K-steps of this slice
+        for b in range(cuda.blockIdx.y, batch, cuda.gridDim.y):
+            a0 = b * sa
+            b0 = b * sb
+            for tile_id in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
+                m0 = (tile_id // tiles_n) * BM
+                n0 = (tile_id % tiles_n) * BN
+                for i in range(TM):
+                    for j in range(TN):
+                        acc[i, j] = nt(0)
+                if nk > 0:
+                    load_a(A, a0, lda, M, m0, k_begin, k_end, t, ra)
+                    load_b(B, b0, ldb, N, n0, k_begin, k_end, t, rb)
+                    store_a(As, 0, t, ra)
+                    store_b(Bs, 0, t, rb)
+                cuda.syncthreads()
+                for kt in range(nk):
+                    cur = kt % 2
+                    if kt + 1 < nk:                  # prefetch the next tile into registers
+                        k_next = k_begin + (kt + 1) * BK
+                        load_a(A, a0, lda, M, m0, k_next, k_end, t, ra)
+                        load_b(B, b0, ldb, N, n0, k_next, k_end, t, rb)
+                    for kk in range(BK):
+                        for i in range(TM):
+                            a_reg[i] = As[cur, kk, ty + i * RY]
+                        for j in range(TN):
+                            b_reg[j] = Bs[cur, kk, tx + j * RX]
+                        for i in range(TM):
+                            for j in range(TN):
+                                acc[i, j] += a_reg[i] * b_reg[j]
+                    if kt + 1 < nk:                  # the other buffer: nobody reads it this step
+                        store_a(As, 1 - cur, t, ra)
+                        store_b(Bs, 1 - cur, t, rb)
+                    cuda.syncthreads()
+                if cuda.gridDim.z > 1:               # split-K: a dense partial of its own
+                    p0 = (z * batch + b) * M * N
+                    for i in range(TM):
+                        m = m0 + ty + i * RY
+                        if m < M:
+                            for j in range(TN):
+                                n = n0 + tx + j * RX
+                                if n < N:
+                                    C[p0 + m * N + n] = acc[i, j]
+                else:
+                    c0 = b * sc
+                    for i in range(TM):              # epilogue: bias, ReLU, store
+                        m = m0 + ty + i * RY
+                        if m < M:
+                            for j in range(TN):
+                                n = n0 + tx + j * RX
+                                if n < N:
+                                    v = acc[i, j]
+                                    if has_bias:
+                                        v += bias[m]
+                                    if relu and v < 0:
+                                        v = nt(0)
+                                    C[c0 + m * ldc + n] = v
+
+    _batched_cache[key] = kernel
+    return kernel
+
+
+@cuda.jit
+def sum_splits_batched_kernel(part, C, M, N, batch, S, ldc, sc, bias, has_bias, relu):
+    """C[b, m, n] (row stride ldc, batch stride sc) = sum_s part[s, b, m, n] [+ bias[m]] [ReLU]."""
+    MN = M * N
+    total = batch * MN
+    for e in range(cuda.grid(1), total, cuda.gridsize(1)):
+        v = part[e]
+        for s in range(1, S):
+            v += part[s * total + e]
+        b = e // MN
+        r = e - b * MN
+        m = r // N
+        n = r - m * N
+        if has_bias:
+            v += bias[m]
+        if relu and v < 0:
+            v = 0.0
+        C[b * sc + m * ldc + n] = v
+
+
+# Tiles of the batched kernel. On a GPU: 128x128 blocks of 16x16 threads with 8x8 outputs each when
+# M >= 128, else 64x64 blocks of 8x8 threads with 8x8 outputs (the Winograd GEMMs of a 64-channel
+# layer have M = 64). BK = 8. To be timed on the device (benchmarks/gpu.py gemm section). Under the
+# simulator: 8x8 tiles, 2x2 outputs, BK 4, and a grid of one block (the loops cover every tile and
+# batch), so tests finish in seconds.
+BATCHED_GPU_CONFIGS = (dict(BM=128, BN=128, BK=8, TM=8, TN=8), dict(BM=64, BN=64, BK=8, TM=8, TN=8))
+BATCHED_SIM_CONFIG = dict(BM=8, BN=8, BK=4, TM=2, TN=2, max_blocks=1, max_batch_blocks=1,
+                          split_blocks=1, split_min_k=4)
+BATCHED_GPU_LIMITS = dict(max_blocks=65535, max_batch_blocks=65535, split_blocks=264, split_min_k=512)
+
+
+def batched_config(M):
+    """The tile configuration of gemm_batched for M rows (GPU or simulator)."""
+    from numba import config as _cfg
+    if _cfg.ENABLE_CUDASIM:
+        return BATCHED_SIM_CONFIG
+    big, small = BATCHED_GPU_CONFIGS
+    return dict(big if M >= 128 else small, **BATCHED_GPU_LIMITS)
+
+
+def gemm_batched(A, B, C, M, N, K, batch=1, trans_a=False, trans_b=False, lda=None, ldb=None, ldc=None,
+                 sa=None, sb=None, sc=None, bias=None, relu=False, config=None):
+    """C[b] = op(A[b]) @ op(B[b]) [+ bias[m]] [ReLU] for b < batch, in one launch (two with split-K).
+
+    A, B, C: flat device arrays of one float dtype. op(A[b]) is M x K: A[b*sa + m*lda + k], or with
+    trans_a A[b*sa + k*lda + m]; op(B[b]) is K x N: B[b*sb + k*ldb + n], or with trans_b
+    B[b*sb + n*ldb + k]; C[b*sc + m*ldc + n]. Defaults: packed matrices (lda = K or M, ldb = N or K,
+    ldc = N, sa = M*K, sb = K*N, sc = M*N); sa = 0 shares one A among the batch (a 1x1 convolution's
+    weight). bias: (M,) or None. config: batched_config(M) unless given (tests pass their own).
+    """
+    if M == 0 or N == 0 or batch == 0:
+        return C
+    config = config or batched_config(M)
+    lda = (M if trans_a else K) if lda is None else lda
+    ldb = (K if trans_b else N) if ldb is None else ldb
+    ldc = N if ldc is None else ldc
+    sa = M * K if sa is None else sa
+    sb = K * N if sb is None else sb
+    sc = M * N if sc is None else sc
+    BM, BN, BK, TM, TN = (config[k] for k in ("BM", "BN", "BK", "TM", "TN"))
+    kern = gemm_batched_kernel(C.dtype, BM, BN, BK, TM, TN, trans_a, trans_b)
+    has_bias = bias is not None
+    bb = bias if has_bias else C
+    tiles = math.ceil(M / BM) * math.ceil(N / BN)
+    block = (BM // TM) * (BN // TN)
+    gx, gy = min(tiles, config["max_blocks"]), min(batch, config["max_batch_blocks"])
+    S = k_splits(tiles * batch, K, config)
+    if S == 1:
+        kern[(gx, gy, 1), block](A, B, C, M, N, K, batch, lda, ldb, ldc, sa, sb, sc, bb, has_bias,
+                                 bool(relu), max(K, 1))
+        return C
+    kchunk = math.ceil(math.ceil(K / S) / BK) * BK             # whole K-steps per slice
+    S = math.ceil(K / kchunk)
+    part = _partials(S * batch * M * N, C.dtype)
+    kern[(gx, gy, S), block](A, B, part, M, N, K, batch, lda, ldb, N, sa, sb, M * N, part, False, False,
+                             kchunk)
+    blocks, threads = grid_1d(batch * M * N)
+    sum_splits_batched_kernel[blocks, threads](part, C, M, N, batch, S, ldc, sc, bb, has_bias, bool(relu))
     return C

@@ -10,7 +10,7 @@ filter transforms in NumPy).
 
     U (36, O, C) = G g G^T          wino_filter_kernel         (flip: (36, C, O) of the flipped kernel)
     V (36, C, P) = B^T d B          wino_input_kernel          P = N * TH * TW tiles of 4x4 outputs
-    M (36, O, P) = U @ V            36 GEMMs (cuda_gemm.gemm, one per position)
+    M (36, O, P) = U @ V            36 GEMMs in one launch (cuda_gemm.gemm_batched, batch 36)
     y = A^T M A (+ bias, ReLU)      wino_output_kernel
     Z (36, O, P) = A dY A^T         wino_output_grad_kernel    weight gradient: dU = Z @ V^T,
     dw = G^T dU G                   wino_filter_grad_kernel    dw from dU
@@ -236,12 +236,9 @@ def _launch(kernel, n, *args):
 
 def _position_gemms(A, B, out, M, N, K, trans_b=False):
     """out[p] = A[p] @ op(B[p]) for the 36 positions: A (36, M, K), B (36, K, N) or, with trans_b,
-    (36, N, K) read transposed; all flat device arrays. One blocked GEMM per position (cuda_gemm)."""
-    for p in range(36):
-        cuda_gemm.gemm(A[p * M * K:(p + 1) * M * K], B[p * K * N:(p + 1) * K * N], out[p * M * N:(p + 1) * M * N],
-                       M, N, K, cuda_gemm.dense(K), cuda_gemm.dense(K if trans_b else N, trans=trans_b),
-                       cuda_gemm.dense(N))
-    return out
+    (36, N, K) read transposed; all flat device arrays. ONE launch of cuda_gemm.gemm_batched (batch
+    36); the plain form is 36 calls of cuda_gemm.gemm on the slices [p*M*K:(p+1)*M*K], ..."""
+    return cuda_gemm.gemm_batched(A, B, out, M, N, K, batch=36, trans_b=trans_b)
 
 
 def filter_transform(dev, w_d, flip=False):

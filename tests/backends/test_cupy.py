@@ -159,6 +159,16 @@ def test_table_covers_the_reference(xb):
     for name in cb.REPLACED:
         assert name in REF, f"{name} is not a reference primitive"
         assert ops[name] == getattr(xb.k, name)
+    # What stays the reference's: BCE and Dice (written on the input's array module, by design) and,
+    # for now, the 3-D family (no CUDA kernels yet). Listed by name: a new 2-D primitive left to the
+    # reference fails here.
+    kept = {f"{op}_{way}" for op in ("bce_with_logits", "softmax_dice", "sigmoid_dice")
+            for way in ("forward", "backward")}
+    known_3d = {f"{op}_{way}" for op in ("conv3d", "conv_transpose3d", "maxpool3d", "pad3d",
+                                          "upsample_nearest3d", "upsample_trilinear3d")
+                for way in ("forward", "backward")}
+    assert sorted(set(REF) - set(cb.REPLACED) - kept - known_3d) == []
+    assert known_3d <= set(REF)
 
 
 def test_importing_unet_np_does_not_import_cupy():

@@ -55,7 +55,9 @@ REPLACED = (
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
 )
 
-
+# Fused primitives beyond the reference table, asked for by layers that can use them (``fused`` on
+# the Backend): 'conv2d_relu' is conv2d_forward(..., activation='relu'), whose backward masks dy.
+FUSED = frozenset({"conv2d_relu"})
 
 # ---------------------------------------------------------------------------------------------------
 # Kernel sources
@@ -587,11 +589,13 @@ def cupy_tf32_scope(enabled):
 
 
 def backend_from(name, xp, k):
-    """The Backend over CudaKernels ``k``: its table of primitives, ``kernels`` (k itself) and the
-    fused optimizer updates that unet_np.optim uses (k.sgd_step, k.adam_step)."""
+    """The Backend over CudaKernels ``k``: its table of primitives, ``kernels`` (k itself), the
+    fused optimizer updates that unet_np.optim uses (k.sgd_step, k.adam_step) and ``fused``, the
+    fused primitives beyond the table (FUSED)."""
     backend = Backend(name, xp, k.table())
     backend.kernels = k
     backend.sgd_step, backend.adam_step = k.sgd_step, k.adam_step
+    backend.fused = FUSED
     return backend
 
 

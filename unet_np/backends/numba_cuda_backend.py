@@ -1,5 +1,6 @@
 """The ``numba-cuda`` backend: every primitive the models use runs as a hand-written numba.cuda.jit
-kernel from unet_np.kernels.cuda_* (GEMM included: cuda_gemm's shared-memory tiled kernels).
+kernel from unet_np.kernels.cuda_* (GEMM included: cuda_gemm's shared-memory tiled kernels). The
+convolutions are unet_np/backends/numba_cuda_conv.py's (ConvOps).
 
 Array module (``backend.xp``):
   * CuPy, when it imports and a GPU is present: the arrays live on the GPU and go to the kernels
@@ -25,7 +26,8 @@ for the parameters of a numba-cuda model. Caches are private to this backend.
 import numpy as np
 
 from . import Backend
-from ..nn.shapes import padding_pairs, pair, scale_pair
+from ..nn.shapes import pair, scale_pair
+from .numba_cuda_conv import ConvOps, flat
 
 # -- device arrays ---------------------------------------------------------------------------------
 
@@ -64,10 +66,6 @@ class _Device:
         return d.copy_to_host()
 
 
-def _flat(d):
-    return d.reshape(-1)
-
-
 def make_backend():
     import numba
     from numba import cuda
@@ -85,8 +83,8 @@ def make_backend():
             cupy = None
     xp = cupy if cupy is not None else np
 
-    from ..kernels import (cuda_conv, cuda_elementwise as ew, cuda_gemm, cuda_launch, cuda_loss,
-                           cuda_norm, cuda_optim, cuda_pool, cuda_reduce, cuda_winograd as wino)
+    from ..kernels import (cuda_elementwise as ew, cuda_launch, cuda_loss, cuda_norm, cuda_optim,
+                           cuda_pool, cuda_reduce)
     from .numpy_backend import reference_ops
 
     dev = _Device(cuda, cupy)
@@ -104,154 +102,14 @@ def make_backend():
         out = dev.empty((C,), dtype or a.dtype)
         T = cuda_launch.reduce_threads()
         kern = cuda_reduce.channel_reduce_kernel(T)
-        fa = _flat(a)
+        fa = flat(a)
         blocks = C if not cuda_launch.simulated() else 1
-        kern[blocks, T](fa, _flat(b) if b is not None else fa, shift if shift is not None else out,
+        kern[blocks, T](fa, flat(b) if b is not None else fa, shift if shift is not None else out,
                         N, C, plane, mode, out)
         return out
 
-    # -- convolution -------------------------------------------------------------------------------
-    lay = cuda_gemm
-
-    def gemm(A, B, C, M, N, K, la, lb, lc, bias=None):
-        cuda_gemm.gemm(_flat(A), _flat(B), _flat(C), M, N, K, la, lb, lc, bias=bias)
-        return C
-
-    def im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation):
-        cols = dev.empty((C * kh * kw, N * Ho * Wo), x_d.dtype)
-        g = (N, C, H, W, kh, kw, Ho, Wo, stride[0], stride[1], lead[0], lead[1], dilation[0],
-             dilation[1])
-        launch(cuda_conv.im2col_kernel, cols.size, _flat(x_d), _flat(cols), g)
-        return cols
-
-    def col2im(dcols, shape, kh, kw, Ho, Wo, stride, lead, dilation, bias=None):
-        N, C, H, W = shape
-        out = dev.empty(shape, dcols.dtype)
-        g = (N, C, H, W, kh, kw, Ho, Wo, stride[0], stride[1], lead[0], lead[1], dilation[0],
-             dilation[1])
-        launch(cuda_conv.col2im_kernel, N * C * H * W, _flat(dcols), _flat(out), g,
-               bias if bias is not None else _flat(out), bias is not None)
-        return out
-
-    def pointwise(kh, kw, stride, pads):
-        return (kh, kw) == (1, 1) and stride == (1, 1) and pads == ((0, 0), (0, 0))
-
-    def conv2d_forward(x, w, b, stride=1, padding=0, dilation=1):
-        stride, dilation, pads = pair(stride), pair(dilation), padding_pairs(padding)
-        N, C, H, W = x.shape
-        O, C2, kh, kw = w.shape
-        if C2 != C:
-            raise ValueError(f"conv2d_forward: weight expects {C2} input channels, got {C}")
-        Ho = (H + sum(pads[0]) - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        Wo = (W + sum(pads[1]) - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        if Ho < 1 or Wo < 1:
-            raise ValueError(f"conv2d_forward: kernel {kh}x{kw} (dilation {dilation}) is larger than "
-                             f"the padded input {H + sum(pads[0])}x{W + sum(pads[1])}")
-        x_d, w_d = dev.put(x), dev.put(w, dtype=x.dtype)
-        b_d = dev.put(b, dtype=x.dtype) if b is not None else None
-        lead = (pads[0][0], pads[1][0])
-        K = C * kh * kw
-        y = dev.empty((N, O, Ho, Wo), x_d.dtype)
-        pw = pointwise(kh, kw, stride, pads)
-        if wino.use_winograd(settings["winograd"], kh, kw, stride, dilation, C, O):
-            y = wino.conv(dev, x_d, wino.filter_transform(dev, w_d), O, b_d, Ho, Wo, lead)
-            return dev.get(y), (x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, b is not None,
-                                "winograd")
-        if pw:                                              # no column buffer: x is B as it is
-            gemm(w_d, x_d, y, O, N * H * W, C, lay.dense(C), lay.nchw(C, H * W), lay.nchw(O, H * W), b_d)
-        else:
-            cols = im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation)
-            gemm(w_d, cols, y, O, N * Ho * Wo, K, lay.dense(K), lay.dense(N * Ho * Wo),
-                 lay.nchw(O, Ho * Wo), b_d)
-            del cols                                        # the backward rebuilds it (see below)
-        cache = (x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, b is not None, pw)
-        return dev.get(y), cache
-
-    def conv2d_backward(dy, cache, input_grad=True):
-        """dy -> (dx, dw, db); input_grad=False skips dx (None): neither its GEMM nor col2im runs."""
-        x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, has_bias, pw = cache
-        O, _, kh, kw = w_d.shape
-        K, P = C * kh * kw, N * Ho * Wo
-        dy_d = dev.put(dy, dtype=w_d.dtype)
-        db = dev.get(channel_reduce(dy_d, N, O, Ho * Wo)) if has_bias else None
-        dw = dev.empty((O, C, kh, kw), w_d.dtype)
-        if pw == "winograd":                               # 3x3 stride 1: kernels/cuda_winograd.py
-            dw = wino.weight_grad(dev, x_d, dy_d, lead)
-            if not input_grad:
-                return None, dev.get(dw), db
-            # dx: the forward of dy with w flipped and transposed, leading padding 2 - p
-            dx = wino.conv(dev, dy_d, wino.filter_transform(dev, w_d, flip=True), C, None, H, W,
-                           (2 - lead[0], 2 - lead[1]))
-            return dev.get(dx), dev.get(dw), db
-        if pw:                                             # 1x1: dW = dY X^T, dX = W^T dY
-            gemm(dy_d, x_d, dw, O, C, P, lay.nchw(O, Ho * Wo), lay.nchw(C, H * W, trans=True),
-                 lay.dense(C))
-            if not input_grad:
-                return None, dev.get(dw), db
-            dx = dev.empty((N, C, H, W), w_d.dtype)
-            gemm(w_d, dy_d, dx, C, P, O, lay.dense(C, trans=True), lay.nchw(O, Ho * Wo),
-                 lay.nchw(C, H * W))
-            return dev.get(dx), dev.get(dw), db
-        # The forward kept its input, not its column buffer (one per layer would hold 15 GiB at batch
-        # 16, 256x256): one im2col pass rebuilds it, and a step holds one column buffer at a time.
-        cols = im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation)
-        gemm(dy_d, cols, dw, O, K, P, lay.nchw(O, Ho * Wo), lay.dense(P, trans=True), lay.dense(K))
-        del cols
-        if not input_grad:
-            return None, dev.get(dw), db
-        dcols = dev.empty((K, P), w_d.dtype)
-        gemm(w_d, dy_d, dcols, K, P, O, lay.dense(K, trans=True), lay.nchw(O, Ho * Wo), lay.dense(P))
-        dx = col2im(dcols, (N, C, H, W), kh, kw, Ho, Wo, stride, lead, dilation)
-        return dev.get(dx), dev.get(dw), db
-
-    def conv_transpose2d_forward(x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
-        stride, dilation, pads = pair(stride), pair(dilation), padding_pairs(padding)
-        op = pair(output_padding)
-        N, Cin, H, W = x.shape
-        Cin2, Cout, kh, kw = w.shape
-        if Cin2 != Cin:
-            raise ValueError(f"conv_transpose2d_forward: weight expects {Cin2} input channels, got {Cin}")
-        Hy = (H - 1) * stride[0] - sum(pads[0]) + dilation[0] * (kh - 1) + op[0] + 1
-        Wy = (W - 1) * stride[1] - sum(pads[1]) + dilation[1] * (kw - 1) + op[1] + 1
-        if Hy < 1 or Wy < 1:
-            raise ValueError(f"conv_transpose2d_forward: the output would be {Hy}x{Wy}; the padding "
-                             f"{pads} removes more than the {Hy + sum(pads[0])}x{Wy + sum(pads[1])} "
-                             f"full output")
-        x_d, w_d = dev.put(x), dev.put(w, dtype=x.dtype)
-        b_d = dev.put(b, dtype=x.dtype) if b is not None else None
-        lead = (pads[0][0], pads[1][0])
-        R = Cout * kh * kw
-        if pointwise(kh, kw, stride, pads) and (Hy, Wy) == (H, W):
-            y = dev.empty((N, Cout, H, W), x_d.dtype)
-            gemm(w_d, x_d, y, Cout, N * H * W, Cin, lay.dense(Cout, trans=True), lay.nchw(Cin, H * W),
-                 lay.nchw(Cout, H * W), b_d)
-            pw = True
-        else:                                              # y = col2im(W^T X) + b
-            dcols = dev.empty((R, N * H * W), x_d.dtype)
-            gemm(w_d, x_d, dcols, R, N * H * W, Cin, lay.dense(R, trans=True), lay.nchw(Cin, H * W),
-                 lay.dense(N * H * W))
-            y = col2im(dcols, (N, Cout, Hy, Wy), kh, kw, H, W, stride, lead, dilation, bias=b_d)
-            pw = False
-        return dev.get(y), (x_d, w_d, (N, Cin, H, W), (Hy, Wy), stride, lead, dilation,
-                            b is not None, pw)
-
-    def conv_transpose2d_backward(dy, cache):
-        x_d, w_d, (N, Cin, H, W), (Hy, Wy), stride, lead, dilation, has_bias, pw = cache
-        _, Cout, kh, kw = w_d.shape
-        R, P = Cout * kh * kw, N * H * W
-        dy_d = dev.put(dy, dtype=w_d.dtype)
-        db = dev.get(channel_reduce(dy_d, N, Cout, Hy * Wy)) if has_bias else None
-        dx = dev.empty((N, Cin, H, W), w_d.dtype)
-        dw = dev.empty((Cin, Cout, kh, kw), w_d.dtype)
-        if pw:                                             # dX = W dY, dW = X dY^T
-            gemm(w_d, dy_d, dx, Cin, P, Cout, lay.dense(Cout), lay.nchw(Cout, H * W), lay.nchw(Cin, H * W))
-            gemm(x_d, dy_d, dw, Cin, Cout, P, lay.nchw(Cin, H * W), lay.nchw(Cout, H * W, trans=True),
-                 lay.dense(Cout))
-            return dev.get(dx), dev.get(dw), db
-        cols = im2col(dy_d, N, Cout, Hy, Wy, kh, kw, H, W, stride, lead, dilation)   # (R, N*H*W)
-        gemm(w_d, cols, dx, Cin, P, R, lay.dense(R), lay.dense(P), lay.nchw(Cin, H * W))
-        gemm(x_d, cols, dw, Cin, R, P, lay.nchw(Cin, H * W), lay.dense(P, trans=True), lay.dense(R))
-        return dev.get(dx), dev.get(dw), db
+    # -- convolution: unet_np/backends/numba_cuda_conv.py ------------------------------------------
+    conv = ConvOps(dev, settings, channel_reduce)
 
     # -- pooling -----------------------------------------------------------------------------------
     def maxpool2d_forward(x, kernel, stride, padding):
@@ -262,7 +120,7 @@ def make_backend():
         y = dev.empty((N, C, Ho, Wo), x_d.dtype)
         arg = dev.empty((N, C, Ho, Wo), np.int32)
         g = (N, C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw)
-        launch(cuda_pool.maxpool_forward_kernel, y.size, _flat(x_d), _flat(y), _flat(arg), g)
+        launch(cuda_pool.maxpool_forward_kernel, y.size, flat(x_d), flat(y), flat(arg), g)
         return dev.get(y), (arg, g)
 
     def maxpool2d_backward(dy, cache):
@@ -270,20 +128,20 @@ def make_backend():
         N, C, H, W = g[:4]
         dy_d = dev.put(dy)
         dx = dev.empty((N, C, H, W), dy_d.dtype)
-        launch(cuda_pool.maxpool_backward_kernel, dx.size, _flat(dy_d), _flat(arg), _flat(dx), g)
+        launch(cuda_pool.maxpool_backward_kernel, dx.size, flat(dy_d), flat(arg), flat(dx), g)
         return dev.get(dx)
 
     # -- activations -------------------------------------------------------------------------------
     def _unary(kernel, x):
         x_d = dev.put(x)
         y = dev.empty(x_d.shape, x_d.dtype)
-        launch(kernel, y.size, _flat(x_d), _flat(y))
+        launch(kernel, y.size, flat(x_d), flat(y))
         return y
 
     def _binary(kernel, dy, cache):
         dy_d = dev.put(dy, dtype=cache.dtype)
         dx = dev.empty(dy_d.shape, dy_d.dtype)
-        launch(kernel, dx.size, _flat(dy_d), _flat(cache), _flat(dx))
+        launch(kernel, dx.size, flat(dy_d), flat(cache), flat(dx))
         return dev.get(dx)
 
     def relu_forward(x):
@@ -307,7 +165,7 @@ def make_backend():
         N, C, H, W = x.shape
         x_d = dev.put(x)
         y = dev.empty((N, C, H * sh, W * sw), x_d.dtype)
-        launch(kernel, y.size, _flat(x_d), _flat(y), (N, C, H, W, sh, sw))
+        launch(kernel, y.size, flat(x_d), flat(y), (N, C, H, W, sh, sw))
         return dev.get(y), (sh, sw)
 
     def _upsample_back(kernel, dy, cache):
@@ -316,7 +174,7 @@ def make_backend():
         H, W = Ho // sh, Wo // sw
         dy_d = dev.put(dy)
         dx = dev.empty((N, C, H, W), dy_d.dtype)
-        launch(kernel, dx.size, _flat(dy_d), _flat(dx), (N, C, H, W, sh, sw))
+        launch(kernel, dx.size, flat(dy_d), flat(dx), (N, C, H, W, sh, sw))
         return dev.get(dx)
 
     def upsample_bilinear2d_forward(x, scale):
@@ -333,7 +191,7 @@ def make_backend():
 
     # -- concat / crop / pad -------------------------------------------------------------------------
     def copy_box(src, dst, box, s_off, d_off):
-        launch(ew.copy_box_kernel, int(np.prod(box)), _flat(src), _flat(dst), box,
+        launch(ew.copy_box_kernel, int(np.prod(box)), flat(src), flat(dst), box,
                tuple(src.shape[1:]), s_off, tuple(dst.shape[1:]), d_off)
 
     def _nchw_view(shape, axis):
@@ -386,7 +244,7 @@ def make_backend():
         shape, t, l = cache
         dy_d = dev.put(dy)
         dx = dev.empty(shape, dy_d.dtype)
-        launch(ew.fill_kernel, dx.size, _flat(dx), 0.0)
+        launch(ew.fill_kernel, dx.size, flat(dx), 0.0)
         copy_box(dy_d, dx, tuple(dy.shape), (0, 0, 0), (0, t, l))
         return dev.get(dx)
 
@@ -396,14 +254,14 @@ def make_backend():
         x_d = dev.put(x)
         y = dev.empty((N, C, t + H + b, l + W + r), x_d.dtype)
         if mode == "constant":
-            launch(ew.fill_kernel, y.size, _flat(y), float(value))
+            launch(ew.fill_kernel, y.size, flat(y), float(value))
             copy_box(x_d, y, (N, C, H, W), (0, 0, 0), (0, t, l))
         elif mode == "reflect":
             if min(l, r, t, b) < 0 or max(l, r) >= W or max(t, b) >= H:
                 raise ValueError(f"pad2d_forward: reflect padding must be >= 0 and smaller than the padded "
                                  f"dimension, got pads (left, right, top, bottom) = {(l, r, t, b)} for an "
                                  f"input of {H}x{W}")
-            launch(ew.reflect_pad_forward_kernel, y.size, _flat(x_d), _flat(y), (N, C, H, W, l, r, t, b))
+            launch(ew.reflect_pad_forward_kernel, y.size, flat(x_d), flat(y), (N, C, H, W, l, r, t, b))
         else:
             raise ValueError(f"pad2d_forward: mode must be one of reflect, constant, got {mode!r}")
         return dev.get(y), ((l, r, t, b), mode)
@@ -417,7 +275,7 @@ def make_backend():
         if mode == "constant":
             copy_box(dy_d, dx, (N, C, H, W), (0, t, l), (0, 0, 0))
         else:
-            launch(ew.reflect_pad_backward_kernel, dx.size, _flat(dy_d), _flat(dx), (N, C, H, W, l, r, t, b))
+            launch(ew.reflect_pad_backward_kernel, dx.size, flat(dy_d), flat(dx), (N, C, H, W, l, r, t, b))
         return dev.get(dx)
 
     # -- batch normalisation -------------------------------------------------------------------------
@@ -429,24 +287,24 @@ def make_backend():
         g_d = dev.put(gamma, dtype=x.dtype) if gamma is not None else None
         b_d = dev.put(beta, dtype=x.dtype) if beta is not None else None
         y = dev.empty(x_d.shape, x_d.dtype)
-        dummy = _flat(y)
+        dummy = flat(y)
         if training:
             s = channel_reduce(x_d, N, C, plane, cuda_reduce.SUM, dtype=np.float64)
             mu = _scale(s, 1.0 / M)                    # two passes: mean, then squared deviations
             v = _scale(channel_reduce(x_d, N, C, plane, cuda_reduce.SQDEV, shift=mu,
                                       dtype=np.float64), 1.0 / M)
             xhat = dev.empty(x_d.shape, x_d.dtype)
-            launch(cuda_norm.bn_forward_kernel, y.size, _flat(x_d), mu, v,
+            launch(cuda_norm.bn_forward_kernel, y.size, flat(x_d), mu, v,
                    g_d if g_d is not None else dummy, b_d if b_d is not None else dummy,
-                   g_d is not None, b_d is not None, float(eps), C, plane, True, _flat(xhat), _flat(y))
+                   g_d is not None, b_d is not None, float(eps), C, plane, True, flat(xhat), flat(y))
             mu_x = dev.get(_cast(mu, x.dtype))
             v_x = dev.get(_cast(v, x.dtype))
             return dev.get(y), (True, xhat, g_d, v, float(eps)), mu_x, v_x
         m_d = dev.put(mean, dtype=np.float64)
         v_d = dev.put(var, dtype=np.float64)
-        launch(cuda_norm.bn_forward_kernel, y.size, _flat(x_d), m_d, v_d,
+        launch(cuda_norm.bn_forward_kernel, y.size, flat(x_d), m_d, v_d,
                g_d if g_d is not None else dummy, b_d if b_d is not None else dummy,
-               g_d is not None, b_d is not None, float(eps), C, plane, False, dummy, _flat(y))
+               g_d is not None, b_d is not None, float(eps), C, plane, False, dummy, flat(y))
         return dev.get(y), (False, x_d, g_d, v_d, float(eps), m_d), None, None
 
     def _scale(a, f):
@@ -474,14 +332,14 @@ def make_backend():
         if not training:                                   # xhat from the running statistics
             xhat = dev.empty(shape, dtype)
             tmp = dev.empty(shape, dtype)
-            launch(cuda_norm.bn_forward_kernel, tmp.size, _flat(x_d), m_d, v, _flat(tmp), _flat(tmp),
-                   False, False, eps, C, plane, True, _flat(xhat), _flat(tmp))
+            launch(cuda_norm.bn_forward_kernel, tmp.size, flat(x_d), m_d, v, flat(tmp), flat(tmp),
+                   False, False, eps, C, plane, True, flat(xhat), flat(tmp))
         dbeta = channel_reduce(dy_d, N, C, plane, cuda_reduce.SUM)
         dgamma = channel_reduce(dy_d, N, C, plane, cuda_reduce.DOT, b=xhat)
         dx = dev.empty(shape, dtype)
-        launch(cuda_norm.bn_backward_kernel, dx.size, _flat(dy_d), _flat(xhat), v,
-               g_d if g_d is not None else _flat(dx), g_d is not None, eps, dbeta, dgamma, M, C, plane,
-               training, _flat(dx))
+        launch(cuda_norm.bn_backward_kernel, dx.size, flat(dy_d), flat(xhat), v,
+               g_d if g_d is not None else flat(dx), g_d is not None, eps, dbeta, dgamma, M, C, plane,
+               training, flat(dx))
         return dev.get(dx), dev.get(dgamma), dev.get(dbeta)
 
     # -- softmax cross-entropy -------------------------------------------------------------------------
@@ -495,8 +353,8 @@ def make_backend():
         pw = dev.put(pixel_weight, dtype=logits.dtype) if pixel_weight is not None else None
         num = dev.empty((N * M,), np.float64)
         den = dev.empty((N * M,), np.float64)
-        args = (_flat(x_d), _flat(t_d), cw if cw is not None else num, cw is not None,
-                _flat(pw) if pw is not None else num, pw is not None, int(ignore_index), N, C, M)
+        args = (flat(x_d), flat(t_d), cw if cw is not None else num, cw is not None,
+                flat(pw) if pw is not None else num, pw is not None, int(ignore_index), N, C, M)
         launch(cuda_loss.ce_forward_kernel, N * M, *args, num, den)
         sums = dev.empty((2,), np.float64)
         cuda_reduce.sum_pair_kernel(cuda_launch.reduce_threads())[1, cuda_launch.reduce_threads()](
@@ -513,7 +371,7 @@ def make_backend():
         args, inv, shape = cache
         dx = dev.empty(shape, args[0].dtype)
         N, C, M = args[-3:]
-        launch(cuda_loss.ce_backward_kernel, N * M, *args, float(inv), _flat(dx))
+        launch(cuda_loss.ce_backward_kernel, N * M, *args, float(inv), flat(dx))
         return dev.get(dx)
 
     def _to_host(d):
@@ -543,7 +401,7 @@ def make_backend():
                     pstride[k] = step
                 step *= pshape[k]
             pw_d = dev.put(pos_weight, dtype=logits.dtype)
-        args = (_flat(x_d), _flat(t_d), _flat(pw_d), pos_weight is not None,
+        args = (flat(x_d), flat(t_d), flat(pw_d), pos_weight is not None,
                 dev.put(np.asarray(shape, dtype=np.int64)), dev.put(pstride))
         n = x_d.size
         ell = dev.empty((n,), np.float64)
@@ -554,7 +412,7 @@ def make_backend():
     def bce_with_logits_backward(cache):
         args, n, shape = cache
         dx = dev.empty(shape, args[0].dtype)
-        launch(cuda_loss.bce_backward_kernel, n, *args, 1.0 / n, _flat(dx))
+        launch(cuda_loss.bce_backward_kernel, n, *args, 1.0 / n, flat(dx))
         return dev.get(dx)
 
     # -- soft Dice ---------------------------------------------------------------------------------------
@@ -576,10 +434,10 @@ def make_backend():
         t_d = dev.put(target, dtype=np.int64)
         mx = dev.empty((N * M,), np.float64)
         s = dev.empty((N * M,), np.float64)
-        launch(cuda_loss.softmax_stats_kernel, N * M, _flat(x_d), N, C, M, mx, s)
+        launch(cuda_loss.softmax_stats_kernel, N * M, flat(x_d), N, C, M, mx, s)
         sums = dev.empty((3 * C,), np.float64)
         T = cuda_launch.reduce_threads()
-        cuda_loss.softmax_dice_sums_kernel(T)[_class_blocks(C), T](_flat(x_d), _flat(t_d), mx, s,
+        cuda_loss.softmax_dice_sums_kernel(T)[_class_blocks(C), T](flat(x_d), flat(t_d), mx, s,
                                                                   int(ignore_index), N, C, M, sums)
         loss, coef = _dice_finish(sums, C, smooth, eps, 0 if include_background else 1, logits.dtype)
         return loss, (x_d, t_d, mx, s, int(ignore_index), coef, (N, C, M))
@@ -587,8 +445,8 @@ def make_backend():
     def softmax_dice_backward(cache):
         x_d, t_d, mx, s, ignore, coef, (N, C, M) = cache
         dx = dev.empty(x_d.shape, x_d.dtype)
-        launch(cuda_loss.softmax_dice_backward_kernel, N * M, _flat(x_d), _flat(t_d), mx, s, ignore, coef,
-               N, C, M, _flat(dx))
+        launch(cuda_loss.softmax_dice_backward_kernel, N * M, flat(x_d), flat(t_d), mx, s, ignore, coef,
+               N, C, M, flat(dx))
         return dev.get(dx)
 
     def sigmoid_dice_forward(logits, target, smooth=1.0, eps=1e-7):
@@ -598,15 +456,15 @@ def make_backend():
         t_d = dev.put(target, dtype=logits.dtype)
         sums = dev.empty((3 * C,), np.float64)
         T = cuda_launch.reduce_threads()
-        cuda_loss.sigmoid_dice_sums_kernel(T)[_class_blocks(C), T](_flat(x_d), _flat(t_d), N, C, M, sums)
+        cuda_loss.sigmoid_dice_sums_kernel(T)[_class_blocks(C), T](flat(x_d), flat(t_d), N, C, M, sums)
         loss, coef = _dice_finish(sums, C, smooth, eps, 0, logits.dtype)
         return loss, (x_d, t_d, coef, (C, M))
 
     def sigmoid_dice_backward(cache):
         x_d, t_d, coef, (C, M) = cache
         dx = dev.empty(x_d.shape, x_d.dtype)
-        launch(cuda_loss.sigmoid_dice_backward_kernel, x_d.size, _flat(x_d), _flat(t_d), coef, C, M,
-               _flat(dx))
+        launch(cuda_loss.sigmoid_dice_backward_kernel, x_d.size, flat(x_d), flat(t_d), coef, C, M,
+               flat(dx))
         return dev.get(dx)
 
     # -- fused optimizer updates (cuda_optim), called by unet_np.optim once per parameter ------------
@@ -635,7 +493,7 @@ def make_backend():
         p_d, b_d = _updated_in_place("sgd_step", p, buf)
         T = np.dtype(p.dtype).type
         g_d = dev.put(grad, dtype=p.dtype)
-        launch(cuda_optim.sgd_step_kernel, p.size, _flat(p_d), _flat(g_d), _flat(p_d if b_d is None else b_d),
+        launch(cuda_optim.sgd_step_kernel, p.size, flat(p_d), flat(g_d), flat(p_d if b_d is None else b_d),
                T(lr), T(momentum), T(1 - dampening), T(weight_decay), momentum != 0, bool(nesterov),
                bool(first))
         _write_back((p_d, b_d), (p, buf))
@@ -651,17 +509,17 @@ def make_backend():
         w1 = 1 - b1
         step_size = lr / (1 - b1 ** step)
         bc2_sqrt = (1 - b2 ** step) ** 0.5
-        launch(cuda_optim.adam_step_kernel, p.size, _flat(p_d), _flat(g_d), _flat(m_d), _flat(v_d),
-               _flat(p_d if x_d is None else x_d), T(weight_decay), T(1 - lr * weight_decay),
+        launch(cuda_optim.adam_step_kernel, p.size, flat(p_d), flat(g_d), flat(m_d), flat(v_d),
+               flat(p_d if x_d is None else x_d), T(weight_decay), T(1 - lr * weight_decay),
                bool(decoupled), T(w1), T(1 - w1), T(b2), T(1 - b2), T(step_size), T(bc2_sqrt), T(eps),
                x_d is not None)
         _write_back((p_d, m_d, v_d, x_d), (p, m, v, vmax))
 
     ops = reference_ops()
     ops.update(
-        conv2d_forward=conv2d_forward, conv2d_backward=conv2d_backward,
-        conv_transpose2d_forward=conv_transpose2d_forward,
-        conv_transpose2d_backward=conv_transpose2d_backward,
+        conv2d_forward=conv.conv2d_forward, conv2d_backward=conv.conv2d_backward,
+        conv_transpose2d_forward=conv.conv_transpose2d_forward,
+        conv_transpose2d_backward=conv.conv_transpose2d_backward,
         maxpool2d_forward=maxpool2d_forward, maxpool2d_backward=maxpool2d_backward,
         relu_forward=relu_forward, relu_backward=relu_backward,
         sigmoid_forward=sigmoid_forward, sigmoid_backward=sigmoid_backward,
@@ -683,4 +541,6 @@ def make_backend():
     backend.simulated = simulated
     backend.settings = settings
     backend.sgd_step, backend.adam_step = sgd_step, adam_step        # fused updates for unet_np.optim
+    # fused primitives beyond the reference table: conv2d_forward(..., activation='relu')
+    backend.fused = frozenset({"conv2d_relu"})
     return backend
