@@ -119,7 +119,7 @@ def test_gradient_buffer_views():
 def test_missing_mpi4py_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     from unet_np import distributed
-    with pytest.raises(ImportError, match=r"unet-np\[mpi\]"):
+    with pytest.raises(ImportError, match=r"pip install mpi4py mpich .*pip install '\.\[mpi\]'"):
         distributed.world()
 
 

@@ -34,8 +34,8 @@ Only rank 0 writes checkpoints, runs validation, reports progress and calls the 
 exception on any rank prints that rank's traceback and calls ``comm.Abort`` (the job ends with a
 non-zero status instead of the other ranks hanging in a collective).
 
-mpi4py is imported lazily; it comes with the ``[mpi]`` extra (``pip install 'unet-np[mpi]'``, which
-brings mpi4py and the MPICH wheel with its ``mpiexec``).
+mpi4py is imported lazily; it comes with the ``[mpi]`` extra (``pip install '.[mpi]'`` in a
+checkout, or ``pip install mpi4py mpich``: mpi4py and the MPICH wheel with its ``mpiexec``).
 """
 import contextlib
 import math
@@ -69,8 +69,9 @@ def _mpi():
         from mpi4py import MPI
     except ImportError as exc:
         raise ImportError("distributed training needs mpi4py and an MPI library: "
-                          "pip install 'unet-np[mpi]' (mpi4py + the mpich wheel, which provides "
-                          f"mpiexec) ({exc})") from None
+                          "pip install mpi4py mpich (the mpich wheel provides mpiexec; they are "
+                          "the unet-np[mpi] extra, in a checkout: pip install '.[mpi]') "
+                          f"({exc})") from None
     return MPI
 
 

@@ -20,7 +20,8 @@ dtype (ONNX Runtime's CPU kernels for Conv, ConvTranspose and Resize exist for f
 ``dtype='float64'`` keeps a float64 model's precision for a reference evaluator (onnx.reference). UNet++ exports its inference output, X[0][L] with L the pruned
 level (``model.prune(L)``); the graph is always the evaluation-mode network.
 
-``onnx`` is needed only here, as the ``[onnx]`` extra (``pip install unet-np[onnx]``).
+``onnx`` is needed only here: ``pip install onnx`` (the ``[onnx]`` extra; in a checkout
+``pip install '.[onnx]'``).
 """
 import os
 import tempfile
@@ -42,8 +43,8 @@ def _require_onnx():
         import onnx.helper  # noqa: F401
         import onnx.numpy_helper  # noqa: F401
     except ImportError:
-        raise ImportError("ONNX export needs the 'onnx' package: pip install 'unet-np[onnx]' "
-                          "(or pip install onnx)") from None
+        raise ImportError("ONNX export needs the 'onnx' package: pip install onnx (the "
+                          "unet-np[onnx] extra; in a checkout: pip install '.[onnx]')") from None
     return onnx
 
 

@@ -15,6 +15,16 @@ NAMES = ("numpy", "numba", "cupy", "numba-cuda")
 
 # The extra that brings each backend's dependencies, for error messages.
 EXTRAS = {"numba": "numba", "cupy": "cuda12", "numba-cuda": "numba-cuda"}
+# How to install what a backend needs: the packages themselves (works anywhere), and the extra, which
+# pip resolves only from a checkout (pip install '.[extra]'): unet-np is on no package registry.
+INSTALL = {
+    "numba": "pip install numba threadpoolctl (the unet-np[numba] extra; in a checkout: "
+             "pip install '.[numba]')",
+    "cupy": "pip install cupy-cuda12x, or cupy-cuda13x for CUDA 13 (the unet-np[cuda12] / [cuda13] "
+            "extras; in a checkout: pip install '.[cuda12]')",
+    "numba-cuda": "pip install numba numba-cuda (the unet-np[numba-cuda] extra; in a checkout: "
+                  "pip install '.[numba-cuda]')",
+}
 
 _MODULES = {"numpy": "numpy_backend", "numba": "numba_backend", "cupy": "cupy_backend",
             "numba-cuda": "numba_cuda_backend"}
@@ -70,7 +80,7 @@ def get(name="numpy"):
             raise
         except Exception as exc:  # missing package, no GPU, old driver ...
             here = ", ".join(available()) or "none"
-            hint = f" Install it with: pip install 'unet-np[{EXTRAS[name]}]'." if name in EXTRAS else ""
+            hint = f" Install it with: {INSTALL[name]}." if name in INSTALL else ""
             raise BackendUnavailable(
                 f"backend {name!r} cannot run here: {type(exc).__name__}: {exc}.{hint} "
                 f"Backends available here: {here}.") from exc
