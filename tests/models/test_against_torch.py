@@ -207,3 +207,76 @@ def test_load_torch_state_dict_mismatch_names_both_sides():
     sd.pop("final.bias")
     with pytest.raises(ValueError, match="final.bias"):
         ours.load_torch_state_dict(sd)
+
+
+# -- volumes: the 3D U-Net (spatial_dims=3) against TorchUNet(dims=3) -------------------------------
+@pytest.mark.parametrize("kw,size", [
+    (dict(depth=2, base_channels=2), (8, 12, 8)),
+    (dict(depth=2, base_channels=2, batchnorm=True), (8, 8, 12)),
+    (dict(depth=1, base_channels=2, upsample="bilinear"), (6, 4, 8)),     # trilinear in 3-D
+    (dict(depth=1, base_channels=2, padding="valid"), None),
+    (dict(depth=1, base_channels=2, skip=False), (4, 6, 4)),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_unet3d_against_torch(kw, size, train):
+    """Logits, loss, every gradient (and in training an SGD trajectory) of the 3-D U-Net, with the
+    2-D network's parameter names and order, against a PyTorch 3-D twin in float64."""
+    torch.manual_seed(11)
+    ours = UNet(1, 3, dtype=np.float64, spatial_dims=3, **kw)
+    theirs = TorchUNet(1, 3, depth=kw["depth"], base=kw["base_channels"], skip=kw.get("skip", True),
+                       padding=kw.get("padding", "same"), batchnorm=kw.get("batchnorm", False),
+                       upsample=kw.get("upsample", "transpose"), dims=3)
+    ours, theirs = _pair(ours, theirs)
+    size = size or ours.valid_input_shape((12, 12, 12))
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 1) + size)
+    target = rng.integers(0, 3, (2,) + ours.output_shape(size))
+    if kw.get("batchnorm") and not train:
+        ours.train(); theirs.train()
+        ours.forward(x); theirs(t(x))
+    _compare(ours, theirs, x, target, train=train)
+    if train:
+        _sgd_trajectory(ours, theirs, x, target, steps=3)
+
+
+def test_unet3d_bad_input_names_the_problem():
+    vol = UNet(1, 2, depth=2, base_channels=2, spatial_dims=3)
+    img = UNet(1, 2, depth=2, base_channels=2)
+    with pytest.raises(ValueError, match=r"5-D array \(N, C, D, H, W\), got 4-D"):
+        vol.forward(np.zeros((1, 1, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"4-D array \(N, C, H, W\), got 5-D"):
+        img.forward(np.zeros((1, 1, 8, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="nearest valid sizes for 10 are 8 or 12"):
+        vol.forward(np.zeros((1, 1, 8, 10, 8), np.float32))
+    with pytest.raises(ValueError, match="spatial_dims must be 2"):
+        UNet(1, 2, spatial_dims=4)
+
+
+def test_unet3d_checkpoint_round_trip_and_pad_input(tmp_path):
+    model = UNet(1, 2, depth=2, base_channels=2, spatial_dims=3, batchnorm=True, pad_input=True)
+    x = np.random.default_rng(3).standard_normal((1, 1, 7, 9, 6)).astype(np.float32)
+    y = model.predict(x)
+    assert y.shape == (1, 2, 7, 9, 6)
+    unet_np.save(model, tmp_path / "vol.npz")
+    loaded = unet_np.load_model(tmp_path / "vol.npz")
+    assert loaded.spatial_dims == 3 and loaded.config() == model.config()
+    assert np.array_equal(loaded.predict(x), y)
+    assert "spatial_dims" not in UNet(1, 2, depth=1).config()   # 2-D configs are as they were
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (UNetPlusPlus(1, 2, depth=2, base_channels=2, deep_supervision=True, dtype=np.float64,
+                          spatial_dims=3),
+             TorchUNetPlusPlus(1, 2, depth=2, base=2, deep_supervision=True, dims=3)),
+    lambda: (AttentionUNet(1, 2, depth=2, base_channels=2, upsample="bilinear", dtype=np.float64,
+                           spatial_dims=3),
+             TorchAttentionUNet(1, 2, depth=2, base=2, upsample="bilinear", dims=3)),
+], ids=["unet++", "attention"])
+def test_unet_plus_plus_and_attention_3d_against_torch(make):
+    torch.manual_seed(13)
+    ours, theirs = _pair(*make())
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 1, 4, 8, 8))
+    target = rng.integers(0, 2, (2, 4, 8, 8))
+    _compare(ours, theirs, x, target)
+    _sgd_trajectory(ours, theirs, x, target, steps=3)

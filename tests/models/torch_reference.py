@@ -51,14 +51,15 @@ class ArticleUNet(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cin, cout, padding="same", batchnorm=False):
+    def __init__(self, cin, cout, padding="same", batchnorm=False, dims=2):
         super().__init__()
         pad = 1 if padding == "same" else 0
+        Conv, BatchNorm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
         layers = []
         for c in (cin, cout):
-            layers.append(nn.Conv2d(c, cout, 3, padding=pad))
+            layers.append(Conv(c, cout, 3, padding=pad))
             if batchnorm:
-                layers.append(nn.BatchNorm2d(cout))
+                layers.append(BatchNorm(cout))
             layers.append(nn.ReLU())
         self.conv = nn.Sequential(*layers)
 
@@ -66,41 +67,44 @@ class Block(nn.Module):
         return self.conv(x)
 
 
-def up_layer(cin, cout, upsample):
+def up_layer(cin, cout, upsample, dims=2):
     if upsample == "transpose":
-        return nn.ConvTranspose2d(cin, cout, 2, stride=2)
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                         nn.Conv2d(cin, cout, 1))
+        return (nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d)(cin, cout, 2, stride=2)
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear" if dims == 2 else "trilinear",
+                                     align_corners=False),
+                         (nn.Conv2d if dims == 2 else nn.Conv3d)(cin, cout, 1))
 
 
-def center_crop(x, hw):
-    H, W = x.shape[2:]
-    h, w = hw
-    t, l = (H - h) // 2, (W - w) // 2
-    return x[:, :, t:t + h, l:l + w]
+def center_crop(x, size):
+    """The centre of x's spatial axes (2 or 3 of them) of the given size."""
+    starts = [(n - s) // 2 for n, s in zip(x.shape[2:], size)]
+    return x[(slice(None), slice(None)) + tuple(slice(a, a + s) for a, s in zip(starts, size))]
 
 
 class TorchUNet(nn.Module):
+    """dims=3: the 3D U-Net (Conv3d, BatchNorm3d, ConvTranspose3d, trilinear, max_pool3d)."""
+
     def __init__(self, cin, ncls, depth=4, base=64, skip=True, padding="same", batchnorm=False,
-                 upsample="transpose"):
+                 upsample="transpose", dims=2):
         super().__init__()
-        self.depth, self.skip, self.padding = depth, skip, padding
+        self.depth, self.skip, self.padding, self.dims = depth, skip, padding, dims
         ch = [base * 2 ** i for i in range(depth + 1)]
         for i in range(1, depth + 1):
-            setattr(self, f"enc{i}", Block(cin if i == 1 else ch[i - 2], ch[i - 1], padding, batchnorm))
-        self.bottleneck = Block(ch[depth - 1], ch[depth], padding, batchnorm)
+            setattr(self, f"enc{i}", Block(cin if i == 1 else ch[i - 2], ch[i - 1], padding, batchnorm,
+                                           dims))
+        self.bottleneck = Block(ch[depth - 1], ch[depth], padding, batchnorm, dims)
         for i in range(depth, 0, -1):
-            setattr(self, f"up{i}", up_layer(ch[i], ch[i - 1], upsample))
+            setattr(self, f"up{i}", up_layer(ch[i], ch[i - 1], upsample, dims))
             setattr(self, f"dec{i}", Block(2 * ch[i - 1] if skip else ch[i - 1], ch[i - 1], padding,
-                                           batchnorm))
-        self.final = nn.Conv2d(ch[0], ncls, 1)
+                                           batchnorm, dims))
+        self.final = (nn.Conv2d if dims == 2 else nn.Conv3d)(ch[0], ncls, 1)
 
     def forward(self, x):
         skips = []
         for i in range(1, self.depth + 1):
             x = getattr(self, f"enc{i}")(x)
             skips.append(x)
-            x = F.max_pool2d(x, 2)
+            x = (F.max_pool2d if self.dims == 2 else F.max_pool3d)(x, 2)
         x = self.bottleneck(x)
         for i in range(self.depth, 0, -1):
             x = getattr(self, f"up{i}")(x)
@@ -112,20 +116,21 @@ class TorchUNet(nn.Module):
 
 class TorchUNetPlusPlus(nn.Module):
     def __init__(self, cin, ncls, depth=3, base=8, deep_supervision=False, batchnorm=False,
-                 upsample="transpose"):
+                 upsample="transpose", dims=2):
         super().__init__()
-        self.depth, self.ds = depth, deep_supervision
+        self.depth, self.ds, self.dims = depth, deep_supervision, dims
         ch = [base * 2 ** i for i in range(depth + 1)]
         for j in range(depth + 1):
             for i in range(depth + 1 - j):
                 if j == 0:
-                    setattr(self, f"x{i}_0", Block(cin if i == 0 else ch[i - 1], ch[i], "same", batchnorm))
+                    setattr(self, f"x{i}_0", Block(cin if i == 0 else ch[i - 1], ch[i], "same", batchnorm,
+                                                   dims))
                 else:
-                    setattr(self, f"up{i}_{j}", up_layer(ch[i + 1], ch[i], upsample))
-                    setattr(self, f"x{i}_{j}", Block((j + 1) * ch[i], ch[i], "same", batchnorm))
+                    setattr(self, f"up{i}_{j}", up_layer(ch[i + 1], ch[i], upsample, dims))
+                    setattr(self, f"x{i}_{j}", Block((j + 1) * ch[i], ch[i], "same", batchnorm, dims))
         for j in range(1, depth + 1):
             if deep_supervision or j == depth:
-                setattr(self, f"final{j}", nn.Conv2d(ch[0], ncls, 1))
+                setattr(self, f"final{j}", (nn.Conv2d if dims == 2 else nn.Conv3d)(ch[0], ncls, 1))
 
     def forward(self, x, level=None):
         L = level or self.depth
@@ -133,7 +138,8 @@ class TorchUNetPlusPlus(nn.Module):
         for j in range(L + 1):
             for i in range(L + 1 - j):
                 if j == 0:
-                    src = x if i == 0 else F.max_pool2d(X[i - 1, 0], 2)
+                    pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
+                    src = x if i == 0 else pool(X[i - 1, 0], 2)
                     X[i, 0] = getattr(self, f"x{i}_0")(src)
                 else:
                     up = getattr(self, f"up{i}_{j}")(X[i + 1, j - 1])
@@ -144,38 +150,41 @@ class TorchUNetPlusPlus(nn.Module):
 
 
 class Gate(nn.Module):
-    def __init__(self, cx, cg, ci):
+    def __init__(self, cx, cg, ci, dims=2):
         super().__init__()
-        self.theta = nn.Conv2d(cx, ci, 1, bias=False)
-        self.phi = nn.Conv2d(cg, ci, 1)
-        self.psi = nn.Conv2d(ci, 1, 1)
+        Conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.mode = "bilinear" if dims == 2 else "trilinear"
+        self.theta = Conv(cx, ci, 1, bias=False)
+        self.phi = Conv(cg, ci, 1)
+        self.psi = Conv(ci, 1, 1)
 
     def forward(self, x, g):
-        up = F.interpolate(self.phi(g), scale_factor=2, mode="bilinear", align_corners=False)
+        up = F.interpolate(self.phi(g), scale_factor=2, mode=self.mode, align_corners=False)
         alpha = torch.sigmoid(self.psi(F.relu(self.theta(x) + up)))
         return alpha * x
 
 
 class TorchAttentionUNet(nn.Module):
-    def __init__(self, cin, ncls, depth=3, base=8, batchnorm=False, upsample="transpose"):
+    def __init__(self, cin, ncls, depth=3, base=8, batchnorm=False, upsample="transpose", dims=2):
         super().__init__()
-        self.depth = depth
+        self.depth, self.dims = depth, dims
         ch = [base * 2 ** i for i in range(depth + 1)]
         for i in range(1, depth + 1):
-            setattr(self, f"enc{i}", Block(cin if i == 1 else ch[i - 2], ch[i - 1], "same", batchnorm))
-        self.bottleneck = Block(ch[depth - 1], ch[depth], "same", batchnorm)
+            setattr(self, f"enc{i}", Block(cin if i == 1 else ch[i - 2], ch[i - 1], "same", batchnorm,
+                                           dims))
+        self.bottleneck = Block(ch[depth - 1], ch[depth], "same", batchnorm, dims)
         for i in range(depth, 0, -1):
-            setattr(self, f"gate{i}", Gate(ch[i - 1], ch[i], max(1, ch[i - 1] // 2)))
-            setattr(self, f"up{i}", up_layer(ch[i], ch[i - 1], upsample))
-            setattr(self, f"dec{i}", Block(2 * ch[i - 1], ch[i - 1], "same", batchnorm))
-        self.final = nn.Conv2d(ch[0], ncls, 1)
+            setattr(self, f"gate{i}", Gate(ch[i - 1], ch[i], max(1, ch[i - 1] // 2), dims))
+            setattr(self, f"up{i}", up_layer(ch[i], ch[i - 1], upsample, dims))
+            setattr(self, f"dec{i}", Block(2 * ch[i - 1], ch[i - 1], "same", batchnorm, dims))
+        self.final = (nn.Conv2d if dims == 2 else nn.Conv3d)(ch[0], ncls, 1)
 
     def forward(self, x):
         skips = []
         for i in range(1, self.depth + 1):
             x = getattr(self, f"enc{i}")(x)
             skips.append(x)
-            x = F.max_pool2d(x, 2)
+            x = (F.max_pool2d if self.dims == 2 else F.max_pool3d)(x, 2)
         x = self.bottleneck(x)
         for i in range(self.depth, 0, -1):
             gated = getattr(self, f"gate{i}")(skips[i - 1], x)

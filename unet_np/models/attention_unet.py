@@ -10,22 +10,27 @@ Backward (written out in AttentionGate.backward):
     d_alpha = sum_c dout * x,   dx = dout * alpha + theta^T(dq_pre),   dg = phi^T(up^T(dq_pre))
 with dq_pre = relu'(.) * psi^T(sigmoid'(.) * d_alpha).
 """
-from ..nn import Concat, Conv2d, ReLU, Sigmoid, Upsample
+import numpy as np
+
+from ..nn import Concat, Conv2d, Conv3d, ReLU, Sigmoid, Upsample
 from ..nn.module import Module
 from .base import Block, SegmentationModel, check_common, register
-from .unet import up_layer
+from .unet import check_spatial_dims, max_pool, up_layer
 
 
 class AttentionGate(Module):
     """Additive attention gate. forward(x, g) -> alpha * x;  backward(dout) -> (dx, dg)."""
 
-    def __init__(self, x_channels, g_channels, inter_channels, init="torch", dtype=None, backend="numpy"):
+    def __init__(self, x_channels, g_channels, inter_channels, init="torch", dtype=None, backend="numpy",
+                 spatial_dims=2):
         super().__init__(backend=backend, dtype=dtype)
         kw = dict(init=init, dtype=dtype, backend=backend)
-        self.theta = Conv2d(x_channels, inter_channels, 1, bias=False, **kw)
-        self.phi = Conv2d(g_channels, inter_channels, 1, **kw)
-        self.psi = Conv2d(inter_channels, 1, 1, **kw)
-        self.up = Upsample(scale_factor=2, mode="bilinear", backend=backend)
+        Conv = Conv2d if spatial_dims == 2 else Conv3d          # 1x1 (1x1x1) convolutions
+        self.theta = Conv(x_channels, inter_channels, 1, bias=False, **kw)
+        self.phi = Conv(g_channels, inter_channels, 1, **kw)
+        self.psi = Conv(inter_channels, 1, 1, **kw)
+        self.up = Upsample(scale_factor=2, mode="bilinear" if spatial_dims == 2 else "trilinear",
+                           backend=backend)
         self.relu = ReLU(backend=backend)
         self.sigmoid = Sigmoid(backend=backend)
 
@@ -52,39 +57,46 @@ class AttentionGate(Module):
 @register("attention")
 class AttentionUNet(SegmentationModel):
     """AttentionUNet(in_channels, num_classes, depth=4, base_channels=64, ...): a 'same'-padded U-Net
-    with an AttentionGate on every skip connection. ``gate{i}.alpha`` holds the last attention map."""
+    with an AttentionGate on every skip connection. ``gate{i}.alpha`` holds the last attention map.
+    spatial_dims=3: the same on volumes (N, C, D, H, W), as UNet's."""
 
     def __init__(self, in_channels, num_classes, depth=4, base_channels=64, batchnorm=False,
-                 upsample="transpose", init="torch", pad_input=False, dtype=None, backend="numpy"):
+                 upsample="transpose", init="torch", pad_input=False, dtype=None, backend="numpy",
+                 spatial_dims=2):
         super().__init__(backend=backend, dtype=dtype)
         check_common(in_channels, num_classes, depth, base_channels, upsample, init)
+        self.spatial_dims = dims = check_spatial_dims(spatial_dims)
         self._config = dict(in_channels=in_channels, num_classes=num_classes, depth=depth,
                             base_channels=base_channels, batchnorm=bool(batchnorm), upsample=upsample,
                             init=init, pad_input=bool(pad_input))
+        if dims == 3:
+            self._config["spatial_dims"] = 3
         self.in_channels, self.num_classes, self.depth = in_channels, num_classes, depth
         self.pad_input = bool(pad_input)
         ch = [base_channels * 2 ** i for i in range(depth + 1)]
         self.channels = ch
-        kw = dict(padding="same", batchnorm=batchnorm, init=init, dtype=dtype, backend=backend)
+        kw = dict(padding="same", batchnorm=batchnorm, init=init, dtype=dtype, backend=backend,
+                  spatial_dims=dims)
         for i in range(1, depth + 1):
             setattr(self, f"enc{i}", Block(in_channels if i == 1 else ch[i - 2], ch[i - 1], **kw))
         self.bottleneck = Block(ch[depth - 1], ch[depth], **kw)
         for i in range(depth, 0, -1):
             setattr(self, f"gate{i}", AttentionGate(ch[i - 1], ch[i], max(1, ch[i - 1] // 2), init=init,
-                                                    dtype=dtype, backend=backend))
-            setattr(self, f"up{i}", up_layer(ch[i], ch[i - 1], upsample, init, dtype, backend))
+                                                    dtype=dtype, backend=backend, spatial_dims=dims))
+            setattr(self, f"up{i}", up_layer(ch[i], ch[i - 1], upsample, init, dtype, backend, dims))
             setattr(self, f"cat{i}", Concat(axis=1, backend=backend))
             setattr(self, f"dec{i}", Block(2 * ch[i - 1], ch[i - 1], **kw))
-        self.final = Conv2d(ch[0], num_classes, 1, init=init, dtype=dtype, backend=backend)
-        from ..nn import MaxPool2d
+        self.final = (Conv2d if dims == 2 else Conv3d)(ch[0], num_classes, 1, init=init, dtype=dtype,
+                                                       backend=backend)
         for i in range(1, depth + 1):
-            setattr(self, f"pool{i}", MaxPool2d(2, backend=backend))
+            setattr(self, f"pool{i}", max_pool(dims, backend))
 
     def activation_bytes(self, shape):
-        n, c, h, w = shape
+        n, c = shape[:2]
+        voxels, shrink = float(np.prod(shape[2:])), 2 ** len(shape[2:])
         total = 0
         for level, ch in enumerate(self.channels):
-            hw = h * w / 4 ** level
+            hw = voxels / shrink ** level
             total += (9 * (c if level == 0 else self.channels[level - 1]) + 9 * ch + 4 * ch) * hw
             if level < self.depth:
                 total += (18 * ch + 9 * ch + 12 * ch) * hw

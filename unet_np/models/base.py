@@ -4,8 +4,9 @@ import json
 import numpy as np
 
 from .. import backends
-from ..nn import BatchNorm2d, Conv2d, ReLU, Sequential
+from ..nn import BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, ReLU, Sequential
 from ..nn.module import Module, check_input, no_grad
+from ..nn.conv import check_input_nd
 
 ARCHITECTURES = {}  # name -> class, filled by each model module (for unet_np.load_model)
 
@@ -18,33 +19,106 @@ def register(name):
     return deco
 
 
-def conv_block(cin, cout, padding, batchnorm, init, dtype, backend):
-    """Two 3x3 convolutions, each followed by [batch-norm and] ReLU: the U-Net's block.
+def conv_block(cin, cout, padding, batchnorm, init, dtype, backend, spatial_dims=2):
+    """Two 3x3 (3x3x3 for volumes) convolutions, each followed by [batch-norm and] ReLU: the
+    U-Net's block.
 
-    As a Sequential so its parameter names ('0.weight', '1.weight', ...) match a PyTorch
-    nn.Sequential of the same layers."""
+    As a Sequential (ConvBlock) so its parameter names ('0.weight', '1.weight', ...) match a PyTorch
+    nn.Sequential of the same layers; on a backend with a fused convolution + ReLU each Conv2d -> ReLU
+    pair runs as one primitive (see ConvBlock)."""
     pad = 1 if padding == "same" else 0
+    Conv, BatchNorm = (Conv2d, BatchNorm2d) if spatial_dims == 2 else (Conv3d, BatchNorm3d)
     layers = []
     for c_in in (cin, cout):
-        layers.append(Conv2d(c_in, cout, 3, padding=pad, init=init, dtype=dtype, backend=backend))
+        layers.append(Conv(c_in, cout, 3, padding=pad, init=init, dtype=dtype, backend=backend))
         if batchnorm:
-            layers.append(BatchNorm2d(cout, dtype=dtype, backend=backend))
+            layers.append(BatchNorm(cout, dtype=dtype, backend=backend))
         layers.append(ReLU(backend=backend))
-    return Sequential(*layers)
+    return ConvBlock(*layers)
 
 
 class Block(Module):
     """A U-Net block; its one child is named ``conv`` like the reference PyTorch code's UNetBlock."""
 
-    def __init__(self, cin, cout, padding="same", batchnorm=False, init="torch", dtype=None, backend="numpy"):
+    def __init__(self, cin, cout, padding="same", batchnorm=False, init="torch", dtype=None, backend="numpy",
+                 spatial_dims=2):
         super().__init__(backend=backend, dtype=dtype)
-        self.conv = conv_block(cin, cout, padding, batchnorm, init, dtype, backend)
+        self.conv = conv_block(cin, cout, padding, batchnorm, init, dtype, backend, spatial_dims)
 
     def forward(self, x):
         return self.conv.forward(x)
 
     def backward(self, dy):
         return self.conv.backward(dy)
+
+
+class ConvBlock(Sequential):
+    """conv_block's layers: Conv2d [-> BatchNorm2d] -> ReLU, twice. The same modules, names,
+    parameters and state_dict as the Sequential it is; only how a Conv2d directly followed by a ReLU
+    runs depends on the backend.
+
+    A backend that lists 'conv2d_relu' in its ``fused`` set (the cupy and numba-cuda backends) runs
+    such a pair as ONE primitive, ``conv2d_forward(..., activation='relu')``: the ReLU is applied in
+    the pass that writes the convolution's output (Winograd's output transform, or the GEMM's output
+    pass), and its ``conv2d_backward`` masks dy where y <= 0 first, so the activation is written once
+    and read once instead of twice. Everywhere else (the numpy reference, which learners read, and
+    numba) the layers run one after the other, exactly as a Sequential. Both give the same numbers:
+    max(conv + b, 0) forward, dy * (y > 0) backward, the same kernels for the rest."""
+
+    def _steps(self):
+        """The layers in order, each Conv2d -> ReLU pair as one (conv, relu) step when fused."""
+        mods = list(self._modules.values())
+        fuse = "conv2d_relu" in getattr(self.backend, "fused", ())
+        steps, i = [], 0
+        while i < len(mods):
+            m = mods[i]
+            pair = (fuse and i + 1 < len(mods) and type(m) is Conv2d and type(mods[i + 1]) is ReLU
+                    and not isinstance(m.padding, str))          # int padding: what conv_block builds
+            steps.append((m, mods[i + 1]) if pair else (m,))
+            i += 2 if pair else 1
+        return steps
+
+    def forward(self, x):
+        done = []
+        for step in self._steps():
+            if len(step) == 2:
+                x, cache = _conv_relu_forward(step[0], x)
+            else:
+                x, cache = step[0].forward(x), None
+            done.append((step, cache))
+        self._keep(done)
+        return x
+
+    def backward(self, dy):
+        for step, cache in reversed(self._take()):
+            dy = _conv_relu_backward(step[0], dy, cache) if len(step) == 2 else step[0].backward(dy)
+        self._release()
+        return dy
+
+
+def _conv_relu_forward(conv, x):
+    """relu(conv(x)) in one fused primitive -> (y, (cache, y's shape)). As Conv2d.forward, plus
+    activation='relu'."""
+    x = check_input_nd("Conv2d", x, 2, "Conv3d", channels=conv.in_channels, xp=conv.xp, dtype=conv.dtype)
+    out_shape = conv.output_shape(x.shape)          # checks the kernel fits
+    b = conv.bias.data if conv.bias is not None else None
+    y, cache = conv.ops.conv2d_forward(x, conv.weight.data, b, conv.stride, conv.padding, conv.dilation,
+                                       activation="relu")
+    return y, (cache, out_shape)
+
+
+def _conv_relu_backward(conv, dy, kept):
+    """dx of relu(conv(x)); dw, db added to the convolution's parameters (as Conv2d.backward)."""
+    cache, out_shape = kept
+    if tuple(dy.shape) != tuple(out_shape):
+        raise ValueError(f"Conv2d.backward: expected a gradient of shape {tuple(out_shape)} (the "
+                         f"forward's output), got {tuple(dy.shape)}")
+    dy = conv.xp.asarray(dy, dtype=conv.dtype)
+    dx, dw, db = conv.ops.conv2d_backward(dy, cache, input_grad=conv.needs_input_grad)
+    conv.weight.add_grad(dw)
+    if conv.bias is not None:
+        conv.bias.add_grad(db)
+    return dx
 
 
 def check_choice(name, value, choices):
@@ -74,6 +148,7 @@ class SegmentationModel(Module):
     arguments, JSON-able) and implement ``_forward`` / ``backward``."""
 
     arch = None
+    spatial_dims = 2        # 3 for volumes (N, C, D, H, W)
 
     # -- configuration ------------------------------------------------------------------------
     def config(self):
@@ -86,7 +161,8 @@ class SegmentationModel(Module):
 
     # -- input checks -------------------------------------------------------------------------
     def _check_input(self, x):
-        x = check_input(type(self).__name__, x, channels=self.in_channels, xp=self.xp, dtype=self.dtype)
+        x = check_input(type(self).__name__, x, ndim=2 + self.spatial_dims, channels=self.in_channels,
+                        xp=self.xp, dtype=self.dtype)
         self.check_size(x.shape[2:])
         return x
 
@@ -116,37 +192,43 @@ class SegmentationModel(Module):
         self._padding = None
         if not self.pad_input:
             return x
-        (t, b), (l, r) = self._pad_amounts(x.shape[2:])
-        if t == b == l == r == 0:
+        pads = self._pad_amounts(x.shape[2:])              # (before, after) per spatial axis
+        if not any(b or a for b, a in pads):
             return x
-        if min(x.shape[2:]) <= max(t, b, l, r):
+        if min(x.shape[2:]) <= max(max(p) for p in pads):
             raise ValueError(f"{type(self).__name__}: input {tuple(x.shape)} is too small to be "
-                             f"reflect-padded by ({t}, {b}, {l}, {r}) pixels")
-        y, pad_cache = self.ops.pad2d_forward(x, (l, r, t, b), "reflect")
-        self._padding = (t, b, l, r, x.shape[2], x.shape[3], pad_cache)
+                             f"reflect-padded by {pads} pixels")
+        flat = tuple(v for p in reversed(pads) for v in p)   # torch's F.pad order: last axis first
+        pad_forward = self.ops.pad2d_forward if self.spatial_dims == 2 else self.ops.pad3d_forward
+        y, pad_cache = pad_forward(x, flat, "reflect")
+        self._padding = (pads, tuple(x.shape[2:]), pad_cache)
         return y
+
+    def _inside(self):
+        """The slices of the un-padded input within the padded one."""
+        pads, size, _ = self._padding
+        return (slice(None), slice(None)) + tuple(slice(b, b + n) for (b, _), n in zip(pads, size))
 
     def _crop(self, y):
         """Cut the output back to the un-padded input's size."""
-        if self._padding is None:
-            return y
-        t, b, l, r, h, w, _ = self._padding
-        return y[:, :, t:t + h, l:l + w]
+        return y if self._padding is None else y[self._inside()]
 
     def _uncrop(self, dy):
         """Adjoint of _crop: the cropped-away border gets zero gradient."""
         if self._padding is None:
             return dy
-        t, b, l, r, h, w, _ = self._padding
-        out = self.xp.zeros(dy.shape[:2] + (h + t + b, w + l + r), dtype=dy.dtype)
-        out[:, :, t:t + h, l:l + w] = dy
+        pads, size, _ = self._padding
+        out = self.xp.zeros(dy.shape[:2] + tuple(b + n + a for (b, a), n in zip(pads, size)),
+                            dtype=dy.dtype)
+        out[self._inside()] = dy
         return out
 
     def _unpad(self, dx):
         """Adjoint of _pad: fold the gradient of the reflected border back onto the input."""
         if self._padding is None:
             return dx
-        return self.ops.pad2d_backward(dx, self._padding[-1])
+        pad_backward = self.ops.pad2d_backward if self.spatial_dims == 2 else self.ops.pad3d_backward
+        return pad_backward(dx, self._padding[-1])
 
     # -- running -----------------------------------------------------------------------------
     def forward(self, x):
@@ -169,7 +251,7 @@ class SegmentationModel(Module):
 
     def first_conv(self):
         """The convolution that reads the image."""
-        return next(m for _, m in self.named_modules() if type(m).__name__ == "Conv2d")
+        return next(m for _, m in self.named_modules() if type(m).__name__ in ("Conv2d", "Conv3d"))
 
     def _check_memory(self, x):
         """Refuse a forward whose kept activations clearly exceed the machine's memory."""

@@ -7,17 +7,35 @@
 ``UNet(1, 2, depth=2, base_channels=64)`` is the reference article's network, parameter for parameter,
 and its state_dict names are those of that PyTorch code (enc1.conv.0.weight, ..., final.bias).
 """
-from ..nn import Concat, Conv2d, ConvTranspose2d, MaxPool2d, Sequential, Upsample, CenterCrop
+import numpy as np
+
+from ..nn import (CenterCrop, Concat, Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d, MaxPool2d,
+                  MaxPool3d, Sequential, Upsample)
 from .base import Block, SegmentationModel, check_common, check_choice, register
 
 
-def up_layer(cin, cout, upsample, init, dtype, backend):
-    """x2 upsampling that halves the channels: a 2x2 stride-2 transposed convolution, or bilinear x2
-    followed by a 1x1 convolution."""
+def up_layer(cin, cout, upsample, init, dtype, backend, spatial_dims=2):
+    """x2 upsampling that halves the channels: a 2x2 (2x2x2) stride-2 transposed convolution, or
+    bilinear (trilinear) x2 followed by a 1x1 (1x1x1) convolution."""
     if upsample == "transpose":
-        return ConvTranspose2d(cin, cout, 2, stride=2, init=init, dtype=dtype, backend=backend)
-    return Sequential(Upsample(scale_factor=2, mode="bilinear", backend=backend),
-                      Conv2d(cin, cout, 1, init=init, dtype=dtype, backend=backend))
+        ConvT = ConvTranspose2d if spatial_dims == 2 else ConvTranspose3d
+        return ConvT(cin, cout, 2, stride=2, init=init, dtype=dtype, backend=backend)
+    Conv = Conv2d if spatial_dims == 2 else Conv3d
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    return Sequential(Upsample(scale_factor=2, mode=mode, backend=backend),
+                      Conv(cin, cout, 1, init=init, dtype=dtype, backend=backend))
+
+
+def max_pool(spatial_dims, backend):
+    """The U-Net's 2x2 (2x2x2) stride-2 max-pool."""
+    return (MaxPool2d if spatial_dims == 2 else MaxPool3d)(2, backend=backend)
+
+
+def check_spatial_dims(spatial_dims):
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 (images, (N, C, H, W)) or 3 (volumes, "
+                         f"(N, C, D, H, W)), got {spatial_dims!r}")
+    return int(spatial_dims)
 
 
 @register("unet")
@@ -32,14 +50,18 @@ class UNet(SegmentationModel):
     batchnorm: conv -> BN -> ReLU in every block. upsample: 'transpose' or 'bilinear'.
     init: 'torch' (PyTorch's default) or 'he' (the paper's He-normal). pad_input: reflect-pad inputs
         whose size is not a multiple of 2**depth and crop the output back ('same' only).
+    spatial_dims: 2 for images (N, C, H, W); 3 for volumes (N, C, D, H, W), the 3D U-Net of Cicek et
+        al. (2016): every layer its 3-D form (3x3x3 convolutions, 2x2x2 pooling and up-convolution,
+        trilinear upsampling), with the 2-D network's parameter names and order.
     """
 
     def __init__(self, in_channels, num_classes, depth=4, base_channels=64, skip=True, padding="same",
                  batchnorm=False, upsample="transpose", init="torch", pad_input=False, dtype=None,
-                 backend="numpy"):
+                 backend="numpy", spatial_dims=2):
         super().__init__(backend=backend, dtype=dtype)
         check_common(in_channels, num_classes, depth, base_channels, upsample, init)
         check_choice("padding", padding, ("same", "valid"))
+        self.spatial_dims = dims = check_spatial_dims(spatial_dims)
         if pad_input and padding == "valid":
             raise ValueError("pad_input=True works with padding='same' only; for 'valid' use "
                              "valid_input_shape() to choose the input size")
@@ -47,25 +69,29 @@ class UNet(SegmentationModel):
                             base_channels=base_channels, skip=bool(skip), padding=padding,
                             batchnorm=bool(batchnorm), upsample=upsample, init=init,
                             pad_input=bool(pad_input))
+        if dims == 3:                       # (2-D checkpoints keep the config they always had)
+            self._config["spatial_dims"] = 3
         self.in_channels, self.num_classes, self.depth = in_channels, num_classes, depth
         self.skip, self.padding, self.pad_input = bool(skip), padding, bool(pad_input)
         ch = [base_channels * 2 ** i for i in range(depth + 1)]
         self.channels = ch
-        kw = dict(padding=padding, batchnorm=batchnorm, init=init, dtype=dtype, backend=backend)
+        kw = dict(padding=padding, batchnorm=batchnorm, init=init, dtype=dtype, backend=backend,
+                  spatial_dims=dims)
         # Registration order = parameter order of the reference network:
         # encoder blocks top down, the bottleneck, then per level bottom up: up-conv, decoder block.
         for i in range(1, depth + 1):
             setattr(self, f"enc{i}", Block(in_channels if i == 1 else ch[i - 2], ch[i - 1], **kw))
-            setattr(self, f"pool{i}", MaxPool2d(2, backend=backend))
+            setattr(self, f"pool{i}", max_pool(dims, backend))
         self.bottleneck = Block(ch[depth - 1], ch[depth], **kw)
         for i in range(depth, 0, -1):
-            setattr(self, f"up{i}", up_layer(ch[i], ch[i - 1], upsample, init, dtype, backend))
+            setattr(self, f"up{i}", up_layer(ch[i], ch[i - 1], upsample, init, dtype, backend, dims))
             setattr(self, f"dec{i}", Block(2 * ch[i - 1] if skip else ch[i - 1], ch[i - 1], **kw))
             if skip:
                 setattr(self, f"cat{i}", Concat(axis=1, backend=backend))
                 if padding == "valid":
                     setattr(self, f"crop{i}", CenterCrop(backend=backend))
-        self.final = Conv2d(ch[0], num_classes, 1, init=init, dtype=dtype, backend=backend)
+        self.final = (Conv2d if dims == 2 else Conv3d)(ch[0], num_classes, 1, init=init, dtype=dtype,
+                                                       backend=backend)
 
     # -- sizes ---------------------------------------------------------------------------------
     def _trace(self, s):
@@ -86,7 +112,8 @@ class UNet(SegmentationModel):
         return s if s > 0 else None
 
     def output_shape(self, input_hw):
-        """(H_out, W_out) for an input of spatial size input_hw (ValueError if it is not valid)."""
+        """(H_out, W_out) ((D_out, H_out, W_out) for volumes) for an input of spatial size input_hw
+        (ValueError if it is not valid)."""
         self.check_size(input_hw)
         if self.padding == "same":
             return tuple(int(s) for s in input_hw)
@@ -124,10 +151,12 @@ class UNet(SegmentationModel):
         9x more): per level, the encoder block's input and two ReLU outputs, the decoder's
         concatenation (2 ch), its ReLU outputs and the up-convolution's input. Measured: article
         network, batch 4, 256x256, estimate 765 MB, tracemalloc peak of a step 777 MiB."""
-        n, c, h, w = shape
+        n, c = shape[:2]
+        voxels = float(np.prod(shape[2:]))            # H*W (D*H*W for a volume)
+        shrink = 2 ** len(shape[2:])                   # each pooling divides it by 4 (8)
         total = 0
         for level, ch in enumerate(self.channels):
-            hw = h * w / 4 ** level
+            hw = voxels / shrink ** level
             cin = c if level == 0 else self.channels[level - 1]
             total += (cin + 2 * ch) * hw                # encoder block / bottleneck
             if level < self.depth:

@@ -8,9 +8,11 @@ The top row X[0][1..D] gives D outputs (1x1 convolutions). With deep supervision
 trained (the loss averaged over them) and at inference the network can be pruned to level L < D:
 only nodes with i + j <= L are computed and the output of X[0][L] is used.
 """
-from ..nn import Concat, Conv2d, MaxPool2d
+import numpy as np
+
+from ..nn import Concat, Conv2d, Conv3d
 from .base import Block, SegmentationModel, check_common, check_range, register
-from .unet import up_layer
+from .unet import check_spatial_dims, max_pool, up_layer
 
 
 @register("unet++")
@@ -20,38 +22,44 @@ class UNetPlusPlus(SegmentationModel):
     forward(x) returns the logits of X[0][D] (or of X[0][L] when pruned with ``prune(L)``); with
     deep_supervision=True in training mode it returns a LIST of D logits (X[0][1], ..., X[0][D]) and
     backward takes a list of D gradients (see unet_np.train for the averaged loss).
+    spatial_dims=3: the same on volumes (N, C, D, H, W), as UNet's.
     """
 
     def __init__(self, in_channels, num_classes, depth=4, base_channels=32, deep_supervision=False,
                  batchnorm=False, upsample="transpose", init="torch", pad_input=False, dtype=None,
-                 backend="numpy"):
+                 backend="numpy", spatial_dims=2):
         super().__init__(backend=backend, dtype=dtype)
         check_common(in_channels, num_classes, depth, base_channels, upsample, init)
+        self.spatial_dims = dims = check_spatial_dims(spatial_dims)
         self._config = dict(in_channels=in_channels, num_classes=num_classes, depth=depth,
                             base_channels=base_channels, deep_supervision=bool(deep_supervision),
                             batchnorm=bool(batchnorm), upsample=upsample, init=init,
                             pad_input=bool(pad_input))
+        if dims == 3:
+            self._config["spatial_dims"] = 3
         self.in_channels, self.num_classes, self.depth = in_channels, num_classes, depth
         self.deep_supervision, self.pad_input = bool(deep_supervision), bool(pad_input)
         self.level = depth  # inference level (prune)
         ch = [base_channels * 2 ** i for i in range(depth + 1)]
         self.channels = ch
-        kw = dict(padding="same", batchnorm=batchnorm, init=init, dtype=dtype, backend=backend)
+        kw = dict(padding="same", batchnorm=batchnorm, init=init, dtype=dtype, backend=backend,
+                  spatial_dims=dims)
         # Parameters registered column by column, top to bottom: the order the forward visits nodes.
         for j in range(depth + 1):
             for i in range(depth + 1 - j):
                 if j == 0:
                     setattr(self, f"x{i}_0", Block(in_channels if i == 0 else ch[i - 1], ch[i], **kw))
                     if i < depth:
-                        setattr(self, f"pool{i}", MaxPool2d(2, backend=backend))
+                        setattr(self, f"pool{i}", max_pool(dims, backend))
                 else:
-                    setattr(self, f"up{i}_{j}", up_layer(ch[i + 1], ch[i], upsample, init, dtype, backend))
+                    setattr(self, f"up{i}_{j}", up_layer(ch[i + 1], ch[i], upsample, init, dtype, backend,
+                                                         dims))
                     setattr(self, f"cat{i}_{j}", Concat(axis=1, backend=backend))
                     setattr(self, f"x{i}_{j}", Block((j + 1) * ch[i], ch[i], **kw))
         for j in range(1, depth + 1):
             if deep_supervision or j == depth:
-                setattr(self, f"final{j}", Conv2d(ch[0], num_classes, 1, init=init, dtype=dtype,
-                                                  backend=backend))
+                setattr(self, f"final{j}", (Conv2d if dims == 2 else Conv3d)(
+                    ch[0], num_classes, 1, init=init, dtype=dtype, backend=backend))
 
     def prune(self, level=None):
         """Use only the sub-network up to ``level`` (1..depth) at inference; None restores the full
@@ -73,10 +81,11 @@ class UNetPlusPlus(SegmentationModel):
         return [L]
 
     def activation_bytes(self, shape):
-        n, c, h, w = shape
+        n = shape[0]
+        voxels, shrink = float(np.prod(shape[2:])), 2 ** len(shape[2:])
         total = 0
         for i, ch in enumerate(self.channels):
-            hw = h * w / 4 ** i
+            hw = voxels / shrink ** i
             cols = self.depth + 1 - i
             total += cols * (9 * (cols + 1) * ch + 9 * ch + 6 * ch) * hw
         return int(total * n * self.dtype.itemsize)

@@ -64,7 +64,8 @@ def check_input(owner, x, ndim=4, channels=None, xp=np, dtype=None):
         what = {"i": "integer", "u": "unsigned integer", "b": "bool", "c": "complex"}.get(kind, str(x.dtype))
         raise TypeError(f"{owner}: expected a float32 or float64 array, got {what} dtype {x.dtype}")
     if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{owner}: expected a {ndim}-D array (N, C, H, W), got {x.ndim}-D with shape "
+        layout = {4: " (N, C, H, W)", 5: " (N, C, D, H, W)"}.get(ndim, "")
+        raise ValueError(f"{owner}: expected a {ndim}-D array{layout}, got {x.ndim}-D with shape "
                          f"{tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{owner}: expected {channels} input channels, got {x.shape[1]} "
