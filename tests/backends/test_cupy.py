@@ -1026,3 +1026,73 @@ def test_model_to_backend_and_back(xb):
     close(m.forward(x), want, "after .to(backend)")
     m.to("numpy")
     close(m.forward(x), want, "after .to('numpy')")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The U-Net block's Conv2d -> ReLU pairs, fused (models/base.py ConvBlock, backend.fused)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("winograd", ["always", "never"])
+def test_unet_blocks_fuse_conv_relu(xb, winograd, dtype):
+    """On this backend each Conv2d -> ReLU of a U-Net block runs as conv2d_forward(activation='relu'):
+    no ReLU kernel of its own in the forward. Logits, loss, input gradient, every parameter gradient
+    and one SGD step equal the numpy backend's and the same backend's unfused run (fused set
+    emptied); parameter names, order and state_dict are unchanged. winograd: 'always' puts every 3x3
+    convolution through winograd.cu, 'never' through im2col."""
+    from unet_np.nn import CrossEntropyLoss
+    from unet_np.optim import SGD
+    launches = collections.Counter()
+    get = xb.k._get
+
+    def counted(family, name):
+        fn = get(family, name)
+
+        def launch(grid, block, args):
+            launches[family, name] += 1
+            return fn(grid, block, args)
+        return launch
+
+    k = cb.CudaKernels(xb.xp, counted, winograd=winograd)
+    fused = cb.backend_from(f"{xb.backend.name}-fused", xb.xp, k)
+    plain = cb.backend_from(f"{xb.backend.name}-unfused", xb.xp, k)
+    plain.fused = frozenset()
+    assert "conv2d_relu" in fused.fused
+    rng = rng_for("fused block", winograd, dtype)
+    kw = dict(depth=2, base_channels=4, dtype=dtype)
+    ref = unet_np.UNet(1, 3, **kw)
+    models = (ref, unet_np.UNet(1, 3, backend=fused, **kw), unet_np.UNet(1, 3, backend=plain, **kw))
+    for m in models[1:]:
+        m.load_state_dict(ref.state_dict())
+        assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
+        assert list(m.state_dict()) == list(ref.state_dict())
+    x = rng.standard_normal((2, 1, 16, 12)).astype(dtype)
+    t = rng.integers(0, 3, size=(2, 16, 12)).astype(np.int64)
+    relu_fwd = ("elementwise", f"relu_fwd_{cb._SUFFIX[np.dtype(dtype)]}")
+    results = []
+    for m in models:
+        loss_fn = CrossEntropyLoss(backend=m.backend)
+        launches.clear()
+        y = m.forward(x)
+        relus = launches[relu_fwd]
+        loss = loss_fn.forward(y, t)
+        m.zero_grad()
+        dx = m.backward(loss_fn.backward())
+        grads = {n: backends.to_numpy(p.grad).copy() for n, p in m.named_parameters()}
+        SGD(m.parameters(), lr=0.05, momentum=0.9).step()
+        results.append((y, loss, dx, grads, m.state_dict(), relus))
+    blocks = 5                                   # enc1, enc2, bottleneck, dec2, dec1: two ReLUs each
+    assert results[1][5] == 0, "the fused model launched ReLU kernels of its own"
+    assert results[2][5] == 2 * blocks, "the unfused model runs one ReLU kernel per ReLU layer"
+    (y_r, l_r, dx_r, g_r, s_r, _) = results[0]
+    for what, (y, loss, dx, g, s, _) in (("fused", results[1]), ("unfused", results[2]),
+                                          ("fused vs unfused", results[2])):
+        if what == "fused vs unfused":           # the two runs of this backend against each other
+            y_r, l_r, dx_r, g_r, s_r = (backends.to_numpy(results[1][0]), float(results[1][1]),
+                                        backends.to_numpy(results[1][2]), results[1][3], results[1][4])
+        close(y, y_r, f"{what}: logits")
+        assert abs(float(loss) - float(l_r)) <= TOL[np.dtype(dtype)] * abs(float(l_r)), what
+        close(dx, dx_r, f"{what}: dx")
+        for n in g_r:
+            close(g[n], g_r[n], f"{what}: grad of {n}")
+        for n in s_r:
+            close(s[n], s_r[n], f"{what}: after one SGD step: {n}")
