@@ -439,3 +439,134 @@ def test_without_pillow_the_error_names_the_fix(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="pip install Pillow") as e:
         read_image(p)
     assert "a.png" in str(e.value)
+
+
+# ------------------------------------------------------------------------------- 16-bit label images
+
+def _ids_image(rng=None, shape=(30, 40)):
+    """A label image holding 0, 1..300, 65535 and random ids up to 65535."""
+    rng = rng or np.random.default_rng(0)
+    lab = rng.integers(0, 65536, shape).astype(np.int64)
+    lab.reshape(-1)[:302] = np.r_[0, np.arange(1, 301), 65535]
+    return lab
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_label_images_keep_every_id(tmp_path, suffix):
+    if suffix == ".tif":
+        pytest.importorskip("tifffile")
+    lab = _ids_image()
+    path = dio.write_labels(tmp_path / f"lab{suffix}", lab)
+    got = dio.read_labels(path)
+    assert got.dtype == np.int64 and np.array_equal(got, lab)
+    m, conv, _ = read_mask_info(path)           # as a mask: the ids are kept, 65535 among them
+    assert conv == "labels" and np.array_equal(m, lab)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_written_by_others(tmp_path, suffix):
+    """A 16-bit PNG from Pillow, a 16-bit TIFF from tifffile, with nuclei-like ids 1..300 and 65535."""
+    lab = np.zeros((40, 40), np.uint16)
+    lab[:20, :15] = np.arange(1, 301).reshape(20, 15)
+    lab[30:, 30:] = 65535
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".png":
+        Image.fromarray(lab).save(path)
+    else:
+        tifffile = pytest.importorskip("tifffile")
+        tifffile.imwrite(path, lab)
+    assert np.array_equal(read_mask(path), lab) and np.array_equal(dio.read_labels(path), lab)
+
+
+def test_16bit_binary_with_stray_values_still_refused(tmp_path):
+    m = np.zeros((20, 20), np.uint16)
+    m[2:18, 2:18] = 65535
+    m[2, 2:18] = 30000                       # an anti-aliased edge: 65535 is most of the foreground
+    path = tmp_path / "aa.png"
+    Image.fromarray(m).save(path)
+    with pytest.raises(DataError, match="unexpected mask values"):
+        read_mask(path)
+
+
+def test_read_labels_refuses_what_is_no_label_image(tmp_path):
+    save(tmp_path / "rgb.png", np.dstack([np.arange(20, dtype=np.uint8).reshape(4, 5)] * 2 +
+                                         [np.zeros((4, 5), np.uint8)]))
+    with pytest.raises(DataError, match="rgb.png: an instance label image must be one grayscale"):
+        dio.read_labels(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="65535"):
+        dio.write_labels(tmp_path / "big.png", np.array([[0, 70000]]))
+    with pytest.raises(ValueError, match=".tif, .tiff or .png"):
+        dio.write_labels(tmp_path / "x.jpg", np.array([[0, 1]]))
+
+
+def test_write_labels_is_whole_or_nothing(tmp_path, monkeypatch):
+    path = dio.write_labels(tmp_path / "keep.png", np.array([[0, 7]]))
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(Image.Image, "save", boom)
+    with pytest.raises(OSError):
+        dio.write_labels(path, np.array([[0, 9]]))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["keep.png"]
+
+
+def _instance_folder(root, n=4, size=40, scale=300):
+    from unet_np.data import touching_cells
+    x, _, inst = touching_cells(n, size, seed=3, gap=False)
+    idir, mdir = root / "images", root / "masks"
+    idir.mkdir(parents=True)
+    mdir.mkdir(parents=True)
+    labs = []
+    for i in range(n):
+        write_image(idir / f"c{i}.png", x[i])
+        lab = np.where(inst[i] > 0, inst[i] * scale + 1, 0)
+        dio.write_labels(mdir / f"c{i}.png", lab)
+        labs.append(lab)
+    return idir, mdir, labs
+
+
+def test_load_folder_refuses_instance_labels_unless_told(tmp_path):
+    idir, mdir, labs = _instance_folder(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_folder(idir, mdir)
+    msg = str(e.value)
+    assert "instance label images" in msg and "--instances" in msg and "--classes" in msg
+    assert e.value.instance_problem in msg and "\n" not in msg
+    ds = load_folder(idir, mdir, instances=True, border=1)
+    assert ds.num_classes == 3 and ds.mask_convention == "instances" and ds.instance_border == 1
+    from unet_np.data import instance_targets
+    for lab, got, t in zip(labs, ds.instances, ds.masks):
+        assert np.array_equal(got, lab) and np.array_equal(t, instance_targets(lab, 1))
+    d = ds.diagnostics()
+    assert d["instances"]["objects"] == sum(len(np.unique(a)) - 1 for a in labs)
+    assert "instance label images" in str(d)
+    w = ds.compute_weights()                      # the weight map of the true instances
+    from unet_np.data import instance_weight_map
+    np.testing.assert_allclose(w[0], instance_weight_map(labs[0], targets=ds.masks[0]))
+    ds2 = load_folder(idir, mdir, instances=False, max_classes=70000)   # classes, as told
+    assert ds2.instances is None and ds2.num_classes == max(int(a.max()) for a in labs) + 1
+
+
+def test_load_folder_instances_from_binary_masks(tmp_path):
+    idir, mdir = tmp_path / "i", tmp_path / "m"
+    idir.mkdir()
+    mdir.mkdir()
+    m = np.zeros((16, 16), np.int64)
+    m[1:5, 1:5] = 1
+    m[8:14, 8:14] = 1                              # two separate blobs of one value
+    write_image(idir / "a.png", np.zeros((1, 16, 16)))
+    write_mask(mdir / "a.png", m, "binary255")
+    ds = load_folder(idir, mdir, instances=True)
+    assert len(np.unique(ds.instances[0])) == 3   # 0 and one id per blob
+    assert ds.diagnostics()["instances"]["from_components"] == 1
+
+
+def test_semantic_masks_load_as_before(tmp_path):
+    from unet_np.data import shapes, write_folder
+    x, m = shapes(4, 32, seed=0)
+    idir, mdir = write_folder(tmp_path / "s", x, m)
+    ds = load_folder(idir, mdir)
+    assert ds.instances is None and ds.num_classes == 3
+    with pytest.raises(ValueError, match="instances must be"):
+        load_folder(idir, mdir, instances="yes")

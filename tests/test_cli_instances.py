@@ -1,0 +1,173 @@
+"""`unet-np train|predict|evaluate --instances` end to end on tiny synthetic instance label images
+(16-bit ids up to 65535), in subprocesses; the refusal of instance masks without --instances; and
+that --json leaves stdout to the JSON document."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PIL = pytest.importorskip("PIL")
+
+from unet_np.data import touching_cells, write_image  # noqa: E402
+from unet_np.data.io import read_labels, write_labels  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+TINY = ["--epochs", "2", "--base-channels", "4", "--depth", "2", "--batch-size", "4",
+        "--backend", "numpy"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "unet_np.cli", *map(str, args)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def assert_error(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """8 images of 32x32 with 16-bit instance label images: ids 300 apart, one cell 65535."""
+    root = tmp_path_factory.mktemp("inst")
+    x, _, inst = touching_cells(8, 32, seed=0, gap=False)
+    idir, mdir = root / "images", root / "masks"
+    idir.mkdir()
+    mdir.mkdir()
+    labs = []
+    for i in range(len(x)):
+        lab = np.where(inst[i] > 0, inst[i].astype(np.int64) * 300 + 1, 0)
+        lab[lab == lab.max()] = 65535
+        write_image(idir / f"cell{i}.png", x[i])
+        write_labels(mdir / f"cell{i}.png", lab)
+        labs.append(lab)
+    return root, idir, mdir, labs
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    root, idir, mdir, _ = data
+    out = root / "run"
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--instances", "--border",
+            "1", *TINY)
+    assert p.returncode == 0, p.stderr
+    assert "instance targets (border 1 px), weight map" in p.stdout    # the weight map by default
+    return out
+
+
+def test_instance_masks_refused_without_instances(data):
+    root, idir, mdir, _ = data
+    out = root / "refused"
+    line = assert_error(cli("train", "--images", idir, "--masks", mdir, "--out", out, *TINY),
+                        "instance label images", "--instances", "--classes")
+    assert str(mdir) in line
+    assert not out.exists()                       # nothing is left behind
+
+
+def test_instance_flags_that_do_not_fit(data, trained):
+    root, idir, mdir, _ = data
+    assert_error(cli("train", "--images", idir, "--masks", mdir, "--out", root / "b", "--border",
+                     "2", *TINY), "--border", "--instances")
+    assert_error(cli("train", "--images", idir, "--masks", mdir, "--out", root / "c",
+                     "--instances", "--classes", "5", *TINY), "3 classes", "--classes 5")
+    assert_error(cli("evaluate", "--model", trained / "model.npz", "--images", idir, "--masks",
+                     mdir, "--no-instances"), "--instances")
+
+
+def test_train_records_instances(trained):
+    from unet_np.cli.common import instance_meta, load_model
+    model, meta = load_model(trained / "model.npz")
+    assert model.num_classes == 3 and instance_meta(meta) == {"border": 1}
+    assert meta["train"]["weight_map"] is True
+    final = json.loads((trained / "metrics.json").read_text())["final"]
+    for key in ("f1", "precision", "recall", "ap_dsb", "pq", "sq", "rq", "splits", "merges"):
+        assert key in final["instance"], key
+    assert 0 <= final["instance"]["f1"] <= 1 and "dice_cells" in final
+
+
+def test_predict_writes_16bit_label_images(data, trained, tmp_path):
+    root, idir, _, _ = data
+    out = tmp_path / "pred"
+    p = cli("predict", "--model", trained / "model.npz", "--input", idir, "--out", out,
+            "--min-size", "0", "--backend", "numpy")
+    assert p.returncode == 0, p.stderr
+    assert "trained with --instances" in p.stdout
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == sorted(f"{f.stem}.tif" for f in idir.iterdir())
+    tifffile = pytest.importorskip("tifffile")
+    arr = tifffile.imread(files[0])
+    assert arr.dtype == np.uint16 and arr.shape == (32, 32)
+    ids = np.unique(arr)
+    assert ids[0] == 0 or len(ids) == int(arr.max())          # 1..K, renumbered
+    assert np.array_equal(np.unique(arr[arr > 0]), np.arange(1, int(arr.max()) + 1))
+    before = files[0].read_bytes()
+    assert_error(cli("predict", "--model", trained / "model.npz", "--input", idir, "--out", out),
+                 "exist", "--overwrite")
+    assert files[0].read_bytes() == before
+    # 16-bit PNG on request, and the tiled prediction gives the same objects
+    p = cli("predict", "--model", trained / "model.npz", "--input", idir, "--out", out,
+            "--format", "png", "--tile", "16", "--min-size", "0", "--backend", "numpy")
+    assert p.returncode == 0, p.stderr
+    png = out / files[0].name.replace(".tif", ".png")
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.mode.startswith("I")                         # 16-bit grayscale
+    assert np.array_equal(read_labels(png), arr)
+
+
+def test_evaluate_instances_json_is_all_of_stdout(data, trained):
+    root, idir, mdir, labs = data
+    p = cli("evaluate", "--model", trained / "model.npz", "--images", idir, "--masks", mdir,
+            "--json", "--backend", "auto")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)                                  # nothing else on stdout
+    inst = doc["instance"]
+    for key in ("f1", "precision", "recall", "ap_dsb", "pq", "sq", "rq", "splits", "merges"):
+        assert key in inst, key
+    assert inst["n_true"] == sum(len(np.unique(a)) - 1 for a in labs)
+    assert len(doc["instance_per_image"]) == len(labs)
+    assert "f1" in p.stderr and "backend:" in p.stderr        # the table and messages: stderr
+    q = cli("evaluate", "--model", trained / "model.npz", "--images", idir, "--masks", mdir,
+            "--backend", "numpy")
+    assert q.returncode == 0 and "ap_dsb" in q.stdout and "objects (IoU > 0.5)" in q.stdout
+
+
+def test_evaluate_instances_of_a_class_model(data, tmp_path):
+    """A binary model's objects are the connected components of its prediction."""
+    root, idir, mdir, labs = data
+    bdir = tmp_path / "binary"
+    bdir.mkdir()
+    from unet_np.data import write_mask
+    for f, lab in zip(sorted(idir.iterdir()), labs):
+        write_mask(bdir / f.name, (lab > 0).astype(np.int64), "binary255")
+    out = tmp_path / "run"
+    assert cli("train", "--images", idir, "--masks", bdir, "--out", out, *TINY).returncode == 0
+    p = cli("evaluate", "--model", out / "model.npz", "--images", idir, "--masks", mdir,
+            "--instances", "--json", "--backend", "numpy")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["instance"]["objects_from"].startswith("connected components")
+    assert_error(cli("evaluate", "--model", out / "model.npz", "--images", idir, "--masks", mdir,
+                     "--backend", "numpy"), "--instances")
+
+
+def test_resume_keeps_instances(data, trained, tmp_path):
+    import shutil
+    root, idir, mdir, _ = data
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    p = cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume",
+            out / "last.npz", "--epochs", "3", "--backend", "numpy")
+    assert p.returncode == 0, p.stderr
+    assert "--instances: " in p.stdout and "border 1 px" in p.stdout
+    assert_error(cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume",
+                     out / "last.npz", "--epochs", "4", "--border", "3"), "--border 3")
