@@ -171,3 +171,14 @@ def test_resume_keeps_instances(data, trained, tmp_path):
     assert "--instances: " in p.stdout and "border 1 px" in p.stdout
     assert_error(cli("train", "--images", idir, "--masks", mdir, "--out", out, "--resume",
                      out / "last.npz", "--epochs", "4", "--border", "3"), "--border 3")
+
+
+def test_instance_colours_tell_objects_apart():
+    from unet_np.viz import instance_rgb
+    lab = np.array([[0, 1, 1, 7], [65535, 65535, 2, 7]])
+    rgb = instance_rgb(lab)
+    assert rgb.shape == (2, 4, 3) and np.all(rgb[0, 0] == 0)
+    assert np.array_equal(rgb[0, 1], rgb[0, 2]) and np.array_equal(rgb[0, 3], rgb[1, 3])
+    colours = {tuple(np.round(rgb[lab == i][0], 6)) for i in (1, 2, 7, 65535)}
+    assert len(colours) == 4 and all(max(c) > 0.5 for c in colours)
+    assert np.array_equal(instance_rgb(lab, seed=3), instance_rgb(lab, seed=3))
