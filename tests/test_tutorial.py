@@ -5,6 +5,7 @@ The blocks carry their own checks (gradients against finite differences, the tra
 scores); this file also checks that the tutorial covers what the issue said no document did, and
 that the files it promises are written. Needs Pillow (PNG folders) and matplotlib (the pictures),
 both in the [viz] and [test] extras. The training is tiny: about 10-20 s on 2 cores."""
+import contextlib
 import os
 
 import pytest
@@ -13,6 +14,14 @@ from tests.doc_blocks import python_blocks, run_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = "docs/tutorial.md"
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                    # threadpoolctl comes with the [test] and [numba] extras
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _code():
@@ -44,7 +53,12 @@ def test_tutorial_every_python_block_runs(tmp_path, monkeypatch):
     pytest.importorskip("PIL", reason="the tutorial writes PNG folders: Pillow ([viz] extra)")
     pytest.importorskip("matplotlib", reason="the tutorial draws feature maps: matplotlib ([viz] extra)")
     monkeypatch.chdir(tmp_path)
-    ns = run_blocks(os.path.join(ROOT, TUTORIAL))
+    # One BLAS thread: the tutorial's matrices are small, and on a busy machine BLAS threads that
+    # wait for each other cost more than they give (measured on 2 shared cores, load about 10: 77 s
+    # with the default threads, 19 s with one). The results do not depend on it beyond the last bits,
+    # which the tutorial's checks leave room for.
+    with _one_blas_thread():
+        ns = run_blocks(os.path.join(ROOT, TUTORIAL))
     for path in ("train/images/img_0000.png", "train/masks/img_0000.png", "test/images/img_0003.png",
                  "run/model.npz", "run/last.npz", "cells.npz", "feature_maps.png", "weight_map.png"):
         assert (tmp_path / path).is_file(), path
