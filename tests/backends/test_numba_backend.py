@@ -492,3 +492,56 @@ def test_fused_optimizer_updates_bit_for_bit(name, hyper, dtype, monkeypatch):
     for k, v in opts[1].state_dict().items():
         np.testing.assert_array_equal(opts[0].state_dict()[k], v)
     assert len(calls) == 5 * len(shapes)            # one fused pass per parameter and step
+
+
+# -- 3-D primitives: the compiled vol2col / col2vol and max-pool against the numpy backend -----------
+CONV3D_CASES = [
+    # x shape, w shape, stride, padding ((before, after) per axis), dilation
+    ((2, 3, 5, 6, 7), (4, 3, 3, 3, 3), 1, ((1, 1),) * 3, 1),
+    ((1, 2, 5, 6, 7), (3, 2, 1, 3, 3), (1, 2, 2), ((0, 0), (1, 1), (1, 1)), 1),
+    ((2, 2, 7, 6, 5), (3, 2, 2, 3, 2), (2, 1, 3), ((1, 0), (2, 1), (0, 1)), (1, 2, 1)),
+    ((2, 3, 4, 5, 3), (2, 3, 1, 1, 1), 1, 0, 1),
+    ((1, 1, 4, 4, 4), (6, 1, 3, 3, 3), 2, ((1, 1),) * 3, 1),          # stride 2: col2vol input grad
+]
+
+
+@pytest.mark.parametrize("tile_bytes", [64, 48 << 20])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CONV3D_CASES)
+def test_conv3d_numba_matches_numpy(case, dtype, tile_bytes, nb, monkeypatch):
+    from unet_np.nn import conv3d_fast
+    monkeypatch.setattr(conv3d_fast, "TILE_BYTES", tile_bytes)
+    xs, ws, s, p, d = case
+    rng = np.random.default_rng(21)
+    x, w = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    ref = backends.get("numpy")
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    y, c = nb.conv3d_forward(x, w, b, s, p, d)
+    y0, c0 = ref.conv3d_forward(x, w, b, s, p, d)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    assert rel(y, y0) < tol
+    for a, r in zip(nb.conv3d_backward(dy, c), ref.conv3d_backward(dy, c0)):
+        assert a.dtype == dtype and rel(a, r) < tol
+    # the transposed convolution with the same weight read as (Cin, Cout, ...) = w's (O, C, ...)
+    xt = rng.standard_normal((xs[0], ws[0]) + tuple(xs[2:])).astype(dtype)
+    y, c = nb.conv_transpose3d_forward(xt, w, b[:ws[1]] if ws[1] <= ws[0] else None, s, 0, 0, d)
+    y0, c0 = ref.conv_transpose3d_forward(xt, w, b[:ws[1]] if ws[1] <= ws[0] else None, s, 0, 0, d)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    assert rel(y, y0) < tol
+    for a, r in zip(nb.conv_transpose3d_backward(dy, c), ref.conv_transpose3d_backward(dy, c0)):
+        if r is not None:
+            assert rel(a, r) < tol
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), ((1, 2, 2), (1, 2, 2), 0), (3, 2, 1)])
+def test_maxpool3d_numba_matches_numpy(kernel, stride, padding, nb):
+    rng = np.random.default_rng(22)
+    x = np.round(rng.standard_normal((2, 3, 5, 7, 6)) * 2)        # ties: the first maximum wins
+    x[0, 0, 0, 0, 0] = np.nan                                      # NaN propagates as in the reference
+    ref = backends.get("numpy")
+    y, c = nb.maxpool3d_forward(x, kernel, stride, padding)
+    y0, c0 = ref.maxpool3d_forward(x, kernel, stride, padding)
+    assert np.array_equal(y, y0, equal_nan=True) and np.array_equal(c[0], c0[0])
+    dy = rng.standard_normal(y.shape)
+    assert np.array_equal(nb.maxpool3d_backward(dy, c), ref.maxpool3d_backward(dy, c0))

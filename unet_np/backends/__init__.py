@@ -47,6 +47,14 @@ class Backend:
         self.name = name
         self.xp = xp
         self.ops = dict(ops)
+        if getattr(xp, "__name__", "numpy") != "numpy":
+            # primitives this backend took unchanged from the NumPy reference, and which that
+            # reference computes with NumPy calls only, run on the host (see host_fallback)
+            from .numpy_backend import HOST_ONLY, reference_ops
+            ref = reference_ops()
+            for key in HOST_ONLY:
+                if self.ops.get(key) is ref[key]:
+                    self.ops[key] = host_fallback(ref[key], xp)
         for key, fn in self.ops.items():
             setattr(self, key, fn)
 
@@ -56,6 +64,27 @@ class Backend:
 
     def __repr__(self):
         return f"Backend({self.name!r})"
+
+
+def host_fallback(fn, xp):
+    """``fn``, a NumPy reference primitive, for a backend whose arrays live elsewhere (a GPU): its
+    array arguments are copied to the host, and the arrays it returns (the result, or the entries of
+    a result tuple: y of (y, cache), each of (dx, dw, db)) copied back with ``xp.asarray``. A cache
+    stays on the host, where the matching backward (also a fallback) reads it. Correct, not fast:
+    a backend replaces the entry with its own kernel to go fast."""
+    import numpy as np
+
+    def host(*args, **kwargs):
+        args = [to_numpy(a) if hasattr(a, "shape") and hasattr(a, "dtype") else a for a in args]
+        out = fn(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(xp.asarray(o) if isinstance(o, np.ndarray) else o for o in out)
+        return xp.asarray(out) if isinstance(out, np.ndarray) else out
+
+    host.__name__ = getattr(fn, "__name__", "primitive")
+    host.__doc__ = f"{fn.__doc__ or ''}\n(Run on the host: this backend has no kernel for it.)"
+    host.reference = fn
+    return host
 
 
 class BackendUnavailable(RuntimeError):

@@ -9,6 +9,9 @@ What changes against the numpy backend:
     F(4x4, 3x3): 36 GEMMs with K = C between compiled tile transforms (kernels/cpu_winograd.py),
     4x fewer multiply-adds than im2col, for the forward, the weight and the input gradient;
   * the 2x2 stride-2 max-pool is one pass with a compact argmax (kernels/cpu_pool.py);
+  * 3-D convolutions run the band-tiled driver of unet_np/nn/conv3d_fast.py with compiled vol2col /
+    col2vol (kernels/cpu_conv3d.py); 3-D max-pools whose windows tile the volume (2x2x2, (1, 2, 2))
+    are one compiled pass;
   * ReLU forward and backward are single parallel passes (kernels/cpu_activation.py);
   * SGD and Adam/AdamW update each parameter in one parallel pass (kernels/cpu_optim.py, taken by
     unet_np.optim through the backend's sgd_step / adam_step), bit for bit the array code's result.
@@ -89,8 +92,8 @@ def _start_numba_threads():
 
 _start_numba_threads()
 
-from ..kernels import cpu_activation, cpu_conv, cpu_optim, cpu_pool, cpu_winograd
-from ..nn import conv_fast
+from ..kernels import cpu_activation, cpu_conv, cpu_conv3d, cpu_optim, cpu_pool, cpu_winograd
+from ..nn import conv3d_fast, conv_fast
 from ..nn import pool as _pool
 from ..nn.shapes import pair
 
@@ -203,6 +206,28 @@ NUMBA_CONV_KERNELS = conv_fast.ConvKernels(_im2col_tile, _add_bias, _channel_sum
                                        _shuffle, _unshuffle, winograd=_Winograd())
 
 
+# -- 3-D convolution helpers (the driver is unet_np/nn/conv3d_fast.py) -------------------------------
+def _vol2col_band(x, n, d0, d1, kernel, out_hw, stride, lead, dilation, out):
+    cpu_conv3d.vol2col_band(x, n, d0, d1, kernel[0], kernel[1], kernel[2], out_hw[0], out_hw[1],
+                            stride[0], stride[1], stride[2], lead[0], lead[1], lead[2], dilation[0],
+                            dilation[1], dilation[2], out)
+
+
+def _col2vol_band(dcols, dx, n, d0, d1, kernel, out_hw, stride, lead, dilation):
+    cpu_conv3d.col2vol_band(dcols, dx, n, d0, d1, kernel[0], kernel[1], kernel[2], out_hw[0],
+                            out_hw[1], stride[0], stride[1], stride[2], lead[0], lead[1], lead[2],
+                            dilation[0], dilation[1], dilation[2])
+
+
+def _channel_sum_nd(a):
+    a = np.ascontiguousarray(a)
+    return cpu_conv.channel_sum(a.reshape(a.shape[0], a.shape[1], 1, -1))
+
+
+NUMBA_CONV3D_KERNELS = conv3d_fast.Conv3dKernels(_vol2col_band, _col2vol_band, _add_bias,
+                                                 _channel_sum_nd)
+
+
 # -- max-pool -------------------------------------------------------------------------------------
 def _is_2x2(kernel, stride, padding):
     return (pair(kernel) == (2, 2) and pair(stride) == (2, 2)
@@ -222,6 +247,30 @@ def maxpool2d_backward(dy, cache):
     if not _is_2x2(kernel, stride, padding):
         return _pool.maxpool2d_backward(dy, cache)
     return cpu_pool.maxpool2x2_backward(np.ascontiguousarray(dy), arg, shape[2], shape[3])
+
+
+def _is_tiling3d(kernel, stride, padding):
+    """Windows that neither overlap nor leave gaps, no padding, at most 255 positions (uint8 argmax)."""
+    return (pair(kernel, dims=3) == pair(stride, dims=3) and pair(padding, dims=3) == (0, 0, 0)
+            and int(np.prod(pair(kernel, dims=3))) <= 255)
+
+
+def maxpool3d_forward(x, kernel, stride, padding):
+    """As unet_np.nn.pool.maxpool3d_forward; windows that tile the volume (2x2x2 or (1, 2, 2)
+    stride = kernel) in one compiled pass, with the reference's argmax encoding."""
+    if not _is_tiling3d(kernel, stride, padding):
+        return _pool.maxpool3d_forward(x, kernel, stride, padding)
+    k = pair(kernel, dims=3)
+    y, arg = cpu_conv3d.maxpool3d_tiled_forward(np.ascontiguousarray(x), k[0], k[1], k[2])
+    return y, (arg, x.shape, k, k, (0, 0, 0))
+
+
+def maxpool3d_backward(dy, cache):
+    arg, shape, kernel, stride, padding = cache
+    if not _is_tiling3d(kernel, stride, padding):
+        return _pool.maxpool3d_backward(dy, cache)
+    return cpu_conv3d.maxpool3d_tiled_backward(np.ascontiguousarray(dy), arg, kernel[0], kernel[1],
+                                               kernel[2], shape[2], shape[3], shape[4])
 
 
 # -- ReLU -------------------------------------------------------------------------------------------
@@ -282,7 +331,9 @@ def adam_step(p, grad, m, v, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_deca
 def numba_ops():
     """name -> function for every primitive this backend replaces."""
     ops = dict(conv_fast.make_conv_primitives(NUMBA_CONV_KERNELS))
+    ops.update(conv3d_fast.make_conv3d_primitives(NUMBA_CONV3D_KERNELS))
     ops.update(maxpool2d_forward=maxpool2d_forward, maxpool2d_backward=maxpool2d_backward,
+               maxpool3d_forward=maxpool3d_forward, maxpool3d_backward=maxpool3d_backward,
                relu_forward=relu_forward, relu_backward=relu_backward)
     return ops
 

@@ -14,5 +14,14 @@ def reference_ops():
     return ops
 
 
+# Reference primitives written with NumPy calls only (the 3-D families). A backend on another array
+# module (CuPy) that does not replace one of them runs it on the host (backends.host_fallback).
+HOST_ONLY = ("conv3d_forward", "conv3d_backward", "conv_transpose3d_forward", "conv_transpose3d_backward",
+             "maxpool3d_forward", "maxpool3d_backward",
+             "upsample_trilinear3d_forward", "upsample_trilinear3d_backward",
+             "upsample_nearest3d_forward", "upsample_nearest3d_backward",
+             "pad3d_forward", "pad3d_backward")
+
+
 def make_backend():
     return Backend("numpy", np, reference_ops())
