@@ -18,7 +18,10 @@ What it measures (float32, batch 16, 256x256 by default):
   * where the cupy backend's step goes: CUDA events around every leaf module's forward and backward,
     the loss and the optimizer;
   * the hand-written tiled SGEMMs of kernels/cuda/gemm.cu against cuBLAS at 4096^3 (each checked
-    against cuBLAS's result before it is timed).
+    against cuBLAS's result before it is timed);
+  * numba-cuda's batched GEMM (kernels/cuda_gemm.py gemm_batched) against cuBLAS on the Winograd
+    position GEMMs of this benchmark's networks (36 per convolution, one launch), checked first, and
+    the old path (36 launches of the blocked kernel) on the first shape.
 Before any timing, the cupy model's logits are checked against PyTorch's on the same weights.
 Writes benchmarks/results/gpu-<date>-<device>.json and .md, and prints the markdown.
 
@@ -390,8 +393,18 @@ def layer_breakdown(net, args, x, t, weights, smoke, steps=2):
         undo.append(lambda: obj.__dict__.pop(method, None))
 
     leaves = []
+    # On a backend that fuses Conv2d -> ReLU (backend.fused), a U-Net block (models/base.py ConvBlock)
+    # runs its pairs as one primitive and never calls those layers' forward: it is timed as one unit,
+    # type 'ConvBlock', and its layers are not wrapped.
+    fused = "conv2d_relu" in getattr(backend, "fused", ())
+    units = []
     for name, m in model.named_modules():
-        if not m.children():
+        if any(name.startswith(u) for u in units):
+            continue
+        unit = fused and type(m).__name__ == "ConvBlock"
+        if unit:
+            units.append(name)
+        if unit or not m.children():
             leaves.append((name.rstrip("."), m))
             wrap(m, "forward", (name.rstrip("."), type(m).__name__, "forward"))
             wrap(m, "backward", (name.rstrip("."), type(m).__name__, "backward"))
@@ -470,6 +483,71 @@ def gemm_comparison(n, smoke):
             entry.update(s=t, tflops=2 * n ** 3 / t / 1e12, fraction_of_cublas=out["cublas"]["s"] / t)
         out[f"tiled_v{v}"] = entry
     del a, b, ref
+    _free_gpu_memory(False)
+    return out
+
+
+# The Winograd position GEMMs of a batch-16, 256x256 U-Net (F(4x4, 3x3): P = 16 * (S/4)^2 tiles):
+# (name, M, N, K, trans_b): forward / input gradient M = U @ V (O x P, K = C) per level, and the
+# weight gradient dU = Z @ V^T (O x C, K = P).
+WINO_GEMM_SHAPES = (
+    ("fwd 64ch 256^2", 64, 65536, 64, False), ("fwd 128ch 128^2", 128, 16384, 128, False),
+    ("fwd 256ch 64^2", 256, 4096, 256, False), ("fwd 512ch 32^2", 512, 1024, 512, False),
+    ("dW 64ch 256^2", 64, 64, 65536, True), ("dW 256ch 64^2", 256, 256, 4096, True),
+)
+
+
+def numba_gemm_comparison(smoke, batch=36, repeats=5):
+    """numba-cuda's batched GEMM (kernels/cuda_gemm.py gemm_batched, default tiles) against cuBLAS
+    (cupy.matmul on the stacked (36, M, K) x (36, K, N) arrays) on the Winograd GEMM shapes, float32;
+    plus, on the first shape, the old path (36 launches of the blocked layout kernel)."""
+    if smoke:
+        return dict(skipped="--smoke: no GPU")
+    import cupy
+    from unet_np.kernels import cuda_gemm
+
+    def timed(fn):
+        fn()
+        cupy.cuda.Device().synchronize()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            cupy.cuda.Device().synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    rng = cupy.random.default_rng(0)
+    out = dict(batch=batch, config=dict(big=cuda_gemm.BATCHED_GPU_CONFIGS[0], small=cuda_gemm.BATCHED_GPU_CONFIGS[1]))
+    for i, (name, M, N, K, tb) in enumerate(WINO_GEMM_SHAPES):
+        a = rng.standard_normal((batch, M, K), dtype=cupy.float32)
+        b = rng.standard_normal((batch, N, K) if tb else (batch, K, N), dtype=cupy.float32)
+        bt = b.transpose(0, 2, 1) if tb else b
+        flop = 2 * batch * M * N * K
+        ref = cupy.matmul(a, bt)
+        entry = dict(M=M, N=N, K=K, trans_b=tb, flop=flop)
+        t = timed(lambda: cupy.matmul(a, bt))
+        entry["cublas"] = dict(s=t, tflops=flop / t / 1e12)
+        c = cupy.empty((batch, M, N), dtype=cupy.float32)
+        run = lambda: cuda_gemm.gemm_batched(a.reshape(-1), b.reshape(-1), c.reshape(-1), M, N, K,  # noqa: E731
+                                             batch=batch, trans_b=tb)
+        run()
+        err = float(cupy.abs(c - ref).max()) / float(cupy.abs(ref).max())
+        entry["batched"] = dict(rel_err_vs_cublas=err)
+        if err <= 1e-4:
+            t = timed(run)
+            entry["batched"].update(s=t, tflops=flop / t / 1e12, fraction_of_cublas=entry["cublas"]["s"] / t)
+        if i == 0:                                 # the old path: 36 launches of the layout kernel
+            def old():
+                for p in range(batch):
+                    cuda_gemm.gemm(a[p].reshape(-1), b[p].reshape(-1), c[p].reshape(-1), M, N, K,
+                                   cuda_gemm.dense(K), cuda_gemm.dense(K if tb else N, trans=tb), cuda_gemm.dense(N))
+            t = timed(old)
+            entry["blocked_36_launches"] = dict(s=t, tflops=flop / t / 1e12, fraction_of_cublas=entry["cublas"]["s"] / t)
+        out[name] = entry
+        print(f"numba-cuda GEMM {name} (36 x {M}x{N}x{K}{' B^T' if tb else ''}): cuBLAS "
+              f"{entry['cublas']['tflops']:.2f} TFLOPS, gemm_batched "
+              f"{entry['batched'].get('tflops', float('nan')):.2f} (err {err:.1e})", flush=True)
     _free_gpu_memory(False)
     return out
 
@@ -580,6 +658,26 @@ def to_markdown(res):
                 lines.append(f"| gemm.cu tiled v{v} | - | - | - | {e.get('skipped', e.get('error', '-'))} |")
     elif g:
         lines += ["", f"SGEMM: {g.get('skipped') or g.get('error')}"]
+    ng = res.get("numba_gemm")
+    if isinstance(ng, dict) and any(isinstance(v, dict) and "cublas" in v for v in ng.values()):
+        lines += ["", f"numba-cuda gemm_batched on the Winograd GEMM shapes (batch {ng['batch']}, float32; "
+                      "issue 16 target: >= 0.5 of cuBLAS):", "",
+                  "| shape | M x N x K | cuBLAS TFLOPS | gemm_batched TFLOPS | fraction of cuBLAS | rel. err |",
+                  "|---|---|---|---|---|---|"]
+        for name, e in ng.items():
+            if not (isinstance(e, dict) and "cublas" in e):
+                continue
+            bt = e["batched"]
+            frac = f"{bt['fraction_of_cublas']:.3f}" if "fraction_of_cublas" in bt else "not timed"
+            lines.append(f"| {name} | {e['M']}x{e['N']}x{e['K']}{' (B^T)' if e['trans_b'] else ''} | "
+                         f"{e['cublas']['tflops']:.2f} | {_fmt(bt.get('tflops'), '.2f')} | {frac} | "
+                         f"{bt['rel_err_vs_cublas']:.1e} |")
+            if "blocked_36_launches" in e:
+                old = e["blocked_36_launches"]
+                lines.append(f"| {name}, old path (36 launches) | | | {old['tflops']:.2f} | "
+                             f"{old['fraction_of_cublas']:.3f} | |")
+    elif ng:
+        lines += ["", f"numba-cuda GEMM: {ng.get('skipped') or ng.get('error')}"]
     lb = res.get("layers")
     if isinstance(lb, dict) and "by_type" in lb:
         lines += ["", f"Where the cupy training step goes ({lb['net']}, {lb['step_ms']:.1f} ms per step by CUDA "
@@ -715,6 +813,16 @@ def main(argv=None):
                     f"v{v} {g[f'tiled_v{v}'].get('tflops', float('nan')):.2f}" for v in (1, 2)), flush=True)
             except Exception as exc:
                 res["gemm"] = dict(error=f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
+        save()
+    if args.gemm_n and not args.smoke and "numba-cuda" in backs:
+        if left() < 0 or usable.get("cupy") is not None:
+            res["numba_gemm"] = dict(skipped="time budget spent" if left() < 0 else "cupy unavailable")
+        else:
+            try:
+                res["numba_gemm"] = numba_gemm_comparison(args.smoke)
+            except Exception as exc:
+                res["numba_gemm"] = dict(error=f"{type(exc).__name__}: {exc}")
                 traceback.print_exc()
         save()
     if not args.no_layers and "cupy" in backs:

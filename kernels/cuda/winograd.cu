@@ -16,10 +16,14 @@
 //     y (N, O, Ho, Wo) = A^T M A        wino_output            (+ bias, then ReLU when relu != 0)
 // The weight gradient is the adjoint in g of the same product:
 //     Z (36, O, P) = A dY A^T           wino_output_grad       (dY: the tile's 4x4 block of dy)
+//     db (O,) = sum_t Z[7, :, t]        (row 1 of A is all ones: Z[7] sums the block)
 //     dU (36, O, C) = Z @ V^T           one batched GEMM
 //     dw (O, C, 3, 3) = G^T dU G        wino_filter_grad
 // and the input gradient is the forward of dy with the kernel flipped in space and transposed,
 // (C, O, 3, 3), with leading padding 2 - p (a correlation that gathers, no col2im).
+// A ReLU fused into the forward (wino_output's relu) has its backward fused here too: wino_input and
+// wino_output_grad take the forward's y as a mask and read dy * 1[y > 0], so the backward never
+// writes the masked dy (the activation is written once, in the forward).
 //
 // Tiles: tile t = (n * TH + th) * TW + tw covers output rows 4 th .. 4 th + 3 and columns
 // 4 tw .. 4 tw + 3 (TH = ceil(Ho / 4), TW = ceil(Wo / 4); outputs past Ho, Wo are not stored) and
@@ -142,9 +146,13 @@ __device__ void wino_filter_grad(const T* __restrict__ dU, T* __restrict__ dw, l
 // ---------------------------------------------------------------------------------------------------
 // wino_input: x (N, C, H, W) -> V (36, C, P), V[6k + l, c, t] = (B^T d B)[k, l] for the 6x6 tile d of
 // channel c read at rows 4 th - pt + a, columns 4 tw - pl + b (0 outside x). One thread per (c, t).
+// has_mask: x is the dy of a convolution whose ReLU was fused (mask: its output y, x's shape), and d
+// reads x where mask > 0, x * 0 elsewhere (the ReLU's backward, relu_bwd's formula), so the masked
+// dy is never written.
 // ---------------------------------------------------------------------------------------------------
 template <typename T>
-__device__ void wino_input(const T* __restrict__ x, T* __restrict__ V, long long N, long long C,
+__device__ void wino_input(const T* __restrict__ x, const T* __restrict__ mask, long long has_mask,
+                           T* __restrict__ V, long long N, long long C,
                            long long H, long long W, long long TH, long long TW, long long pt, long long pl) {
     const long long P = N * TH * TW, CP = C * P;
     GRID_STRIDE(e, CP) {
@@ -152,12 +160,18 @@ __device__ void wino_input(const T* __restrict__ x, T* __restrict__ V, long long
         const long long n = t / (TH * TW), th = (t / TW) % TH, tw = t % TW;
         const long long h0 = 4 * th - pt, w0 = 4 * tw - pl;
         const T* xc = x + (n * C + c) * H * W;
+        const T* mc = mask + (n * C + c) * H * W;
         double d[6][6], col[6], bc[6][6], v[6];
         for (int a = 0; a < 6; ++a) {
             const long long h = h0 + a;
             for (int b = 0; b < 6; ++b) {
                 const long long ww = w0 + b;
-                d[a][b] = (h >= 0 && h < H && ww >= 0 && ww < W) ? (double)xc[h * W + ww] : 0.0;
+                if (h >= 0 && h < H && ww >= 0 && ww < W) {
+                    const T xv = xc[h * W + ww];
+                    d[a][b] = (double)((!has_mask || mc[h * W + ww] > (T)0) ? xv : xv * (T)0);
+                } else {
+                    d[a][b] = 0.0;
+                }
             }
         }
         for (int b = 0; b < 6; ++b) {                  // B^T d: the 6 columns
@@ -210,22 +224,31 @@ __device__ void wino_output(const T* __restrict__ M, T* __restrict__ y, const T*
 
 // ---------------------------------------------------------------------------------------------------
 // wino_output_grad: dy (N, O, Ho, Wo) -> Z (36, O, P), Z[6k + l, o, t] = (A dY A^T)[k, l] for the
-// 4x4 block dY of tile t (0 past Ho, Wo): wino_output's adjoint, for the weight gradient.
+// 4x4 block dY of tile t (0 past Ho, Wo): wino_output's adjoint, for the weight gradient. has_mask:
+// dY reads dy where mask (the fused ReLU's output y) > 0, dy * 0 elsewhere. Row 1 of A is all ones,
+// so Z[7, o, t] is the sum of the block: the bias gradient is the sum of Z[7] over t.
 // ---------------------------------------------------------------------------------------------------
 template <typename T>
-__device__ void wino_output_grad(const T* __restrict__ dy, T* __restrict__ Z, long long N, long long O,
+__device__ void wino_output_grad(const T* __restrict__ dy, const T* __restrict__ mask, long long has_mask,
+                                 T* __restrict__ Z, long long N, long long O,
                                  long long Ho, long long Wo, long long TH, long long TW) {
     const long long P = N * TH * TW, OP = O * P;
     GRID_STRIDE(e, OP) {
         const long long o = e / P, t = e % P;
         const long long n = t / (TH * TW), th = (t / TW) % TH, tw = t % TW;
         const T* dyo = dy + (n * O + o) * Ho * Wo;
+        const T* mo = mask + (n * O + o) * Ho * Wo;
         double g[4][4], col[4], ac[4][6], z[6];
         for (int i = 0; i < 4; ++i) {
             const long long h = 4 * th + i;
             for (int j = 0; j < 4; ++j) {
                 const long long w = 4 * tw + j;
-                g[i][j] = (h < Ho && w < Wo) ? (double)dyo[h * Wo + w] : 0.0;
+                if (h < Ho && w < Wo) {
+                    const T v = dyo[h * Wo + w];
+                    g[i][j] = (double)((!has_mask || mo[h * Wo + w] > (T)0) ? v : v * (T)0);
+                } else {
+                    g[i][j] = 0.0;
+                }
             }
         }
         for (int j = 0; j < 4; ++j) {                  // A dY: the 4 columns
@@ -255,13 +278,15 @@ extern "C" __global__ void wino_filter_grad_f32(const float* dU, float* dw, long
 extern "C" __global__ void wino_filter_grad_f64(const double* dU, double* dw, long long O, long long C) {
     wino_filter_grad<double>(dU, dw, O, C);
 }
-extern "C" __global__ void wino_input_f32(const float* x, float* V, long long N, long long C, long long H, long long W, long long TH,
-                                          long long TW, long long pt, long long pl) {
-    wino_input<float>(x, V, N, C, H, W, TH, TW, pt, pl);
+extern "C" __global__ void wino_input_f32(const float* x, const float* mask, long long has_mask, float* V, long long N,
+                                          long long C, long long H, long long W, long long TH, long long TW, long long pt,
+                                          long long pl) {
+    wino_input<float>(x, mask, has_mask, V, N, C, H, W, TH, TW, pt, pl);
 }
-extern "C" __global__ void wino_input_f64(const double* x, double* V, long long N, long long C, long long H, long long W, long long TH,
-                                          long long TW, long long pt, long long pl) {
-    wino_input<double>(x, V, N, C, H, W, TH, TW, pt, pl);
+extern "C" __global__ void wino_input_f64(const double* x, const double* mask, long long has_mask, double* V, long long N,
+                                          long long C, long long H, long long W, long long TH, long long TW, long long pt,
+                                          long long pl) {
+    wino_input<double>(x, mask, has_mask, V, N, C, H, W, TH, TW, pt, pl);
 }
 extern "C" __global__ void wino_output_f32(const float* M, float* y, const float* bias, long long has_bias, long long relu,
                                            long long N, long long O, long long Ho, long long Wo, long long TH, long long TW) {
@@ -271,11 +296,11 @@ extern "C" __global__ void wino_output_f64(const double* M, double* y, const dou
                                            long long N, long long O, long long Ho, long long Wo, long long TH, long long TW) {
     wino_output<double>(M, y, bias, has_bias, relu, N, O, Ho, Wo, TH, TW);
 }
-extern "C" __global__ void wino_output_grad_f32(const float* dy, float* Z, long long N, long long O, long long Ho, long long Wo,
-                                                long long TH, long long TW) {
-    wino_output_grad<float>(dy, Z, N, O, Ho, Wo, TH, TW);
+extern "C" __global__ void wino_output_grad_f32(const float* dy, const float* mask, long long has_mask, float* Z, long long N,
+                                                long long O, long long Ho, long long Wo, long long TH, long long TW) {
+    wino_output_grad<float>(dy, mask, has_mask, Z, N, O, Ho, Wo, TH, TW);
 }
-extern "C" __global__ void wino_output_grad_f64(const double* dy, double* Z, long long N, long long O, long long Ho, long long Wo,
-                                                long long TH, long long TW) {
-    wino_output_grad<double>(dy, Z, N, O, Ho, Wo, TH, TW);
+extern "C" __global__ void wino_output_grad_f64(const double* dy, const double* mask, long long has_mask, double* Z, long long N,
+                                                long long O, long long Ho, long long Wo, long long TH, long long TW) {
+    wino_output_grad<double>(dy, mask, has_mask, Z, N, O, Ho, Wo, TH, TW);
 }

@@ -303,6 +303,40 @@ def test_conv_transpose2d(xb, case, dtype):
     _check_conv(xb.k, xb.put, "conv_transpose2d", case, dtype)
 
 
+class _OperandXp:
+    """An array module that records, for every matmul, whether both operands are C-contiguous."""
+
+    def __init__(self, xp):
+        self._xp = xp
+        self.operands = []
+
+    def __getattr__(self, name):
+        return getattr(self._xp, name)
+
+    def matmul(self, a, b, **kwargs):
+        self.operands.append((a.shape, b.shape, bool(a.flags.c_contiguous), bool(b.flags.c_contiguous)))
+        return self._xp.matmul(a, b, **kwargs)
+
+
+def test_weight_gradients_multiply_contiguous_columns(xb):
+    """The weight gradients of conv2d and conv_transpose2d (im2col path) read the columns from a
+    contiguous, transposed buffer (colsT), never through a transposed view (cols.T): their GEMM gets
+    C-contiguous operands."""
+    xp = _OperandXp(xb.xp)
+    k = cb.CudaKernels(xp, xb.k._get, winograd="never")
+    rng = rng_for("contiguous columns")
+    x = xb.put(rng.standard_normal((2, 3, 6, 5)))
+    for op, w, args in (("conv2d", rng.standard_normal((4, 3, 3, 3)), (1, 1, 1)),
+                        ("conv_transpose2d", rng.standard_normal((3, 4, 2, 2)), (2, 0, 0, 1))):
+        y, cache = getattr(k, f"{op}_forward")(x, xb.put(w), None, *args)
+        xp.operands.clear()
+        getattr(k, f"{op}_backward")(xb.put(rng.standard_normal(y.shape)), cache)
+        dw_gemms = [o for o in xp.operands if (o[0][0], o[1][1]) == (w.shape[0], int(np.prod(w.shape[1:])))]
+        assert len(dw_gemms) == 1, (op, xp.operands)
+        a_shape, b_shape, a_c, b_c = dw_gemms[0]
+        assert a_c and b_c, f"{op} backward: the weight gradient's GEMM {a_shape} @ {b_shape} reads a strided operand"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Winograd F(4x4, 3x3) (winograd.cu) and the fused bias + ReLU
 # ---------------------------------------------------------------------------------------------------
@@ -1068,6 +1102,7 @@ def test_unet_blocks_fuse_conv_relu(xb, winograd, dtype):
     x = rng.standard_normal((2, 1, 16, 12)).astype(dtype)
     t = rng.integers(0, 3, size=(2, 16, 12)).astype(np.int64)
     relu_fwd = ("elementwise", f"relu_fwd_{cb._SUFFIX[np.dtype(dtype)]}")
+    relu_bwd = ("elementwise", f"relu_bwd_{cb._SUFFIX[np.dtype(dtype)]}")
     results = []
     for m in models:
         loss_fn = CrossEntropyLoss(backend=m.backend)
@@ -1076,13 +1111,17 @@ def test_unet_blocks_fuse_conv_relu(xb, winograd, dtype):
         relus = launches[relu_fwd]
         loss = loss_fn.forward(y, t)
         m.zero_grad()
+        launches.clear()
         dx = m.backward(loss_fn.backward())
+        relus = (relus, launches[relu_bwd])
         grads = {n: backends.to_numpy(p.grad).copy() for n, p in m.named_parameters()}
         SGD(m.parameters(), lr=0.05, momentum=0.9).step()
         results.append((y, loss, dx, grads, m.state_dict(), relus))
     blocks = 5                                   # enc1, enc2, bottleneck, dec2, dec1: two ReLUs each
-    assert results[1][5] == 0, "the fused model launched ReLU kernels of its own"
-    assert results[2][5] == 2 * blocks, "the unfused model runs one ReLU kernel per ReLU layer"
+    assert results[1][5][0] == 0, "the fused model launched ReLU kernels of its own"
+    assert results[2][5] == (2 * blocks, 2 * blocks), "the unfused model runs one ReLU kernel per ReLU layer"
+    # On the Winograd path the mask is applied inside the transforms that read dy: no relu_bwd pass
+    assert results[1][5][1] == (0 if winograd == "always" else 2 * blocks)
     (y_r, l_r, dx_r, g_r, s_r, _) = results[0]
     for what, (y, loss, dx, g, s, _) in (("fused", results[1]), ("unfused", results[2]),
                                           ("fused vs unfused", results[2])):

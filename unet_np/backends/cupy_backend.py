@@ -37,6 +37,11 @@ import os
 import numpy as np
 
 from . import Backend
+from ..kernels.cupy_conv import SUFFIX as _SUFFIX, WINOGRAD_MODES, Convolutions, float_dtype, kernel_int
+from ..nn.shapes import pair, scale_pair      # the reference primitives' hyper-parameter normalisation
+
+_i = kernel_int                 # a ``long long`` kernel argument
+_dtype = float_dtype            # the array's dtype, float32 or float64 (TypeError otherwise)
 
 FAMILIES = ("conv", "winograd", "pool", "elementwise", "upsample", "norm", "loss", "optim", "gemm")
 THREADS = 256              # threads per block for the 1-D grid-stride kernels (norm.cu needs 2^k)
@@ -95,19 +100,6 @@ def _cupy_module(family):
 @functools.lru_cache(maxsize=None)
 def _cupy_function(family, name):
     return _cupy_module(family).get_function(name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Small helpers (hyper-parameters as in unet_np/nn/*.py)
-# ---------------------------------------------------------------------------------------------------
-# The same hyper-parameter normalisation as the reference primitives.
-from ..nn.shapes import padding_pairs, pair, scale_pair  # noqa: E402
-from ..kernels.cupy_conv import (SUFFIX as _SUFFIX, WINOGRAD_MODES, Convolutions,  # noqa: E402
-                                 float_dtype, kernel_int)
-
-
-_i = kernel_int                 # a ``long long`` kernel argument
-_dtype = float_dtype            # the array's dtype, float32 or float64 (TypeError otherwise)
 
 
 # ---------------------------------------------------------------------------------------------------
