@@ -58,9 +58,11 @@ def build_parser():
     p.add_argument("--nets", default="article,depth4", help="comma list of article,depth4")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=256, help="image height = width")
-    p.add_argument("--backends", default="cupy,cupy-im2col,cupy-tf32,numba-cuda",
+    p.add_argument("--backends", default="cupy,cupy-im2col,cupy-tf32,cupy-direct,numba-cuda",
                    help="unet_np backends to time; cupy-im2col: the cupy backend with Winograd off "
-                        "(winograd='never'), cupy-tf32: with allow_tf32 (compare with torch_tf32_on)")
+                        "(winograd='never'), cupy-tf32: with allow_tf32 (compare with torch_tf32_on), "
+                        "cupy-direct: Winograd off and every forward through the implicit-GEMM kernel "
+                        "(direct='always'; compare with cupy-im2col)")
     p.add_argument("--modes", default="train,forward", help="comma list of train,forward")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, autotuning)")
@@ -298,7 +300,9 @@ def run_torch(net, args, x, t, device, smoke, tf32):
 
 
 # Variants of the cupy backend timed under names of their own: settings of backend.kernels.
-CUPY_VARIANTS = {"cupy-im2col": dict(winograd="never"), "cupy-tf32": dict(allow_tf32=True)}
+CUPY_VARIANTS = {"cupy-im2col": dict(winograd="never"), "cupy-tf32": dict(allow_tf32=True),
+                 # every convolution forward through direct.cu's implicit GEMM (compare with cupy-im2col)
+                 "cupy-direct": dict(winograd="never", direct="always")}
 
 
 def base_backend(name):
@@ -311,16 +315,18 @@ def run_ours(net, name, args, x, t, weights, smoke):
     backend = backends.get("numpy" if smoke else base_backend(name))
     k = getattr(backend, "kernels", None)
     variant = CUPY_VARIANTS.get(name, {}) if k is not None else {}
-    saved = (k.winograd, k.allow_tf32) if k is not None else None
+    saved = (k.winograd, k.allow_tf32, k.direct) if k is not None else None
     try:
         if "winograd" in variant:
             k.winograd = variant["winograd"]
+        if "direct" in variant:
+            k.direct = variant["direct"]
         if variant.get("allow_tf32"):
             k.set_allow_tf32(True)
         return _run_ours(net, name, backend, args, x, t, weights, smoke)
     finally:
         if k is not None:
-            k.winograd = saved[0]
+            k.winograd, k.direct = saved[0], saved[2]
             k.set_allow_tf32(saved[1])
 
 

@@ -18,6 +18,8 @@ kernels/cpu_winograd.py); the CUDA transforms in winograd.cu use its formulas an
     transposed conv        its adjoint: y = col2im(W^T @ X) + b;  dx = W @ im2col(dy);  dW = X @ colsT,
                            colsT = im2col(dy) written transposed (contiguous), as the conv's dW
     1x1, stride 1          no column buffer: one batched GEMM on the NCHW arrays
+    direct (off: 'direct') the forward as an implicit GEMM (direct.cu): the column tiles gathered
+                           from x into shared memory, no column buffer (see DIRECT_MODES)
 
 activation='relu' (conv2d_forward only; not in the reference table's signature, so a layer must ask
 for it: backend.fused holds 'conv2d_relu'): y = max(conv + b, 0) in the pass that writes y, and the
@@ -34,6 +36,19 @@ from unet_np.nn.shapes import padding_pairs, pair
 
 SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 WINOGRAD_MODES = ("auto", "always", "never")
+# The implicit-GEMM direct convolution (direct.cu) for the forwards Winograd does not take:
+#   'never'   (the default) im2col + cuBLAS, and 1x1 convolutions one cuBLAS GEMM on the NCHW arrays;
+#   'always'  every such forward (1x1 included) through conv_implicit_gemm;
+#   'auto'    a rule on paper, NOT measured: the im2col path moves 2 * K * N*Ho*Wo values (write the
+#             columns, read them back) for 2 * O * K * N*Ho*Wo FLOPs, i.e. O / 4 FLOP per byte in
+#             float32; an H100 does about 15 FLOP per byte of HBM (50 TFLOPS / 3.35 TB/s), so at
+#             O <= 32 output channels the column traffic takes at least twice the GEMM's time at peak,
+#             and a kernel at half of cuBLAS's speed that skips it should win. So 'auto' uses it for
+#             convolutions other than 1x1 with O <= DIRECT_MAX_OUT (and 32-bit indices).
+# Off by default: nothing here has been timed on a GPU (benchmarks/gpu.py has the variant cupy-direct
+# to time it; issue 16). The weight and input gradients keep the im2col path (the forward keeps x).
+DIRECT_MODES = ("never", "always", "auto")
+DIRECT_MAX_OUT = 32
 # 'auto' runs Winograd for 3x3 stride-1 convolutions with at least this many input AND output
 # channels (as the numba CPU backend, unet_np/nn/conv_fast.py WINO_MIN_CHANNELS): below it the 36
 # GEMMs with K = C (or O) run far from cuBLAS peak. To be measured per shape on a GPU (issue 16).
@@ -58,7 +73,10 @@ _i = kernel_int
 
 class Convolutions:
     """The four convolution primitives (and conv2d_forward's activation='relu'). Needs, from the class
-    it is mixed into: xp, winograd ('auto' | 'always' | 'never'), _launch, _c, _reduce, _matmul."""
+    it is mixed into: xp, winograd ('auto' | 'always' | 'never'), _launch, _fn, _c, _reduce, _matmul.
+    ``direct`` (DIRECT_MODES, an attribute to set on the instance) picks the implicit-GEMM forward."""
+
+    direct = "never"
 
     # -- the memory passes ------------------------------------------------------------------------
     def _swap01(self, src, A, B, L, bias=None, relu=False):
@@ -158,6 +176,32 @@ class Convolutions:
         self._launch("winograd", "wino_filter_grad", dy.dtype, O * C, dU, dw, _i(O), _i(C))
         return dw, db
 
+    # -- the direct convolution (direct.cu) -------------------------------------------------------------
+    def _use_direct(self, kh, kw, O, sizes):
+        if self.direct not in DIRECT_MODES:
+            raise ValueError(f"direct must be one of {', '.join(DIRECT_MODES)}, got {self.direct!r}")
+        if self.direct == "never" or max(sizes) >= 2 ** 31:          # the kernels index in 32 bits
+            return False
+        return self.direct == "always" or ((kh, kw) != (1, 1) and O <= DIRECT_MAX_OUT)
+
+    def _direct_conv(self, x, w, b, geom, O, relu, naive=False):
+        """y (N, O, Ho, Wo) = act(conv2d(x, w) + b) without a column buffer: conv_implicit_gemm (64x64
+        output tiles, 256 threads, 4x4 outputs each), or with naive conv_direct_naive (one thread per
+        output)."""
+        N, C, H, W, kh, kw, Ho, Wo, sh, sw, pt, pl, dh, dw = geom
+        y = self.xp.empty((N, O, Ho, Wo), dtype=x.dtype)
+        args = (x, w, y if b is None else b, _i(b is not None), _i(relu), y) + tuple(
+            np.int32(v) for v in (N, C, H, W, O, kh, kw, Ho, Wo, sh, sw, pt, pl, dh, dw))
+        if naive:
+            self._launch("direct", "conv_direct_naive", x.dtype, y.size, *args)
+            return y
+        dc, r = divmod(8, kh * kw)                 # BK = 8 = dc*kh*kw + di*kw + dj (see direct.cu)
+        di, dj = divmod(r, kw)
+        grid = (-(-(N * Ho * Wo) // 64), -(-O // 64), 1)
+        self._fn("direct", "conv_implicit_gemm", x.dtype)(grid, (256, 1, 1),
+                                                          args + (np.int32(dc), np.int32(di), np.int32(dj)))
+        return y
+
     # -- conv2d ---------------------------------------------------------------------------------------
     def conv2d_forward(self, x, w, b, stride=1, padding=0, dilation=1, activation=None):
         """y = act(conv2d(x, w) + b). x (N, C, H, W), w (O, C, kh, kw), b (O,) or None; activation None
@@ -183,6 +227,9 @@ class Convolutions:
         if self._use_winograd(kh, kw, (sh, sw), (dh, dw), C, O):
             kind = "winograd"
             y = self._wino_conv(x, self._wino_filter(w), b, Ho, Wo, (pt, pl), relu=relu)
+        elif self._use_direct(kh, kw, O, (x.size, w.size, N * O * Ho * Wo)):
+            kind = "cols"                          # the backward's: the forward kept x, not columns
+            y = self._direct_conv(x, w, b, geom, O, relu)
         elif (kh, kw, sh, sw, pt, pb, pl, pr) == (1, 1, 1, 1, 0, 0, 0, 0):
             kind = "1x1"
             y = self._c(self._matmul(w.reshape(O, C), x.reshape(N, C, H * W)))   # (N, O, H*W): NCHW

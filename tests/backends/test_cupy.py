@@ -222,6 +222,40 @@ def test_conv2d(xb, case, dtype):
     _check_conv(xb.k, xb.put, "conv2d", case, dtype)
 
 
+DIRECT_CASES = CONV_CASES + [
+    (2, 3, 9, 8, 70, (3, 3), 1, 1, 1, True),            # 2 channel tiles x 3 pixel tiles, K = 27
+    (1, 9, 5, 5, 3, (1, 1), 1, 0, 1, False),            # 1x1, K = 9: c advances by 8 a step, with carry
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"k{c[5][0]}{c[5][1]}")
+def test_direct_conv2d(xb, case, dtype):
+    """direct='always': the forward through direct.cu's conv_implicit_gemm (no im2col, no GEMM), with
+    bias, and with the ReLU fused; its plain twin conv_direct_naive; the backward (im2col path) as
+    usual. Against the reference."""
+    backend, xp, launches = _counting(xb)
+    k = backend.kernels
+    k.direct, k.winograd = "always", "never"
+    N, C, H, W, O, (kh, kw), stride, padding, dilation, bias = case
+    suffix = cb._SUFFIX[np.dtype(dtype)]
+    _check_conv(k, xb.put, "conv2d", case, dtype)
+    assert launches["direct", f"conv_implicit_gemm_{suffix}"] == 1
+    rng = rng_for("direct", case, dtype)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((O, C, kh, kw)).astype(dtype)
+    b = rng.standard_normal(O).astype(dtype) if bias else None
+    want = np.maximum(REF["conv2d_forward"](x, w, b, stride, padding, dilation)[0], 0)
+    launches.clear()
+    xp.matmuls = 0
+    y, _ = k.conv2d_forward(xb.put(x), xb.put(w), xb.put(b), stride, padding, dilation, activation="relu")
+    close(y, want, f"implicit GEMM + ReLU {case}")
+    assert set(launches) == {("direct", f"conv_implicit_gemm_{suffix}")} and xp.matmuls == 0
+    geom = tuple(np.array(k.conv2d_forward(xb.put(x), xb.put(w), None, stride, padding, dilation)[1][4]))
+    y = k._direct_conv(xb.put(x), xb.put(w), xb.put(b), geom, O, relu=True, naive=True)
+    close(y, want, f"naive direct + ReLU {case}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv2d_backward_without_input_grad(xb, case, dtype):

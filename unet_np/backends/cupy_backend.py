@@ -43,7 +43,7 @@ from ..nn.shapes import pair, scale_pair      # the reference primitives' hyper-
 _i = kernel_int                 # a ``long long`` kernel argument
 _dtype = float_dtype            # the array's dtype, float32 or float64 (TypeError otherwise)
 
-FAMILIES = ("conv", "winograd", "pool", "elementwise", "upsample", "norm", "loss", "optim", "gemm")
+FAMILIES = ("conv", "winograd", "direct", "pool", "elementwise", "upsample", "norm", "loss", "optim", "gemm")
 THREADS = 256              # threads per block for the 1-D grid-stride kernels (norm.cu needs 2^k)
 MAX_BLOCKS = 1 << 20       # grid-stride loops cover the rest
 
