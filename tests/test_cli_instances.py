@@ -186,3 +186,17 @@ def test_instance_colours_tell_objects_apart():
     colours = {tuple(np.round(rgb[lab == i][0], 6)) for i in (1, 2, 7, 65535)}
     assert len(colours) == 4 and all(max(c) > 0.5 for c in colours)
     assert np.array_equal(instance_rgb(lab, seed=3), instance_rgb(lab, seed=3))
+
+
+def test_demo_path_reports_instance_scores(tmp_path, monkeypatch, capsys):
+    """The demo's code path, shrunk to seconds: instance targets, instance F1 / AP in the summary."""
+    from unet_np.cli import demo, main
+    monkeypatch.setattr(demo, "DEMO_QUICK", dict(demo.DEMO_QUICK, n=10, size=32, epochs=1))
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--backend", "numpy", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "instance F1" in text and "AP (DSB)" in text
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert {"f1", "ap_dsb", "pq"} <= set(final["test"]["instance"]) and "dice_cells" in final["test"]
+    labs = sorted((out / "data" / "test" / "masks").iterdir())
+    assert len(labs) == 2 and read_labels(labs[0]).max() >= 2       # instance label images
