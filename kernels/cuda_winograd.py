@@ -12,9 +12,12 @@ filter transforms in NumPy).
     V (36, C, P) = B^T d B          wino_input_kernel          P = N * TH * TW tiles of 4x4 outputs
     M (36, O, P) = U @ V            36 GEMMs in one launch (cuda_gemm.gemm_batched, batch 36)
     y = A^T M A (+ bias, ReLU)      wino_output_kernel
-    Z (36, O, P) = A dY A^T         wino_output_grad_kernel    weight gradient: dU = Z @ V^T,
+    Z (36, O, P) = A dY A^T         wino_output_grad_kernel    weight gradient: dU = Z @ V^T, db = sum Z[7],
     dw = G^T dU G                   wino_filter_grad_kernel    dw from dU
     dx = the forward of dy with the kernel flipped and transposed, leading padding 2 - p.
+
+A ReLU fused into the forward (wino_output_kernel's relu) has its backward fused here too, as in
+winograd.cu: wino_input_kernel and wino_output_grad_kernel take the forward's y as a mask.
 
 Every transform computes in float64 and rounds once when it stores (as the CPU and CUDA C versions).
 Tile t = (n * TH + th) * TW + tw covers output rows 4 th .. 4 th + 3, columns 4 tw .. 4 tw + 3 and
@@ -120,9 +123,11 @@ def wino_filter_grad_kernel(dU, dw, O, C):
 
 
 @cuda.jit
-def wino_input_kernel(x, V, g):
+def wino_input_kernel(x, mask, has_mask, V, g):
     """V[6k + l, c, t] = (B^T d B)[k, l], d the 6x6 tile of channel c at rows 4 th - pt + a, columns
-    4 tw - pl + b (0 outside x); g = (N, C, H, W, TH, TW, pt, pl). One thread per (c, t)."""
+    4 tw - pl + b (0 outside x); g = (N, C, H, W, TH, TW, pt, pl). One thread per (c, t). has_mask: x
+    is the dy of a convolution whose ReLU was fused, mask its output y: d reads x where mask > 0 and
+    x * 0 elsewhere (relu_backward_kernel's formula), so the masked dy is never written."""
     N, C, H, W, TH, TW, pt, pl = g
     P = N * TH * TW
     CP = C * P
@@ -140,7 +145,11 @@ def wino_input_kernel(x, V, g):
             h = h0 + a
             for b in range(6):
                 w = w0 + b
-                d[a, b] = float64(x[base + h * W + w]) if (0 <= h < H and 0 <= w < W) else 0.0
+                if 0 <= h < H and 0 <= w < W:
+                    v = x[base + h * W + w]
+                    d[a, b] = float64(v if (not has_mask or mask[base + h * W + w] > 0) else v * 0)
+                else:
+                    d[a, b] = 0.0
         for b in range(6):                                       # B^T d: the 6 columns
             v = _bt(d[0, b], d[1, b], d[2, b], d[3, b], d[4, b], d[5, b])
             for k in range(6):
@@ -185,10 +194,20 @@ def wino_output_kernel(M, y, bias, has_bias, relu, g):
                         y[base + h * Wo + w] = v
 
 
+@cuda.jit(device=True, inline=True)
+def _dy_at(dy, mask, has_mask, i, inside):
+    """dy[i] (0 outside), read as dy * 1[mask > 0] when has_mask (a fused ReLU's backward)."""
+    if not inside:
+        return 0.0
+    v = dy[i]
+    return float64(v if (not has_mask or mask[i] > 0) else v * 0)
+
+
 @cuda.jit
-def wino_output_grad_kernel(dy, Z, g):
+def wino_output_grad_kernel(dy, mask, has_mask, Z, g):
     """Z[6k + l, o, t] = (A dY A^T)[k, l], dY the 4x4 block of dy[n, o] of tile t (0 past Ho, Wo);
-    g = (N, O, Ho, Wo, TH, TW). One thread per (o, t)."""
+    g = (N, O, Ho, Wo, TH, TW). One thread per (o, t). has_mask: dY reads dy * 1[mask > 0]. Row 1 of
+    A is all ones, so Z[7, o, t] is the block's sum (the bias gradient sums Z[7])."""
     N, O, Ho, Wo, TH, TW = g
     P = N * TH * TW
     OP = O * P
@@ -202,10 +221,10 @@ def wino_output_grad_kernel(dy, Z, g):
         base = (n * O + o) * Ho * Wo
         for j in range(4):                                       # A dY: the 4 columns
             w = 4 * tw + j
-            col0 = float64(dy[base + (4 * th) * Wo + w]) if (4 * th < Ho and w < Wo) else 0.0
-            col1 = float64(dy[base + (4 * th + 1) * Wo + w]) if (4 * th + 1 < Ho and w < Wo) else 0.0
-            col2 = float64(dy[base + (4 * th + 2) * Wo + w]) if (4 * th + 2 < Ho and w < Wo) else 0.0
-            col3 = float64(dy[base + (4 * th + 3) * Wo + w]) if (4 * th + 3 < Ho and w < Wo) else 0.0
+            col0 = _dy_at(dy, mask, has_mask, base + (4 * th) * Wo + w, 4 * th < Ho and w < Wo)
+            col1 = _dy_at(dy, mask, has_mask, base + (4 * th + 1) * Wo + w, 4 * th + 1 < Ho and w < Wo)
+            col2 = _dy_at(dy, mask, has_mask, base + (4 * th + 2) * Wo + w, 4 * th + 2 < Ho and w < Wo)
+            col3 = _dy_at(dy, mask, has_mask, base + (4 * th + 3) * Wo + w, 4 * th + 3 < Ho and w < Wo)
             v = _a(col0, col1, col2, col3)
             for k in range(6):
                 q[j, k] = v[k]
@@ -249,19 +268,23 @@ def filter_transform(dev, w_d, flip=False):
     return U
 
 
-def input_transform(dev, x_d, TH, TW, lead):
+def input_transform(dev, x_d, TH, TW, lead, mask=None):
+    """V (36, C, N*TH*TW) flat; with mask (x's shape), x read as x * 1[mask > 0]."""
     N, C, H, W = x_d.shape
     V = dev.empty((36 * C * N * TH * TW,), x_d.dtype)
-    _launch(wino_input_kernel, C * N * TH * TW, x_d.reshape(-1), V, (N, C, H, W, TH, TW, lead[0], lead[1]))
+    xf = x_d.reshape(-1)
+    _launch(wino_input_kernel, C * N * TH * TW, xf, xf if mask is None else mask.reshape(-1), mask is not None,
+            V, (N, C, H, W, TH, TW, lead[0], lead[1]))
     return V
 
 
-def conv(dev, x_d, U, O, b_d, Ho, Wo, lead, relu=False):
-    """y (N, O, Ho, Wo) = act(conv2d(x, w) + b), the 3x3 stride-1 kernel given as U (36, O, C) flat."""
+def conv(dev, x_d, U, O, b_d, Ho, Wo, lead, relu=False, mask=None):
+    """y (N, O, Ho, Wo) = act(conv2d(x, w) + b), the 3x3 stride-1 kernel given as U (36, O, C) flat;
+    mask: x read as x * 1[mask > 0] (the input gradient of a convolution whose ReLU was fused)."""
     N, C = x_d.shape[:2]
     TH, TW = math.ceil(Ho / 4), math.ceil(Wo / 4)
     P = N * TH * TW
-    V = input_transform(dev, x_d, TH, TW, lead)
+    V = input_transform(dev, x_d, TH, TW, lead, mask)
     M = _position_gemms(U, V, dev.empty((36 * O * P,), x_d.dtype), O, P, C)
     del V
     y = dev.empty((N, O, Ho, Wo), x_d.dtype)
@@ -270,17 +293,22 @@ def conv(dev, x_d, U, O, b_d, Ho, Wo, lead, relu=False):
     return y
 
 
-def weight_grad(dev, x_d, dy_d, lead):
-    """dw (O, C, 3, 3) of the 3x3 stride-1 convolution of x (leading padding ``lead``) from dy."""
+def weight_grad(dev, x_d, dy_d, lead, mask=None):
+    """(dw (O, C, 3, 3), Z7) of the 3x3 stride-1 convolution of x (leading padding ``lead``) from dy,
+    read as dy * 1[mask > 0] with a mask (a fused ReLU's backward). Z7 (O * P,) flat, (O, P): the sums
+    of dy's 4x4 blocks (row 1 of A is all ones), whose per-channel sums are the bias gradient."""
     N, C = x_d.shape[:2]
     _, O, Ho, Wo = dy_d.shape
     TH, TW = math.ceil(Ho / 4), math.ceil(Wo / 4)
     P = N * TH * TW
     Z = dev.empty((36 * O * P,), dy_d.dtype)
-    _launch(wino_output_grad_kernel, O * P, dy_d.reshape(-1), Z, (N, O, Ho, Wo, TH, TW))
+    dyf = dy_d.reshape(-1)
+    _launch(wino_output_grad_kernel, O * P, dyf, dyf if mask is None else mask.reshape(-1), mask is not None,
+            Z, (N, O, Ho, Wo, TH, TW))
+    Z7 = Z[7 * O * P:8 * O * P]
     V = input_transform(dev, x_d, TH, TW, lead)                       # (36, C, P)
     dU = _position_gemms(Z, V, dev.empty((36 * O * C,), dy_d.dtype), O, C, P, trans_b=True)
     del Z, V
     dw = dev.empty((O, C, 3, 3), dy_d.dtype)
     _launch(wino_filter_grad_kernel, O * C, dU, dw.reshape(-1), O, C)
-    return dw
+    return dw, Z7

@@ -147,6 +147,17 @@ def gemm_batched_checks(dt):
         check(tag, got[:, :, :N], want, dt)
         check_equal(tag + " leaves the gap", bool((got[:, :, N:] == 7).all()), True)
     assert cuda_gemm.k_splits(2 * 1, 21, split) > 1          # the split case does split
+    if not B.simulated:     # on a GPU: the default tiles (64x64 and 128x128, 8x8 per thread), edges
+        for batch, M, N, K, ta, tb in ((3, 200, 300, 70, False, False), (2, 64, 517, 129, False, True),
+                                       (36, 130, 75, 33, True, False), (2, 96, 64, 3000, False, True)):
+            a = rnd(batch, *((K, M) if ta else (M, K)), dt=dt)
+            b = rnd(batch, *((N, K) if tb else (K, N)), dt=dt)
+            c = cuda.device_array(batch * M * N, dt)
+            cuda_gemm.gemm_batched(cuda.to_device(a.ravel()), cuda.to_device(b.ravel()), c, M, N, K, batch,
+                                   trans_a=ta, trans_b=tb)
+            want = (a.transpose(0, 2, 1) if ta else a) @ (b.transpose(0, 2, 1) if tb else b)
+            check(f"gemm_batched GPU tiles b{batch} {M}x{N}x{K} {'T' if ta else 'N'}{'T' if tb else 'N'}",
+                  c.copy_to_host().reshape(batch, M, N), want, dt)
 
 
 def bias_relu_checks(dt):
@@ -229,6 +240,7 @@ def fused_relu_checks(dt):
         ((2, 3, 4, 4), (2, 3, 1, 1), 1, 0, "auto"),
         ((1, 2, 7, 6), (3, 2, 3, 2), 2, 1, "never"),
     ]
+    from unet_np.kernels import cuda_elementwise as ew
     check_equal("numba-cuda offers the fused conv2d_relu", "conv2d_relu" in B.fused, True)
     for xs, ws, s, p, mode in cases:
         x, w, b = rnd(*xs, dt=dt), rnd(*ws, dt=dt), rnd(ws[0], dt=dt)
@@ -239,9 +251,13 @@ def fused_relu_checks(dt):
         try:
             yg, cg = B.conv2d_forward(x, w, b, s, p, 1, activation="relu")
             dy = rnd(*yr.shape, dt=dt)
-            got = B.conv2d_backward(dy, cg)
+            with counting(ew, "relu_backward_kernel") as c:
+                got = B.conv2d_backward(dy, cg)
         finally:
             B.settings["winograd"] = "auto"
+        # Winograd applies the mask inside its transforms; the other paths in one relu_backward pass
+        check_equal(name + " relu_backward passes", c["relu_backward_kernel"].calls,
+                    0 if mode == "always" else 1)
         check(name + " fwd", yg, yr, dt)
         pairs(name + " bwd", got, REF["conv2d_backward"](REF["relu_backward"](dy, cr), cc), dt)
 

@@ -21,7 +21,8 @@ whose sum runs over the images (the batch folded into K).
 activation='relu' (conv2d_forward only; not in the reference table's signature: a layer asks
 ``backend.supports('conv2d_relu')`` first): y = max(conv + b, 0) in the pass that writes y (the
 Winograd output transform, or the GEMM's output pass), and the backward first masks dy where y <= 0
-(the ReLU's backward), so a Conv2d + ReLU pair writes its activation once.
+(the ReLU's backward: on the Winograd path inside the transforms that read dy, elsewhere in one pass),
+so a Conv2d + ReLU pair writes its activation once.
 
 A convolution's cache keeps its INPUT, never a column buffer: the backward rebuilds the columns with
 one im2col pass (one buffer per layer would hold 15 GiB at batch 16, 256x256).
@@ -126,17 +127,20 @@ class ConvOps:
         O, _, kh, kw = w_d.shape
         K, P = C * kh * kw, Ho * Wo
         dy_d = dev.put(dy, dtype=w_d.dtype)
-        if y_relu is not None:                              # the fused ReLU's backward
-            dy_d = self._relu_mask(dy_d, y_relu)
-        db = dev.get(self.channel_reduce(dy_d, N, O, P)) if has_bias else None
         if kind == "winograd":                              # 3x3 stride 1: kernels/cuda_winograd.py
-            dw = wino.weight_grad(dev, x_d, dy_d, lead)
+            # a fused ReLU's mask is applied where the transforms read dy; db sums Z[7]
+            dw, z7 = wino.weight_grad(dev, x_d, dy_d, lead, mask=y_relu)
+            TP = z7.size // O
+            db = dev.get(self.channel_reduce(z7, 1, O, TP)) if has_bias else None
             if not input_grad:
                 return None, dev.get(dw), db
             # dx: the forward of dy with w flipped and transposed, leading padding 2 - p
             dx = wino.conv(dev, dy_d, wino.filter_transform(dev, w_d, flip=True), C, None, H, W,
-                           (2 - lead[0], 2 - lead[1]))
+                           (2 - lead[0], 2 - lead[1]), mask=y_relu)
             return dev.get(dx), dev.get(dw), db
+        if y_relu is not None:                              # the fused ReLU's backward
+            dy_d = self._relu_mask(dy_d, y_relu)
+        db = dev.get(self.channel_reduce(dy_d, N, O, P)) if has_bias else None
         dw = dev.empty((O, C, kh, kw), w_d.dtype)
         if kind == "1x1":                                   # dW = sum_n dY[n] X[n]^T, dX[n] = W^T dY[n]
             gm.gemm(flat(dy_d), flat(x_d), flat(dw), O, C, N * P, gm.nchw(O, P),
