@@ -13,13 +13,22 @@ The signature is the one `io.batches(augment=...)` expects.
 (3 x 3 by default) drawn with a standard deviation of `sigma` pixels, interpolated smoothly
 (bicubic, Catmull-Rom) to one displacement per pixel. Samples that fall outside the image are
 mirrored back in (reflection about the border pixels' centres).
+
+Volumes: `flip_rotate` and `elastic` take a volume sample too, image (C, D, H, W) with mask
+(D, H, W) or (K, D, H, W) and weight (D, H, W), and hand it to augment3d.flip_rotate3d /
+elastic3d (the cube's symmetries, a 3-D random field). They tell a volume by the image's rank: a
+(K, H, W) stack of 2-D label maps and a (D, H, W) mask have the same rank, a (C, H, W) image and a
+(C, D, H, W) volume do not.
 """
 import numpy as np
 
-__all__ = ["flip_rotate", "elastic", "displacement_field", "warp", "compose"]
+__all__ = ["flip_rotate", "elastic", "displacement_field", "warp", "compose", "as_generator",
+           "cubic_matrix", "mirror_coordinates"]
 
 
-def _rng(rng):
+def as_generator(rng):
+    """rng as a numpy Generator: a Generator is used as it is (so its draws advance it), an int
+    seeds a new one, None takes fresh entropy."""
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
@@ -27,7 +36,7 @@ def _check(image, mask, weight):
     x = np.asarray(image)
     m = np.asarray(mask)
     if x.ndim != 3:
-        raise ValueError(f"image must be (C, H, W), got shape {x.shape}")
+        raise ValueError(f"image must be (C, H, W) (or a volume (C, D, H, W)), got shape {x.shape}")
     if m.ndim not in (2, 3) or m.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"mask {m.shape} must be (H, W) or (K, H, W) with the image's "
                          f"H, W {x.shape[-2:]}")
@@ -37,12 +46,17 @@ def _check(image, mask, weight):
     return x, m, w
 
 
-def flip_rotate(image, mask, weight=None, rng=None):
+def flip_rotate(image, mask, weight=None, rng=None, in_plane=False):
     """A random element of the square's symmetry group: a rotation by k * 90 degrees and an
     optional left-right flip (8 outcomes, equally likely). A non-square image only gets 0 or 180
-    degrees, so that its shape (and a batch's) is kept."""
+    degrees, so that its shape (and a batch's) is kept.
+    A volume (image (C, D, H, W)) gets augment3d.flip_rotate3d: the cube's 48 symmetries, or those
+    that keep its shape; in_plane=True (volumes only) never swaps D with H or W."""
+    if np.ndim(image) == 4:
+        from .augment3d import flip_rotate3d
+        return flip_rotate3d(image, mask, weight, rng, in_plane=in_plane)
     x, m, w = _check(image, mask, weight)
-    rng = _rng(rng)
+    rng = as_generator(rng)
     h, wd = x.shape[-2:]
     k = int(rng.integers(4)) if h == wd else 2 * int(rng.integers(2))
     flip = bool(rng.integers(2))
@@ -58,7 +72,7 @@ def flip_rotate(image, mask, weight=None, rng=None):
     return f(x), f(m), f(w)
 
 
-def _cubic_matrix(n_out, n_in):
+def cubic_matrix(n_out, n_in):
     """(n_out, n_in) matrix interpolating n_in evenly spaced samples (the first at 0, the last at
     n_out - 1) to n_out points with the Catmull-Rom cubic; ends are clamped."""
     if n_in == 1:
@@ -89,12 +103,12 @@ def displacement_field(shape, rng=None, grid=3, sigma=10.0):
         raise ValueError(f"grid must be >= 1, got {grid}")
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
-    coarse = _rng(rng).normal(0.0, 1.0, size=(2, grid, grid)) * float(sigma)
-    my, mx = _cubic_matrix(h, grid), _cubic_matrix(w, grid)
+    coarse = as_generator(rng).normal(0.0, 1.0, size=(2, grid, grid)) * float(sigma)
+    my, mx = cubic_matrix(h, grid), cubic_matrix(w, grid)
     return np.einsum("hi,cij,wj->chw", my, coarse, mx)
 
 
-def _mirror(c, n):
+def mirror_coordinates(c, n):
     """Reflect coordinates into [0, n - 1] about the border pixels' centres."""
     if n == 1:
         return np.zeros_like(c)
@@ -110,8 +124,8 @@ def warp(image, mask, weight, field):
     h, wd = x.shape[-2:]
     yy, xx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(wd, dtype=np.float64),
                          indexing="ij")
-    sy = _mirror(yy + field[0], h)
-    sx = _mirror(xx + field[1], wd)
+    sy = mirror_coordinates(yy + field[0], h)
+    sx = mirror_coordinates(xx + field[1], wd)
     y0 = np.clip(np.floor(sy).astype(np.intp), 0, max(h - 2, 0))
     x0 = np.clip(np.floor(sx).astype(np.intp), 0, max(wd - 2, 0))
     y1 = np.minimum(y0 + 1, h - 1)
@@ -134,7 +148,11 @@ def warp(image, mask, weight, field):
 
 def elastic(image, mask, weight=None, rng=None, grid=3, sigma=10.0):
     """Elastic deformation (see the module docstring): one smooth random field moves the image
-    (bilinear), the labels (nearest) and the weights (bilinear) alike. sigma = 0 is the identity."""
+    (bilinear), the labels (nearest) and the weights (bilinear) alike. sigma = 0 is the identity.
+    A volume (image (C, D, H, W)) gets augment3d.elastic3d (grid and sigma: one number or three)."""
+    if np.ndim(image) == 4:
+        from .augment3d import elastic3d
+        return elastic3d(image, mask, weight, rng, grid=grid, sigma=sigma)
     x, m, w = _check(image, mask, weight)
     field = displacement_field(x.shape[-2:], rng, grid, sigma)
     if sigma == 0:
@@ -145,7 +163,7 @@ def elastic(image, mask, weight=None, rng=None, grid=3, sigma=10.0):
 def compose(*fns):
     """One augmentation from several, applied left to right."""
     def run(image, mask, weight=None, rng=None):
-        rng = _rng(rng)
+        rng = as_generator(rng)
         for f in fns:
             image, mask, weight = f(image, mask, weight, rng)
         return image, mask, weight
