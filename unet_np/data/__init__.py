@@ -6,9 +6,11 @@ files      match_files / find_pairs: images beside their masks, matched by file 
 io         read_image / read_mask / write_image / write_mask, one file at a time
 dataset    load_folder -> SegmentationDataset, normalize_image, batches; every bad file raises
            DataError naming it
-synthetic  touching_cells (instances for the weight map), shapes (needs context), write_folder
-weightmap  edt (exact Euclidean distance transform), label_components, weight_map
-augment    flip_rotate, elastic (the same random field for image, labels and weights)
+synthetic  touching_cells (instances for the weight map), shapes (needs context), write_folder;
+           touching_spheres and write_volumes (.npy) for volumes
+weightmap  edt (exact Euclidean distance transform), label_components, weight_map; 2-D and 3-D
+augment    flip_rotate, elastic (the same random field for image, labels and weights); a volume
+           (C, D, H, W) goes to augment3d (the cube's symmetries, a 3-D field)
 instances  instance_targets (background / interior / border from label images),
            instance_weight_map, instance_mask_problem (are these masks instance labels?)
 
@@ -19,10 +21,11 @@ from .files import (IMAGE_EXTENSIONS, DataError, PairReport, check_dir, find_pai
 from .io import (CONVENTIONS, default_palette, read_image, read_mask, read_mask_info, whole_file,
                  write_image, write_mask)
 from .dataset import Diagnostics, SegmentationDataset, batches, load_folder, normalize_image
-from .synthetic import shapes, touching_cells, write_folder
+from .synthetic import shapes, touching_cells, touching_spheres, write_folder, write_volumes
 from .weightmap import (class_weights, edt, edt_squared, label_components, weight_map,
                         weight_map_from_mask)
 from .augment import compose, displacement_field, elastic, flip_rotate, warp
+from .augment3d import displacement_field3d, elastic3d, flip_rotate3d, warp3d
 from .instances import (INSTANCE_CLASSES, check_instance_labels, instance_mask_problem,
                         instance_targets, instance_weight_map)
 
@@ -32,10 +35,11 @@ __all__ = [
     "CONVENTIONS", "default_palette", "read_image", "read_mask", "read_mask_info", "whole_file",
     "write_image", "write_mask",
     "Diagnostics", "SegmentationDataset", "batches", "load_folder", "normalize_image",
-    "shapes", "touching_cells", "write_folder",
+    "shapes", "touching_cells", "write_folder", "touching_spheres", "write_volumes",
     "class_weights", "edt", "edt_squared", "label_components", "weight_map",
     "weight_map_from_mask",
     "compose", "displacement_field", "elastic", "flip_rotate", "warp",
+    "displacement_field3d", "elastic3d", "flip_rotate3d", "warp3d",
     "INSTANCE_CLASSES", "check_instance_labels", "instance_mask_problem", "instance_targets",
     "instance_weight_map",
 ]

@@ -20,6 +20,15 @@ shapes(n, size, seed)
 write_folder(out_dir, images, masks)
     Writes images/ and masks/ of PNG files for end-to-end tests of the command line.
 
+touching_spheres(n, size, seed)
+    The volume version of touching_cells: perturbed ellipsoids grown as clusters in a (D, H, W)
+    volume, with a one-voxel layer of background wherever two of them meet (so each is its own
+    26-connected piece), darker rims, texture, an uneven illumination field and noise. Returns
+    images (N, 1, D, H, W), masks (N, D, H, W) and instance labels (N, D, H, W).
+
+write_volumes(out_dir, images, masks)
+    Writes images/ and masks/ of .npy volumes: image (C, D, H, W) float32, mask (D, H, W).
+
 Every generator gives image i from its own seed (seed, i): the first k images of a set do not
 depend on n.
 """
@@ -27,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import write_image, write_mask
+from .io import whole_file, write_image, write_mask
 from .weightmap import label_components
 
-__all__ = ["touching_cells", "shapes", "write_folder"]
+__all__ = ["touching_cells", "shapes", "write_folder", "touching_spheres", "write_volumes"]
 
 
 def _size(size):
@@ -64,8 +73,9 @@ def _stray_pieces(inst):
     """(H, W) bool: the pixels of every cell outside its largest 4-connected piece (a cell
     squeezed between others can be cut in two), and of cells left with fewer than MIN_CELL_PIXELS
     pixels; they are made background, so that each id is one connected region of a plausible
-    size, as in real instance label images."""
-    comp = label_components(inst, connectivity=4, by_value=True)
+    size, as in real instance label images. A volume (D, H, W) likewise, with 6-connected pieces
+    and voxels."""
+    comp = label_components(inst, by_value=True)             # 4-connected (2-D), 6 (3-D)
     n = int(comp.max())
     if n == 0:
         return np.zeros(inst.shape, bool)
@@ -237,4 +247,149 @@ def write_folder(out_dir, images, masks, convention=None, mask_suffix="", names=
     for name, x, m in zip(names, images, masks):
         write_image(idir / f"{name}.png", x)
         write_mask(mdir / f"{name}{mask_suffix}.png", m, convention)
+    return idir, mdir
+
+
+def _smooth_field3d(rng, shape, grid=3):
+    """A low-frequency random field (D, H, W) in roughly [-1, 1]: a coarse grid of uniform values,
+    linear along each axis in turn."""
+    field = rng.uniform(-1.0, 1.0, size=(grid,) * 3)
+    for axis, n in enumerate(shape):
+        t = np.linspace(0, grid - 1, n)
+        i = np.clip(np.floor(t).astype(int), 0, grid - 2)
+        f = t - i
+        lo, hi = np.take(field, i, axis=axis), np.take(field, i + 1, axis=axis)
+        f = f.reshape([-1 if a == axis else 1 for a in range(3)])
+        field = lo * (1 - f) + hi * f
+    return field
+
+
+def _one_spheres(rng, shape, spheres, radius, gap=True):
+    d, h, w = shape
+    zz, yy, xx = np.mgrid[0:d, 0:h, 0:w].astype(np.float64)
+    scale = min(shape) / 32.0
+    r_lo, r_hi = radius if radius is not None else (3.0 * scale + 1.5, 5.0 * scale + 2.0)
+    count = int(rng.integers(spheres[0], spheres[1] + 1))
+    centres, radii = [], []
+    for c in range(count):
+        r = rng.uniform(r_lo, r_hi)
+        if c > 0 and rng.random() < 0.7:
+            # grow a cluster: the new sphere overlaps an earlier one a little, so they touch
+            j = int(rng.integers(len(centres)))
+            u = rng.normal(size=3)
+            u /= max(np.linalg.norm(u), 1e-12)
+            centre = np.array(centres[j]) + u * (radii[j] + r) * rng.uniform(0.7, 0.95)
+        else:
+            centre = rng.uniform(0, 1, size=3) * np.array(shape)
+        centres.append(tuple(centre))
+        radii.append(r)
+    # normalised radius rho < 1 inside a sphere; a voxel claimed by several goes to the smallest rho
+    best = np.full(shape, np.inf)
+    inst = np.zeros(shape, dtype=np.int32)
+    shade = np.zeros(shape)
+    for k, (centre, r) in enumerate(zip(centres, radii), start=1):
+        reach = r * 1.3 * 1.2 + 1                  # stretch <= 1.3, wobble <= 1.2
+        win = tuple(slice(max(int(c - reach), 0), max(min(int(c + reach) + 2, n), 0))
+                    for c, n in zip(centre, shape))
+        rel = np.stack([g[win] - c for g, c in zip((zz, yy, xx), centre)])   # (3, window)
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))                        # a random rotation
+        axes = np.einsum("ij,j...->i...", q, rel) / rng.uniform(1.0, 1.3, size=(3, 1, 1, 1))
+        dist = np.sqrt((axes ** 2).sum(axis=0))
+        # a gently wobbling surface: low harmonics of the direction
+        unit = axes / np.maximum(dist, 1e-9)
+        wobble = 1.0 + rng.uniform(0, 0.1) * np.cos(3 * unit[0] + rng.uniform(0, 6.3)) \
+            + rng.uniform(0, 0.1) * np.cos(2 * unit[1] * unit[2] * 3 + rng.uniform(0, 6.3))
+        rho = dist / (r * wobble)
+        bw, iw, sw = best[win], inst[win], shade[win]
+        claim = (rho < 1.0) & (rho < bw)
+        bw[claim] = rho[claim]
+        iw[claim] = k
+        sw[claim] = rng.uniform(0.45, 0.75)
+    # a one-voxel background layer wherever two spheres meet (26-neighbourhood): a voxel goes to
+    # background when a neighbour belongs to a different sphere with a larger id
+    pad = np.pad(inst, 1)
+    cut = np.zeros(shape, dtype=bool)
+    for sz, sy, sx in np.ndindex(3, 3, 3):
+        nb = pad[sz:sz + d, sy:sy + h, sx:sx + w]
+        cut |= (nb > inst) & (inst > 0)
+    if not gap:                       # instance data: touching spheres stay in contact
+        cut[:] = False
+        inst[_stray_pieces(inst)] = 0
+    inst[cut] = 0
+    # renumber 1..K in order of appearance (spheres fully covered by others vanish)
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    lut = np.zeros(max(int(inst.max()), 0) + 1, dtype=np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    inst = lut[inst]
+    # the image: darker rims, texture, illumination, noise
+    fg = inst > 0
+    rim = np.where(fg, 1.0 - 0.45 * np.clip(best, 0, 1) ** 6, 0.0)
+    texture = 1.0 + 0.08 * _smooth_field3d(rng, shape, grid=max(3, int(6 * scale)))
+    img = 0.12 + np.where(fg, shade * rim * texture, 0.0)
+    img[cut] = 0.12 + 0.15 * shade[cut]  # the separating layer: dark, not as dark as outside
+    illum = 1.0 + 0.3 * _smooth_field3d(rng, shape, grid=3)
+    img = img * illum + rng.normal(0.0, 0.04, size=shape)
+    img = np.clip(img, 0.0, 1.0)
+    return img.astype(np.float32), fg.astype(np.int64), inst
+
+
+def _size3d(size):
+    if np.isscalar(size):
+        return (int(size),) * 3
+    d, h, w = size
+    return int(d), int(h), int(w)
+
+
+def touching_spheres(n, size=32, seed=0, spheres=(4, 10), radius=None, gap=True):
+    """n synthetic volumes of touching spheres (see the module docstring).
+
+    size: int or (D, H, W). spheres: (min, max) number drawn per volume (some may end up hidden).
+    radius: (min, max) in voxels (default scales with the size: 4.5 to 7 voxels at 32).
+    gap: True (default) puts a one-voxel layer of background between touching spheres; False
+    leaves them in contact (instance label volumes). Volume i comes from its own seed (seed, i).
+    Returns images float32 (n, 1, D, H, W) in [0, 1], masks int64 (n, D, H, W) in {0, 1} and
+    instances int32 (n, D, H, W) (0 = background, 1..K; masks == instances > 0)."""
+    shape = _size3d(size)
+    if n < 0 or min(shape) < 1:
+        raise ValueError(f"need n >= 0 and a positive size, got n={n}, size={size}")
+    images = np.zeros((n, 1) + shape, dtype=np.float32)
+    masks = np.zeros((n,) + shape, dtype=np.int64)
+    instances = np.zeros((n,) + shape, dtype=np.int32)
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), i])
+        images[i, 0], masks[i], instances[i] = _one_spheres(rng, shape, spheres, radius, gap)
+    return images, masks, instances
+
+
+def _save_npy(path, array):
+    with whole_file(path) as f:            # the whole file or none of it
+        np.save(f, array, allow_pickle=False)
+
+
+def write_volumes(out_dir, images, masks, names=None):
+    """Write volumes as .npy files: out_dir/images/<name>.npy holds one image (C, D, H, W) float32,
+    out_dir/masks/<name>.npy its labels (D, H, W) (uint8, or uint16 / int32 for larger ids), each
+    written whole (data.whole_file). images: (N, C, D, H, W); masks: (N, D, H, W).
+    Returns (images_dir, masks_dir) as Paths."""
+    images = np.asarray(images)
+    masks = np.asarray(masks)
+    if images.ndim != 5 or masks.ndim != 4 or len(images) != len(masks) \
+            or images.shape[2:] != masks.shape[1:]:
+        raise ValueError(f"need images (N, C, D, H, W) and masks (N, D, H, W) of the same D, H, W, "
+                         f"got {images.shape} and {masks.shape}")
+    if masks.size and (masks.min() < 0 or not np.all(np.mod(masks, 1) == 0)):
+        raise ValueError("masks must hold non-negative integer labels")
+    top = int(masks.max()) if masks.size else 0
+    dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32
+    names = names if names is not None else [f"vol_{i:04d}" for i in range(len(images))]
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} volumes")
+    out = Path(out_dir)
+    idir, mdir = out / "images", out / "masks"
+    idir.mkdir(parents=True, exist_ok=True)
+    mdir.mkdir(parents=True, exist_ok=True)
+    for name, x, m in zip(names, images, masks):
+        _save_npy(idir / f"{name}.npy", np.ascontiguousarray(x, dtype=np.float32))
+        _save_npy(mdir / f"{name}.npy", np.ascontiguousarray(m).astype(dtype))
     return idir, mdir
