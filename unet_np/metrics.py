@@ -283,13 +283,18 @@ DSB_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.5, 1.0, 0.05), 2))
 
 def score_images(preds, masks, num_classes):
     """Scores of a set of images of any sizes: the pixel metrics of ``evaluate`` pooled over every
-    pixel of every image, boundary F1 (2 px tolerance) averaged over images, and num_images.
+    pixel of every image, boundary F1 (2 px tolerance) averaged over images (over the slices of a
+    volume (D, H, W) first), and num_images.
     preds, masks: lists of (H, W) label images, pair by pair of one size."""
     p = np.concatenate([np.asarray(a).ravel() for a in preds])
     t = np.concatenate([np.asarray(a).ravel() for a in masks])
     ev = evaluate(p, t, num_classes)
-    bfs = [boundary_scores(a, b, tolerance=2, num_classes=None if num_classes == 2 else num_classes)["f1"]
-           for a, b in zip(preds, masks)]
+    def bf1(a, b):            # 2-D boundary F1; for a volume, the mean over its slices along D
+        if np.ndim(a) == 3:
+            return float(np.mean([bf1(sa, sb) for sa, sb in zip(a, b)]))
+        return boundary_scores(a, b, tolerance=2,
+                               num_classes=None if num_classes == 2 else num_classes)["f1"]
+    bfs = [bf1(a, b) for a, b in zip(preds, masks)]
     ev["boundary_f1"] = float(np.mean(bfs)) if bfs else float("nan")
     ev["num_images"] = len(preds)
     return ev

@@ -183,15 +183,20 @@ class Trainer:
         elif val is not None:
             val_images, val_masks = list(val[0]), list(val[1])
         sizes = [ds.masks[i].shape for i in train_idx]
+        dims = getattr(ds, "spatial_dims", 2)
+        if dims != getattr(model, "spatial_dims", 2):
+            kind = {2: "images (H, W)", 3: "volumes (D, H, W)"}
+            raise ValueError(f"the dataset holds {kind[dims]}, the model takes "
+                             f"{kind[getattr(model, 'spatial_dims', 2)]} (spatial_dims)")
         if crop is None:
             crop = pipeline.crop_size(model, sizes)
         else:
-            crop = pair(crop, "crop")
+            crop = pair(crop, "crop", dims=dims)
             model.check_size(crop)
-            small = [ds.names[i] for i in train_idx if ds.masks[i].shape[0] < crop[0]
-                     or ds.masks[i].shape[1] < crop[1]]
+            small = [ds.names[i] for i in train_idx
+                     if any(n < c for n, c in zip(ds.masks[i].shape, crop))]
             if small:
-                raise ValueError(f"{small[0]}: image is smaller than the crop {crop[0]}x{crop[1]}"
+                raise ValueError(f"{small[0]}: image is smaller than the crop {'x'.join(map(str, crop))}"
                                  + (f" (and {len(small) - 1} more)" if len(small) > 1 else ""))
         pick = lambda items: pipeline.object_array([items[i] for i in train_idx])  # noqa: E731
         images, masks = pick(ds.images), pick(ds.masks)

@@ -159,17 +159,18 @@ def normalise(x, data):
     return normalize_image(x, mode, data.get("mean"), data.get("std"))
 
 
-def image_files(path):
-    """The image files of a folder (or the one file given)."""
-    from ..data import IMAGE_EXTENSIONS, list_images
+def image_files(path, volumes=False):
+    """The image files (volume files: .npy, .tif) of a folder, or the one file given."""
+    from ..data import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, list_images
+    extensions = VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS
     p = Path(path)
     if not p.exists():
         raise CLIError(f"{p}: input does not exist")
     if p.is_file():
         return [p]
-    files = list_images(p)
+    files = list_images(p, extensions)
     if not files:
-        raise CLIError(f"{p}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise CLIError(f"{p}: no {'volume' if volumes else 'image'} files ({', '.join(extensions)})")
     return files
 
 

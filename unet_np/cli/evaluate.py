@@ -50,9 +50,15 @@ def run(args):
                and data.get("palette") else None)
     # masks: instance label images with --instances; else classes (a model of more than two classes
     # says so itself; for a binary one, instance-looking masks are refused naming --instances)
-    ds = load_folder(args.images, args.masks, normalize=None, palette=palette,
-                     instances=True if instances else (False if model.num_classes > 2 else None),
-                     border=(saved or {}).get("border") or 2)
+    if model.spatial_dims == 3:
+        from ..data import load_volumes
+        if instances:
+            raise CLIError("--instances works on 2-D images; this model segments volumes")
+        ds = load_volumes(args.images, args.masks, normalize=None)
+    else:
+        ds = load_folder(args.images, args.masks, normalize=None, palette=palette,
+                         instances=True if instances else (False if model.num_classes > 2 else None),
+                         border=(saved or {}).get("border") or 2)
     if ds.in_channels != model.in_channels:
         raise CLIError(f"{args.images}: images have {ds.in_channels} channel(s), the model takes "
                        f"{model.in_channels}")

@@ -40,9 +40,9 @@ def add_parser(sub):
 
 
 def read_checked(path, model):
-    """An image file, refused when its channels are not the model's."""
-    from ..data import read_image
-    x = read_image(path)
+    """An image (a volume, for a 3-D model) file, refused when its channels are not the model's."""
+    from ..data import read_image, read_volume
+    x = read_volume(path) if model.spatial_dims == 3 else read_image(path)
     if x.shape[0] != model.in_channels:
         raise CLIError(f"{path}: image has {x.shape[0]} channel(s), the model takes {model.in_channels}")
     return x
@@ -60,7 +60,10 @@ def run(args):
         except ImportError:
             raise CLIError("writing 16-bit TIFF label images needs tifffile: pip install tifffile "
                            "(or pass --format png)") from None
-    files = image_files(args.input)
+    volumes = model.spatial_dims == 3
+    if volumes and instances:
+        raise CLIError("--instances works on 2-D images; this model segments volumes")
+    files = image_files(args.input, volumes)
     out = Path(args.out)
     if out.resolve() in {f.parent.resolve() for f in files}:
         raise CLIError(f"{args.out}: is the folder of the input images; choose another --out")
@@ -69,9 +72,13 @@ def run(args):
         if f.stem in stems:
             raise CLIError(f"{f}: has the same name as {stems[f.stem].name}; the outputs would collide")
         stems[f.stem] = f
-    ext = "." + args.format if instances else ".png"
-    suffixes = (ext, ".npy") if args.probabilities else (ext,)
-    there = [out / (stem + x) for stem in stems for x in suffixes if (out / (stem + x)).exists()]
+    # a volume's mask in its input's format (.npy or .tif); an image's as .png (or --format)
+    ext = {f.stem: (f.suffix if volumes else "." + args.format if instances else ".png")
+           for f in files}
+    probs_name = "_probabilities.npy" if volumes else ".npy"
+    there = [out / name for stem in stems
+             for name in [stem + ext[stem]] + ([stem + probs_name] if args.probabilities else [])
+             if (out / name).exists()]
     if there and not args.overwrite:
         more = f" and {len(there) - 1} more exist" if len(there) > 1 else " exists"
         raise CLIError(f"{there[0]}{more}: pass --overwrite to replace, or choose another --out")
@@ -87,8 +94,14 @@ def run(args):
     for f in files:
         x = normalise(read_checked(f, model), data)
         probs = probabilities(model, x, args.tile, args.overlap)
-        target = out / f"{f.stem}{ext}"
-        if instances:
+        target = out / f"{f.stem}{ext[f.stem]}"
+        if volumes:
+            from ..data import write_volume_mask
+            labels = probs.argmax(axis=0)
+            write_volume_mask(target, labels, "binary255" if conv == "binary255" else "labels")
+            summary = ", ".join(f"class {c}: {100.0 * np.mean(labels == c):.1f}%"
+                                for c in range(model.num_classes))
+        elif instances:
             objects = objects_from(probs, inst_model, args.min_size)
             write_labels(target, objects)
             summary = f"{int(objects.max())} objects"
@@ -99,9 +112,9 @@ def run(args):
             summary = ", ".join(f"class {c}: {100.0 * np.mean(labels == c):.1f}%"
                                 for c in range(model.num_classes))
         if args.probabilities:
-            with whole_file(out / f"{f.stem}.npy") as fh:       # whole or not at all, as the masks
+            with whole_file(out / f"{f.stem}{probs_name}") as fh:  # whole or not at all, as masks
                 np.save(fh, probs.astype(np.float32))
-        say(f"{f.name} -> {target} ({x.shape[1]}x{x.shape[2]}, {summary})", args.quiet)
+        say(f"{f.name} -> {target} ({'x'.join(map(str, x.shape[1:]))}, {summary})", args.quiet)
     what = "instance label image(s)" if instances else f"mask(s) ({conv} convention)"
     say(f"wrote {len(files)} {what} to {out}", args.quiet)
     return 0

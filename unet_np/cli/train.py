@@ -88,6 +88,10 @@ def add_parser(sub):
     a.add_argument("--init", choices=("torch", "he"), default=None,
                    help="weight init: PyTorch's default or the paper's He-normal (default torch)")
     a.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default float32")
+    a.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None,
+                   help="2: images; 3: volumes (.npy (D, H, W) or (C, D, H, W), multi-page TIFF), "
+                        "a 3D U-Net (default: from the files: .npy masks or TIFF masks of several "
+                        "pages are volumes)")
     a.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="unet_np backend (default auto: numba when it is installed, else numpy)")
     p.add_argument("--distributed", action="store_true",
@@ -106,7 +110,8 @@ def distributed_run(args):
 def build_model(args, in_channels, num_classes):
     import unet_np
     common = dict(depth=args.depth, base_channels=args.base_channels, batchnorm=args.batchnorm,
-                  upsample=args.upsample, init=args.init, dtype=args.dtype, backend=args.backend)
+                  upsample=args.upsample, init=args.init, dtype=args.dtype, backend=args.backend,
+                  spatial_dims=getattr(args, "spatial_dims", None) or 2)
     if args.arch == "unet":
         return unet_np.UNet(in_channels, num_classes, skip=not args.no_skip, padding=args.padding,
                             **common)
@@ -272,7 +277,7 @@ def run_training(args, ds, out, quiet=False):
     tr, va = pipeline.split(len(ds), args.val_split, args.seed)     # the split fit makes below
     n_params = sum(int(p.data.size) for p in model.parameters())
     say(f"model: {type(model).__name__} {json.dumps(model.config())} ({n_params:,} parameters)", quiet)
-    say(f"training on {len(tr)} image(s), validating on {len(va)}, crops of {crop[0]}x{crop[1]}, "
+    say(f"training on {len(tr)} image(s), validating on {len(va)}, crops of {'x'.join(map(str, crop))}, "
         f"{args.optimizer} lr {lr:g}, batch {args.batch_size}, {args.epochs} epochs"
         + (f", instance targets (border {ds.instance_border} px)" if ds.instances is not None else "")
         + (", weight map" if args.weight_map else "") + f", augment {args.augment}", quiet)
@@ -313,6 +318,8 @@ def run_training(args, ds, out, quiet=False):
     write_metrics(out, trainer.history, final)
     if trainer.history:
         plot("learning curves", learning_curves, skipped, trainer.history, out / "learning_curves.png")
+    if ds.spatial_dims == 3:                  # volumes: their middle slices
+        eval_images, eval_masks, preds = (middle_slices(v) for v in (eval_images, eval_masks, preds))
     first4 = lambda items: np.stack(items[:4]) if len({a.shape for a in items[:4]}) == 1 \
         else items[0][None]  # noqa: E731
     plot("overlay", overlay, skipped, first4(eval_images), first4(eval_masks), first4(preds),
@@ -321,6 +328,11 @@ def run_training(args, ds, out, quiet=False):
         plot("instance overlay", instance_overlay, skipped, eval_images[:4], true_objects[:4],
              objects[:4], out / "instances.png", names=[ds.names[i] for i in eval_idx[:4]])
     return best, final, skipped, trainer
+
+
+def middle_slices(volumes):
+    """The middle slice (along D) of each volume (..., D, H, W), for 2-D pictures."""
+    return [v[..., v.shape[-3] // 2, :, :] for v in volumes]
 
 
 def cell_dice(preds, masks):
@@ -390,11 +402,23 @@ def run(args):
                            f"{args.resume}: resume into the checkpoint's own folder, or pass "
                            f"--overwrite to replace it")
     note = instance_settings(args)
-    # instance label images: read as ids (--instances), as classes (--classes), or refused when they
-    # look like instances and neither is given (load_folder's DataError names both flags)
-    ds = load_folder(args.images, args.masks, normalize="image",
-                     instances=True if args.instances else (False if args.classes else None),
-                     border=args.border or 2, max_classes=max(256, args.classes or 0))
+    from ..data import spatial_dims_of
+    found = spatial_dims_of(args.images, args.masks)
+    if args.spatial_dims == 2 and found == 3:
+        raise CLIError(f"{args.masks}: the masks are volumes (D, H, W); --spatial-dims 2 trains on "
+                       f"images (PNG, TIFF of one page): drop it, or give 2-D masks")
+    args.spatial_dims = args.spatial_dims or found
+    if args.spatial_dims == 3:
+        from ..data import load_volumes
+        if args.instances:
+            raise CLIError("--instances works on 2-D images; volumes are trained on classes")
+        ds = load_volumes(args.images, args.masks, max_classes=max(256, args.classes or 0))
+    else:
+        # instance label images: read as ids (--instances), as classes (--classes), or refused when
+        # they look like instances and neither is given (load_folder's DataError names both flags)
+        ds = load_folder(args.images, args.masks, normalize="image",
+                         instances=True if args.instances else (False if args.classes else None),
+                         border=args.border or 2, max_classes=max(256, args.classes or 0))
     out = prepare_out_dir(args.out)
     quiet = args.quiet
     if distributed_run(args):

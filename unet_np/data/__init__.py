@@ -6,6 +6,8 @@ files      match_files / find_pairs: images beside their masks, matched by file 
 io         read_image / read_mask / write_image / write_mask, one file at a time
 dataset    load_folder -> SegmentationDataset, normalize_image, batches; every bad file raises
            DataError naming it
+volumes    .npy / multi-page TIFF volumes: read_volume, load_volumes (3-D datasets)
+pipeline   crops, augmentation and the validation split that Trainer.fit(dataset) uses
 synthetic  touching_cells (instances for the weight map), shapes (needs context), write_folder;
            touching_spheres and write_volumes (.npy) for volumes
 weightmap  edt (exact Euclidean distance transform), label_components, weight_map; 2-D and 3-D
@@ -21,6 +23,8 @@ from .files import (IMAGE_EXTENSIONS, DataError, PairReport, check_dir, find_pai
 from .io import (CONVENTIONS, default_palette, read_image, read_mask, read_mask_info, whole_file,
                  write_image, write_mask)
 from .dataset import Diagnostics, SegmentationDataset, batches, load_folder, normalize_image
+from .volumes import (VOLUME_EXTENSIONS, load_volumes, read_volume, read_volume_mask,
+                      spatial_dims_of, write_volume_mask)
 from .synthetic import shapes, touching_cells, touching_spheres, write_folder, write_volumes
 from .weightmap import (class_weights, edt, edt_squared, label_components, weight_map,
                         weight_map_from_mask)
@@ -35,6 +39,8 @@ __all__ = [
     "CONVENTIONS", "default_palette", "read_image", "read_mask", "read_mask_info", "whole_file",
     "write_image", "write_mask",
     "Diagnostics", "SegmentationDataset", "batches", "load_folder", "normalize_image",
+    "VOLUME_EXTENSIONS", "load_volumes", "read_volume", "read_volume_mask", "spatial_dims_of",
+    "write_volume_mask",
     "shapes", "touching_cells", "write_folder", "touching_spheres", "write_volumes",
     "class_weights", "edt", "edt_squared", "label_components", "weight_map",
     "weight_map_from_mask",

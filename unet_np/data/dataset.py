@@ -24,7 +24,7 @@ _EPS_STD = 1e-6
 
 
 def normalize_image(image, mode="image", mean=None, std=None):
-    """float32 (C, H, W) -> standardised copy.
+    """float32 (C, H, W) -> standardised copy (a volume (C, D, H, W) likewise).
 
     mode 'image': each channel to zero mean and unit standard deviation over this image;
     'dataset': (x - mean) / std with per-channel `mean` and `std` (from SegmentationDataset);
@@ -32,9 +32,10 @@ def normalize_image(image, mode="image", mean=None, std=None):
     x = np.asarray(image, dtype=np.float32)
     if mode in (None, "none"):
         return x.copy()
+    space = tuple(range(1, x.ndim))                   # every axis but the channels
     if mode == "image":
-        m = x.mean(axis=(1, 2), dtype=np.float64)
-        s = x.std(axis=(1, 2), dtype=np.float64)
+        m = x.mean(axis=space, dtype=np.float64)
+        s = x.std(axis=space, dtype=np.float64)
     elif mode == "dataset":
         if mean is None or std is None:
             raise ValueError("normalize='dataset' needs the dataset's mean and std")
@@ -45,7 +46,8 @@ def normalize_image(image, mode="image", mean=None, std=None):
     else:
         raise ValueError(f"normalize must be 'image', 'dataset' or None, got {mode!r}")
     s = np.where(s < _EPS_STD, 1.0, s)
-    return ((x - m[:, None, None]) / s[:, None, None]).astype(np.float32)
+    per_channel = (-1,) + (1,) * (x.ndim - 1)
+    return ((x - m.reshape(per_channel)) / s.reshape(per_channel)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +63,7 @@ class Diagnostics(dict):
                  f"'{self.get('mask_convention')}'"]
         sizes = self.get("image_sizes") or {}
         if sizes:
-            lines.append("sizes: " + ", ".join(f"{h}x{w} ({n})" for (h, w), n in sizes.items()))
+            lines.append("sizes: " + ", ".join(f"{'x'.join(map(str, s))} ({n})" for s, n in sizes.items()))
         total = sum(self.get("class_pixels", {}).values()) or 1
         for c, n in self.get("class_pixels", {}).items():
             lines.append(f"  class {c}: {n} pixels ({100.0 * n / total:.2f}%)")
@@ -92,7 +94,8 @@ class SegmentationDataset:
     """Images and masks in memory.
 
     images: list of float32 (C, H, W) (normalised as `normalize` says); masks: list of int64
-    (H, W); names: the image file stems; num_classes; in_channels; mask_convention (how to write
+    (H, W); or volumes: images (C, D, H, W) and masks (D, H, W) (spatial_dims is then 3; one kind
+    per dataset); names: the image file stems; num_classes; in_channels; mask_convention (how to write
     predictions back, see write_mask); palette (for 'palette' / 'rgb'); normalize, mean, std
     (what to apply to new images: normalize_image(x, ds.normalize, ds.mean, ds.std));
     weights: None, or a list of float32 (H, W) loss weight maps (see compute_weights);
@@ -107,10 +110,16 @@ class SegmentationDataset:
         self.masks = [np.asarray(m).astype(np.int64) for m in masks]
         if len(self.images) != len(self.masks):
             raise ValueError(f"{len(self.images)} images but {len(self.masks)} masks")
+        self.spatial_dims = self.masks[0].ndim if self.masks else 2
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"masks must be (H, W) images or (D, H, W) volumes, got shape "
+                             f"{self.masks[0].shape}")
+        axes = "(C,H,W) and mask {} (H,W)" if self.spatial_dims == 2 else "(C,D,H,W) and mask {} (D,H,W)"
         for i, (x, m) in enumerate(zip(self.images, self.masks)):
-            if x.ndim != 3 or m.ndim != 2 or x.shape[1:] != m.shape:
-                raise ValueError(f"sample {i}: image {x.shape} (C,H,W) and mask {m.shape} "
-                                 f"(H,W) do not fit")
+            if x.ndim != self.spatial_dims + 1 or m.ndim != self.spatial_dims or x.shape[1:] != m.shape:
+                raise ValueError(f"sample {i}: image {x.shape} " + axes.format(m.shape)
+                                 + " do not fit" + ("" if m.ndim == self.spatial_dims else
+                                                    " (images and volumes mixed)"))
         self.names = list(names) if names is not None else [f"{i:04d}" for i in
                                                            range(len(self.images))]
         top = max((int(m.max()) for m in self.masks if m.size), default=0)
@@ -213,9 +222,11 @@ def _normalize_all(images, normalize):
         if not images:
             return images, None, None
         c = images[0].shape[0]
-        n = sum(x.shape[1] * x.shape[2] for x in images)
-        mean = sum(x.sum(axis=(1, 2), dtype=np.float64) for x in images) / n
-        var = sum(((x - mean[:, None, None]) ** 2).sum(axis=(1, 2), dtype=np.float64)
+        space = tuple(range(1, images[0].ndim))
+        per_channel = (-1,) + (1,) * len(space)
+        n = sum(x[0].size for x in images)
+        mean = sum(x.sum(axis=space, dtype=np.float64) for x in images) / n
+        var = sum(((x - mean.reshape(per_channel)) ** 2).sum(axis=space, dtype=np.float64)
                   for x in images) / n
         mean = mean.reshape(c)
         std = np.sqrt(var).reshape(c)
@@ -223,8 +234,9 @@ def _normalize_all(images, normalize):
     return [normalize_image(x, normalize) for x in images], None, None
 
 
-def _resolve_convention(conventions):
-    """One convention for the dataset from each mask's; raises on a 0/255 vs labels mix."""
+def resolve_convention(conventions):
+    """{file name: convention} -> (the dataset's convention, {convention: count} when they differ).
+    One convention for the dataset from each mask's; raises on a 0/255 vs labels mix."""
     seen = Counter(c for c in conventions.values() if c != "empty")
     if not seen:
         return "binary255", {}
@@ -342,7 +354,7 @@ def load_folder(images_dir, masks_dir, normalize="image", palette=None, strict=T
     if not images:
         raise DataError(f"{images_dir}: no usable image/mask pair\n  " + "\n  ".join(problems),
                         images_dir)
-    convention, mixed = _resolve_convention(conventions)
+    convention, mixed = resolve_convention(conventions)
     report["mixed_conventions"] = mixed
     num_classes = None
     pal = None

@@ -26,10 +26,11 @@ class DataError(ValueError):
 # Matching images with masks
 # ---------------------------------------------------------------------------------------------
 
-def list_images(folder):
+def list_images(folder, extensions=IMAGE_EXTENSIONS):
+    """The files of ``folder`` with one of ``extensions`` (hidden files left out), sorted."""
     return sorted(p for p in Path(folder).iterdir()
                   if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+                  and p.suffix.lower() in extensions)
 
 
 def _strip_mask_suffix(stem):
@@ -60,16 +61,17 @@ class PairReport:
         self.ambiguous = ambiguous
 
 
-def match_files(images_dir, masks_dir):
+def match_files(images_dir, masks_dir, extensions=IMAGE_EXTENSIONS):
     """Match image and mask files by stem, case-insensitively, tolerating a mask suffix
     (`a.png` <-> `a_mask.png`, `a-label.tif`, `a_gt.png`, ...; see MASK_SUFFIXES) and a different
     extension. images_dir and masks_dir may be one folder: then the files with a mask suffix are
-    the masks. Returns a PairReport; raises DataError only for a missing folder."""
+    the masks. extensions: the files looked at (volumes.VOLUME_EXTENSIONS for volumes). Returns a
+    PairReport; raises DataError only for a missing folder."""
     idir = check_dir(images_dir, "images")
     mdir = check_dir(masks_dir, "masks")
     same = idir.resolve() == mdir.resolve()
-    image_files = list_images(idir)
-    mask_files = list_images(mdir)
+    image_files = list_images(idir, extensions)
+    mask_files = list_images(mdir, extensions)
     if same:
         mask_files = [p for p in image_files if _strip_mask_suffix(p.stem)[1]]
         image_files = [p for p in image_files if not _strip_mask_suffix(p.stem)[1]]
@@ -115,10 +117,11 @@ def find_pairs(images_dir, masks_dir):
     return rep.pairs
 
 
-def pair_problems(rep, images_dir):
+def pair_problems(rep, images_dir, extensions=IMAGE_EXTENSIONS):
+    """One line per problem of a PairReport: no files, an image without a mask, ambiguous names."""
     problems = []
     if not rep.pairs and not rep.unmatched_images and not rep.ambiguous:
-        problems.append(f"{images_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        problems.append(f"{images_dir}: no image files ({', '.join(extensions)})")
     for p in rep.unmatched_images:
         hint = (f" (masks without an image: {_names(rep.unmatched_masks)})"
                 if rep.unmatched_masks else "")

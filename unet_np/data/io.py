@@ -56,7 +56,8 @@ TIFF_EXTENSIONS = (".tif", ".tiff")
 CONVENTIONS = ("binary255", "binary01", "labels", "palette", "rgb")
 
 
-def _fail(path, what):
+def fail(path, what):
+    """A DataError whose message starts with the file's path."""
     return DataError(f"{path}: {what}", path)
 
 
@@ -68,7 +69,7 @@ def _pil(path):
     try:
         from PIL import Image
     except ImportError:
-        raise _fail(path, "reading this file needs Pillow: pip install Pillow "
+        raise fail(path, "reading this file needs Pillow: pip install Pillow "
                           "(or pip install 'unet-np[viz]')") from None
     return Image
 
@@ -95,7 +96,7 @@ def _open_pil(path, convert=None):
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - everything Pillow raises on bad bytes
-        raise _fail(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
+        raise fail(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
     return arr, out_mode, pal
 
 
@@ -112,29 +113,29 @@ def _tiff_axes_to_chw(path, arr, axes):
         if arr.shape[-1] <= 4 < arr.shape[0]:
             return np.moveaxis(arr, -1, 0)
         return arr
-    raise _fail(path, f"cannot tell the channel axis of a TIFF of shape {arr.shape}")
+    raise fail(path, f"cannot tell the channel axis of a TIFF of shape {arr.shape}")
 
 
 def _read_tiff(path):
     try:
         import tifffile
     except ImportError:
-        raise _fail(path, "reading TIFF files needs tifffile: pip install tifffile") from None
+        raise fail(path, "reading TIFF files needs tifffile: pip install tifffile") from None
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             arr = np.asarray(series.asarray())
             axes = getattr(series, "axes", "")
     except Exception as exc:  # noqa: BLE001
-        raise _fail(path, f"cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+        raise fail(path, f"cannot read TIFF ({type(exc).__name__}: {exc})") from exc
     if arr.ndim < 2:
-        raise _fail(path, f"TIFF holds an array of shape {arr.shape}, not an image")
+        raise fail(path, f"TIFF holds an array of shape {arr.shape}, not an image")
     if any(s == 0 for s in arr.shape):
-        raise _fail(path, f"zero-size image (shape {arr.shape})")
+        raise fail(path, f"zero-size image (shape {arr.shape})")
     return _tiff_axes_to_chw(path, arr, axes)
 
 
-def _scale(path, arr):
+def scale_to_unit(path, arr):
     """Integer pixels -> [0, 1] by their type's largest value; floats kept (must be finite)."""
     if arr.dtype == np.bool_:
         return arr.astype(np.float32)
@@ -143,9 +144,9 @@ def _scale(path, arr):
     if np.issubdtype(arr.dtype, np.floating):
         out = arr.astype(np.float32)
         if not np.all(np.isfinite(out)):
-            raise _fail(path, "image has NaN or infinite pixels")
+            raise fail(path, "image has NaN or infinite pixels")
         return out
-    raise _fail(path, f"unsupported pixel type {arr.dtype}")
+    raise fail(path, f"unsupported pixel type {arr.dtype}")
 
 
 _PIL_IMAGE_MODES = ("1", "L", "LA", "RGB", "RGBA", "P", "I", "F", "CMYK", "YCbCr", "LAB", "HSV",
@@ -158,19 +159,19 @@ def read_image(path):
     if path.suffix.lower() in TIFF_EXTENSIONS:
         arr = _read_tiff(path)
         if arr.shape[0] == 0:
-            raise _fail(path, f"zero-size image (shape {arr.shape})")
-        return np.ascontiguousarray(_scale(path, arr))
+            raise fail(path, f"zero-size image (shape {arr.shape})")
+        return np.ascontiguousarray(scale_to_unit(path, arr))
     arr, mode, _ = _open_pil(path)
     if mode == "P":  # an indexed-colour image: its colours, not its indices
         arr, mode, _ = _open_pil(path, convert="RGBA" if _has_transparency(path) else "RGB")
     if mode not in _PIL_IMAGE_MODES:
-        raise _fail(path, f"unsupported image mode {mode!r}")
+        raise fail(path, f"unsupported image mode {mode!r}")
     if arr.size == 0 or arr.ndim < 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise _fail(path, f"zero-size image (shape {arr.shape})")
+        raise fail(path, f"zero-size image (shape {arr.shape})")
     if mode == "I" and arr.size and 0 <= arr.min() and arr.max() <= 65535:
         arr = arr.astype(np.uint16)  # 16-bit data that Pillow widened to 32 bits
     chw = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
-    return np.ascontiguousarray(_scale(path, chw))
+    return np.ascontiguousarray(scale_to_unit(path, chw))
 
 
 def _has_transparency(path):
@@ -190,7 +191,7 @@ def _palette_lookup(path, rgb, palette):
     else:
         items = [(tuple(int(c) for c in col), i) for i, col in enumerate(palette)]
     if not items:
-        raise _fail(path, "the palette is empty")
+        raise fail(path, "the palette is empty")
     for col, _ in items:
         if len(col) != 3 or not all(0 <= c <= 255 for c in col):
             raise ValueError(f"palette colours must be RGB triples in 0..255, got {col}")
@@ -208,7 +209,7 @@ def _palette_lookup(path, rgb, palette):
         bad, counts = np.unique(px[~known], return_counts=True)
         cols = [((int(c) >> 16) & 255, (int(c) >> 8) & 255, int(c) & 255) for c in bad[:5]]
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise _fail(path, f"colour {cols[0]} is not in the palette ({int((~known).sum())} "
+        raise fail(path, f"colour {cols[0]} is not in the palette ({int((~known).sum())} "
                           f"pixels of unknown colours: {cols}{more})")
     return classes[pos]
 
@@ -216,7 +217,7 @@ def _palette_lookup(path, rgb, palette):
 def _gray_convention(path, g, bits):
     """Grayscale integer mask -> (labels, convention)."""
     if g.size and g.min() < 0:
-        raise _fail(path, f"mask has negative values (min {int(g.min())})")
+        raise fail(path, f"mask has negative values (min {int(g.min())})")
     vals = np.unique(g)
     top = (1 << bits) - 1
     if len(vals) == 1 and vals[0] == 0:
@@ -233,7 +234,7 @@ def _gray_convention(path, g, bits):
     if top in vals:
         odd = [int(v) for v in vals if v not in (0, top)]
         shown = ", ".join(map(str, odd[:8])) + (" ..." if len(odd) > 8 else "")
-        raise _fail(path, f"unexpected mask values: looks like a binary 0/{top} mask but also "
+        raise fail(path, f"unexpected mask values: looks like a binary 0/{top} mask but also "
                           f"holds {shown} ({len(odd)} other values; anti-aliasing or JPEG?). "
                           f"Class labels must be 0..K-1, or use an indexed-colour PNG")
     return g.astype(np.int64), "labels"
@@ -254,7 +255,7 @@ def read_mask_info(path, palette=None):
         elif arr.shape[0] in (1, 3, 4):
             arr, mode = arr[0], "L"
         else:
-            raise _fail(path, f"a mask must have one channel, this TIFF has {arr.shape[0]}")
+            raise fail(path, f"a mask must have one channel, this TIFF has {arr.shape[0]}")
         bits = 8 if arr.dtype == np.uint8 else 16
     else:
         arr, mode, file_pal = _open_pil(path)
@@ -262,7 +263,7 @@ def read_mask_info(path, palette=None):
             arr, mode, _ = _open_pil(path, convert="RGB")
         bits = 16 if mode.startswith("I") else 8
     if arr.size == 0 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise _fail(path, f"zero-size mask (shape {arr.shape})")
+        raise fail(path, f"zero-size mask (shape {arr.shape})")
     if mode == "P":
         return arr.astype(np.int64), "palette", file_pal
     if mode == "1":
@@ -274,19 +275,19 @@ def read_mask_info(path, palette=None):
             arr, mode = arr[..., 0], "L"
         else:
             cols = np.unique(arr[..., :3].reshape(-1, 3), axis=0)
-            raise _fail(path, f"colour mask ({len(cols)} colours, e.g. "
+            raise fail(path, f"colour mask ({len(cols)} colours, e.g. "
                               f"{tuple(int(c) for c in cols[min(1, len(cols) - 1)])}) needs "
                               f"palette= (a list of RGB triples, one per class)")
     elif mode in ("LA", "La"):
         arr, mode = arr[..., 0], "L"
     if mode == "F" or np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise _fail(path, "mask has non-integer values")
+            raise fail(path, "mask has non-integer values")
         arr = arr.astype(np.int64)
     elif mode not in ("L", "I", "I;16", "I;16L", "I;16B", "I;16N"):
-        raise _fail(path, f"unsupported mask mode {mode!r}")
+        raise fail(path, f"unsupported mask mode {mode!r}")
     if arr.ndim != 2:
-        raise _fail(path, f"a mask must be 2-D, got shape {arr.shape}")
+        raise fail(path, f"a mask must be 2-D, got shape {arr.shape}")
     if mode == "I" and arr.size and arr.max() > 65535:
         bits = 32
     labels, conv = _gray_convention(path, arr, bits)
@@ -302,7 +303,7 @@ def read_labels(path):
     if path.suffix.lower() in TIFF_EXTENSIONS:
         arr = _read_tiff(path)
         if arr.shape[0] != 1:
-            raise _fail(path, f"an instance label image must have one channel, this TIFF has "
+            raise fail(path, f"an instance label image must have one channel, this TIFF has "
                               f"{arr.shape[0]}")
         arr, mode = arr[0], "L"
     else:
@@ -313,17 +314,17 @@ def read_labels(path):
     elif mode in ("LA", "La"):
         arr = arr[..., 0]
     if arr.ndim != 2:
-        raise _fail(path, f"an instance label image must be one grayscale channel of integer ids, "
+        raise fail(path, f"an instance label image must be one grayscale channel of integer ids, "
                           f"got a {mode} image of shape {arr.shape}")
     if arr.size == 0:
-        raise _fail(path, f"zero-size mask (shape {arr.shape})")
+        raise fail(path, f"zero-size mask (shape {arr.shape})")
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise _fail(path, "instance label image has non-integer values")
+            raise fail(path, "instance label image has non-integer values")
     elif arr.dtype.kind not in "iub":
-        raise _fail(path, f"unsupported pixel type {arr.dtype} for a label image")
+        raise fail(path, f"unsupported pixel type {arr.dtype} for a label image")
     if arr.min() < 0:
-        raise _fail(path, f"instance label image has negative values (min {int(arr.min())})")
+        raise fail(path, f"instance label image has negative values (min {int(arr.min())})")
     return arr.astype(np.int64)
 
 

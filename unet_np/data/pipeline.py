@@ -41,14 +41,15 @@ def per_sample(aug):
 
 
 def crop_size(model, sizes):
-    """The common training input size (h, w): the largest size every image can give that ``model``
-    takes ('same' padding: a multiple of 2**depth; 'valid': a size every pooling sees even).
-    sizes: the (H, W) of each image. ValueError when the images are too small for the model."""
-    h, w = min(s[0] for s in sizes), min(s[1] for s in sizes)
+    """The common training input size (h, w) ((d, h, w) for volumes): the largest size every image
+    can give that ``model`` takes ('same' padding: a multiple of 2**depth; 'valid': a size every
+    pooling sees even). sizes: the (H, W) (or (D, H, W)) of each image. ValueError when the images
+    are too small for the model."""
+    smallest = tuple(min(s[a] for s in sizes) for a in range(len(sizes[0])))
     valid = getattr(model, "padding", "same") == "valid"
     m = 2 ** model.depth
     out = []
-    for n in (h, w):
+    for n in smallest:
         if valid:
             s = n
             while s > 0 and not _takes(model, s):
@@ -56,44 +57,45 @@ def crop_size(model, sizes):
         else:
             s = n // m * m
         if s <= 0:
-            least = model.valid_input_shape((1, 1))[0] if valid else m
-            raise ValueError(f"images of {h}x{w} pixels are too small for a depth-{model.depth} "
-                             f"{'valid ' if valid else ''}model (it needs at least {least}x{least}; "
-                             f"use a smaller depth)")
+            least = model.valid_input_shape((1,) * len(smallest))[0] if valid else m
+            size = "x".join(map(str, smallest))
+            raise ValueError(f"images of {size} pixels are too small for a depth-{model.depth} "
+                             f"{'valid ' if valid else ''}model (it needs at least "
+                             f"{'x'.join([str(least)] * len(smallest))}; use a smaller depth)")
         out.append(s)
     return tuple(out)
 
 
 def _takes(model, s):
     try:
-        model.check_size((s, s))
+        model.check_size((s,) * getattr(model, "spatial_dims", 2))
     except ValueError:
         return False
     return True
 
 
-def output_window(model, in_hw):
-    """(top, left, h, w) of the model's output inside an input of size in_hw: the whole input for
-    'same' padding, the centre for 'valid' (whose output is smaller)."""
+def output_window(model, in_size):
+    """The slices of the model's output inside an input of spatial size in_size ((H, W) or
+    (D, H, W)): the whole input for 'same' padding, the centre for 'valid' (whose output is
+    smaller)."""
     if getattr(model, "padding", "same") != "valid":
-        return 0, 0, in_hw[0], in_hw[1]
-    oh, ow = model.output_shape(in_hw)
-    return (in_hw[0] - oh) // 2, (in_hw[1] - ow) // 2, oh, ow
+        return tuple(slice(0, n) for n in in_size)
+    out = model.output_shape(tuple(in_size))
+    return tuple(slice((n - o) // 2, (n - o) // 2 + o) for n, o in zip(in_size, out))
 
 
 def crop_sample(x, y, w, crop, rng=None):
-    """One sample cut to ``crop`` (h, w): x (C, H, W), y (H, W), w (H, W) or None, the same window
-    for all three. At random (top, then left, drawn from rng) when rng is given, centred otherwise.
-    A sample already of that size is returned as it is."""
-    h, wd = y.shape
-    if (h, wd) == tuple(crop):
+    """One sample cut to ``crop`` (h, w) ((d, h, w) for volumes): x (C, H, W), y (H, W), w (H, W)
+    or None, the same window for all three. At random (the start on each axis in turn, top before
+    left, drawn from rng) when rng is given, centred otherwise. A sample already of that size is
+    returned as it is."""
+    if tuple(y.shape) == tuple(crop):
         return x, y, w
     if rng is not None:
-        top = int(rng.integers(0, h - crop[0] + 1))
-        left = int(rng.integers(0, wd - crop[1] + 1))
+        starts = [int(rng.integers(0, n - c + 1)) for n, c in zip(y.shape, crop)]
     else:
-        top, left = (h - crop[0]) // 2, (wd - crop[1]) // 2
-    sl = (slice(top, top + crop[0]), slice(left, left + crop[1]))
+        starts = [(n - c) // 2 for n, c in zip(y.shape, crop)]
+    sl = tuple(slice(a, a + c) for a, c in zip(starts, crop))
     return x[(slice(None),) + sl], y[sl], None if w is None else w[sl]
 
 
@@ -101,9 +103,9 @@ def make_batcher(model, crop, augment=None, random_crop=True):
     """A function (images, masks, weights or None, rng) -> (x, y, w) for Trainer.fit: per sample
     a crop to ``crop`` (random when random_crop, else centred), the augmentation, and for 'valid'
     models the target cut to the output's window; then stacked as x (N, C, h, w) in the model's
-    dtype, y int64 (N, ho, wo), w (N, ho, wo) or None."""
+    dtype, y int64 (N, ho, wo), w (N, ho, wo) or None (volumes: one more axis each)."""
     aug = augmentation(augment)
-    t, l, oh, ow = output_window(model, crop)
+    window = output_window(model, crop)
 
     def run(xs, ys, ws, rng):
         bx, by, bw = [], [], []
@@ -113,8 +115,8 @@ def make_batcher(model, crop, augment=None, random_crop=True):
             if aug is not None:
                 x, y, w = aug(x, y, w, rng)
             bx.append(x)
-            by.append(y[t:t + oh, l:l + ow])
-            bw.append(None if w is None else w[t:t + oh, l:l + ow])
+            by.append(y[window])
+            bw.append(None if w is None else w[window])
         x = np.stack(bx).astype(model.dtype, copy=False)
         y = np.stack(by).astype(np.int64)
         w = None if ws is None else np.stack(bw).astype(model.dtype)
