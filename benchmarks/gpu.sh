@@ -13,7 +13,19 @@
 #      (the script that tests/backends/test_numba_cuda.py runs; here without the simulator);
 #   2. benchmarks/gpu.py, alone on the GPU, with whatever is left of the time budget.
 # The whole script stays within BUDGET_S seconds (default 500); the checks get at most CHECK_S (200).
-# CUPY_TESTS=0 leaves the cupy tests out of phase 1.
+# CUPY_TESTS=0 leaves the cupy tests out of phase 1. MODEL_REPEATS (default 3) runs the numba-cuda
+# whole-model section that many times (the simulator once showed an intermittent failure there).
+#
+# Issue 16's device run (one H100/H200, 15 minutes of device time in all):
+#   bash benchmarks/gpu.sh            (BUDGET_S=500 by default: about 200 s of checks, the rest timing)
+# then, on this side: commit the JSON and .md it wrote (benchmarks/results/gpu-<date>-<device>.*) and the
+# logs; read off, as ratios to torch_tf32_off (batch 16, 256x256, float32, nets article and depth4):
+#   cupy (Winograd + fused Conv2d->ReLU), cupy-im2col, cupy-direct (implicit GEMM: decides whether
+#   CudaKernels.direct may default to 'auto'), cupy-tf32 against torch_tf32_on, numba-cuda; the peak
+#   memory of each; numba_gemm (gemm_batched's fraction of cuBLAS on the Winograd shapes, target >= 0.5)
+#   and the per-layer breakdown; check that every phase-1 check passed (pytest-cupy.txt,
+#   numba-cuda.txt: "0 failures" in each section, models MODEL_REPEATS times); then update the
+#   README's GPU table (another engineer's file) and issue 16 with the ratios.
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -80,14 +92,18 @@ if [ "${CUPY_TESTS:-1}" = 1 ]; then
   echo "exit status $? after $(elapsed) s" >> "$LOGDIR/pytest-cupy.txt" ) &
 fi
 SECTIONS="kernels models table input_grad losses optim"
-for s in $SECTIONS; do
-    ( timeout "$CHECK_S" $PY tests/backends/numba_cuda_check.py "$s" > "$LOGDIR/numba-cuda-$s.log" 2>&1
-      echo "exit status $? after $(elapsed) s" >> "$LOGDIR/numba-cuda-$s.log" ) &
+RUNS="$SECTIONS"
+for r in $(seq 2 "${MODEL_REPEATS:-3}"); do RUNS="$RUNS models#$r"; done
+for run in $RUNS; do
+    s=${run%%#*}
+    log="$LOGDIR/numba-cuda-${run/\#/-}.log"
+    ( timeout "$CHECK_S" $PY tests/backends/numba_cuda_check.py "$s" > "$log" 2>&1
+      echo "exit status $? after $(elapsed) s" >> "$log" ) &
 done
 wait
-for s in $SECTIONS; do
-    echo "---- numba_cuda_check.py $s"
-    cat "$LOGDIR/numba-cuda-$s.log"
+for run in $RUNS; do
+    echo "---- numba_cuda_check.py $run"
+    cat "$LOGDIR/numba-cuda-${run/\#/-}.log"
 done > "$LOGDIR/numba-cuda.txt"
 rm -f "$LOGDIR"/numba-cuda-*.log
 [ -f "$LOGDIR/pytest-cupy.txt" ] && { echo "-- cupy tests (tail)"; tail -n 45 "$LOGDIR/pytest-cupy.txt"; }
