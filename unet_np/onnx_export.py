@@ -3,18 +3,21 @@
 The graph is built with the ``onnx`` package's helper API, walking the model's own modules in the
 order its ``_forward`` visits them (nothing is traced, nothing is run):
 
-    Conv2d           -> Conv (pads from the layer, so 'same' with an odd total and 'valid' both fit)
-    ConvTranspose2d  -> ConvTranspose (PyTorch's weight layout is ONNX's: (C_in, C_out, kh, kw))
-    MaxPool2d        -> MaxPool (floor mode; padding counts as -inf in both)
+    Conv2d / 3d      -> Conv (pads from the layer, so 'same' with an odd total and 'valid' both fit)
+    ConvTranspose2d / 3d -> ConvTranspose (PyTorch's weight layout is ONNX's: (C_in, C_out, kh, kw))
+    MaxPool2d / 3d   -> MaxPool (floor mode; padding counts as -inf in both)
     ReLU / Sigmoid   -> Relu / Sigmoid
-    BatchNorm2d      -> BatchNormalization with the running statistics (inference)
-    Upsample         -> Resize (linear, half_pixel: align_corners=False; or nearest, asymmetric, floor)
+    BatchNorm2d / 3d -> BatchNormalization with the running statistics (inference)
+    Upsample         -> Resize (bilinear / trilinear: linear, half_pixel for align_corners=False,
+                        align_corners for True; nearest: asymmetric, floor)
     Concat           -> Concat
     CenterCrop       -> Shape / Sub / Div / Add / Slice: the crop offsets follow the tensor sizes
     AttentionGate    -> its convolutions, Resize, Add, Relu, Sigmoid, Mul
     pad_input        -> Shape / Mod arithmetic, Pad(mode=reflect), and a Slice of the logits
 
-The batch and spatial dimensions are symbolic ('N', 'H', 'W'), so one file takes any batch size and
+The batch and spatial dimensions are symbolic ('N', 'H', 'W'; 'N', 'D', 'H', 'W' for a model built
+with spatial_dims=3, whose graph is the same with every 2-D operator in its 3-D form: ONNX's Conv,
+MaxPool, Resize and friends take any number of spatial axes), so one file takes any batch size and
 any input size the model itself accepts. The tensors are float32 by default, whatever the model's
 dtype (ONNX Runtime's CPU kernels for Conv, ConvTranspose and Resize exist for float32 only);
 ``dtype='float64'`` keeps a float64 model's precision for a reference evaluator (onnx.reference). UNet++ exports its inference output, X[0][L] with L the pruned
@@ -51,8 +54,9 @@ def _require_onnx():
 class _Graph:
     """Collects nodes and initializers; hands out unique tensor names."""
 
-    def __init__(self, onnx, dtype, opset):
+    def __init__(self, onnx, dtype, opset, dims=2):
         self.onnx = onnx
+        self.dims = dims                 # spatial axes: 2 (N, C, H, W) or 3 (N, C, D, H, W)
         self.helper = onnx.helper
         self.dtype = np.dtype(dtype)
         self.opset = opset
@@ -91,20 +95,29 @@ class _Graph:
         return self._consts[key]
 
     def spatial_shape(self, x, base):
-        """int64 (2,): the (H, W) of tensor x, computed in the graph."""
+        """int64 (2,) or (3,): the (H, W) or (D, H, W) of tensor x, computed in the graph."""
+        end = 2 + self.dims
         if self.opset >= 15:
-            return self.node("Shape", [x], base + ".hw", start=2, end=4)
+            return self.node("Shape", [x], base + ".hw", start=2, end=end)
         shape = self.node("Shape", [x], base + ".shape")
-        return self.node("Slice", [shape, self.const_i64([2]), self.const_i64([4]), self.const_i64([0])],
-                         base + ".hw")
+        return self.node("Slice", [shape, self.const_i64([2]), self.const_i64([end]),
+                                   self.const_i64([0])], base + ".hw")
+
+    def per_axis(self, value):
+        """An int64 constant holding value once per spatial axis."""
+        return self.const_i64([value] * self.dims)
+
+    def spatial_axes(self):
+        """An int64 constant listing the spatial axes: [2, 3] or [2, 3, 4]."""
+        return self.const_i64(range(2, 2 + self.dims))
 
 
 # -- leaf modules ---------------------------------------------------------------------------------
 def _emit(g, m, x, name):
     """Emit the nodes of module m (named ``name`` in the model) applied to tensor x; returns the
     output tensor's name."""
-    from .nn import (BatchNorm2d, Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sequential, Sigmoid,
-                     Upsample)
+    from .nn import (BatchNorm2d, Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d, MaxPool2d,
+                     MaxPool3d, ReLU, Sequential, Sigmoid, Upsample)
     from .models.base import Block
     if isinstance(m, (Sequential,)):
         for child_name, child in m._modules.items():
@@ -112,25 +125,25 @@ def _emit(g, m, x, name):
         return x
     if isinstance(m, Block):
         return _emit(g, m.conv, x, f"{name}.conv")
-    if isinstance(m, Conv2d):
-        (pt, pb), (pl, pr) = m._pads
+    # ONNX pads list every axis's start, then every axis's end: [top, left, bottom, right] in 2-D,
+    # [front, top, left, back, bottom, right] in 3-D
+    if isinstance(m, (Conv2d, Conv3d)):
+        pads = [b for b, _ in m._pads] + [a for _, a in m._pads]
         ins = [x, g.init(m.weight.data, f"{name}.weight")]
         if m.bias is not None:
             ins.append(g.init(m.bias.data, f"{name}.bias"))
         return g.node("Conv", ins, name, kernel_shape=list(m.kernel_size), strides=list(m.stride),
-                      dilations=list(m.dilation), pads=[pt, pl, pb, pr], group=1)
-    if isinstance(m, ConvTranspose2d):
-        ph, pw = m.padding
+                      dilations=list(m.dilation), pads=pads, group=1)
+    if isinstance(m, (ConvTranspose2d, ConvTranspose3d)):
         ins = [x, g.init(m.weight.data, f"{name}.weight")]
         if m.bias is not None:
             ins.append(g.init(m.bias.data, f"{name}.bias"))
         return g.node("ConvTranspose", ins, name, kernel_shape=list(m.kernel_size),
-                      strides=list(m.stride), dilations=list(m.dilation), pads=[ph, pw, ph, pw],
-                      output_padding=list(m.output_padding), group=1)
-    if isinstance(m, MaxPool2d):
-        ph, pw = m.padding
+                      strides=list(m.stride), dilations=list(m.dilation),
+                      pads=list(m.padding) * 2, output_padding=list(m.output_padding), group=1)
+    if isinstance(m, (MaxPool2d, MaxPool3d)):
         return g.node("MaxPool", [x], name, kernel_shape=list(m.kernel_size), strides=list(m.stride),
-                      pads=[ph, pw, ph, pw], ceil_mode=0)
+                      pads=list(m.padding) * 2, ceil_mode=0)
     if isinstance(m, ReLU):
         return g.node("Relu", [x], name)
     if isinstance(m, Sigmoid):
@@ -138,18 +151,20 @@ def _emit(g, m, x, name):
     if isinstance(m, BatchNorm2d):
         return _emit_batchnorm(g, m, x, name)
     if isinstance(m, Upsample):
-        return _resize(g, x, m.scale_factor, m.mode, name)
+        return _resize(g, x, m.scale_factor, m.mode, name, getattr(m, "align_corners", False))
     raise NotImplementedError(f"ONNX export: no rule for module {type(m).__name__} ({name!r})")
 
 
-def _resize(g, x, scale, mode, name):
-    sh, sw = scale
-    scales = g.init(np.array([1.0, 1.0, sh, sw], dtype=np.float32), f"{name}.scales", dtype=np.float32)
-    if mode == "bilinear":
+def _resize(g, x, scale, mode, name, align_corners=False):
+    scales = g.init(np.array([1.0, 1.0, *scale], dtype=np.float32), f"{name}.scales",
+                    dtype=np.float32)                 # one factor per axis, N and C kept
+    if mode in ("bilinear", "trilinear"):
         # align_corners=False is ONNX's half_pixel (pytorch_half_pixel differs only for an output
         # of size 1, which an integer factor >= 1 on a non-empty input never makes unless s = 1).
+        # ONNX's "linear" interpolates along every resized axis: bilinear in 2-D, trilinear in 3-D.
         return g.node("Resize", [x, "", scales], name, mode="linear",
-                      coordinate_transformation_mode="half_pixel")
+                      coordinate_transformation_mode="align_corners" if align_corners
+                      else "half_pixel")
     return g.node("Resize", [x, "", scales], name, mode="nearest",
                   coordinate_transformation_mode="asymmetric", nearest_mode="floor")
 
@@ -164,31 +179,35 @@ def _emit_batchnorm(g, m, x, name):
                g.init(m.running_var, f"{name}.running_var")]
         return g.node("BatchNormalization", ins, name, epsilon=float(m.eps))
     # No running statistics: even at inference the layer normalises with the batch's own
-    # (biased) statistics over (N, H, W).
+    # (biased) statistics over (N, H, W) (or (N, D, H, W)).
+    axes = [0] + list(range(2, 2 + g.dims))
+    shape = (1, C) + (1,) * g.dims                  # per channel, broadcast over N and space
+
     def reduce_mean(t, base):
         if g.opset >= 18:
-            return g.node("ReduceMean", [t, g.const_i64([0, 2, 3])], base, keepdims=1)
-        return g.node("ReduceMean", [t], base, axes=[0, 2, 3], keepdims=1)
+            return g.node("ReduceMean", [t, g.const_i64(axes)], base, keepdims=1)
+        return g.node("ReduceMean", [t], base, axes=axes, keepdims=1)
     mu = reduce_mean(x, f"{name}.mean")
     xc = g.node("Sub", [x, mu], f"{name}.centred")
     var = reduce_mean(g.node("Mul", [xc, xc], f"{name}.sq"), f"{name}.var")
     eps = g.init(np.array(m.eps), f"{name}.eps")
     std = g.node("Sqrt", [g.node("Add", [var, eps], f"{name}.var_eps")], f"{name}.std")
     xhat = g.node("Div", [xc, std], f"{name}.xhat")
-    y = g.node("Mul", [xhat, g.init(np.asarray(backends.to_numpy(gamma)).reshape(1, C, 1, 1),
+    y = g.node("Mul", [xhat, g.init(np.asarray(backends.to_numpy(gamma)).reshape(shape),
                                     f"{name}.weight")], f"{name}.scaled")
-    return g.node("Add", [y, g.init(np.asarray(backends.to_numpy(beta)).reshape(1, C, 1, 1),
+    return g.node("Add", [y, g.init(np.asarray(backends.to_numpy(beta)).reshape(shape),
                                     f"{name}.bias")], name)
 
 
 def _center_crop(g, x, like, name):
-    """Crop x (N, C, H, W) to the spatial size of tensor ``like``, offsets ((H - h)//2, (W - w)//2)."""
+    """Crop x (N, C, H, W) to the spatial size of tensor ``like``, offsets ((H - h)//2, (W - w)//2)
+    (and (D - d)//2 for a volume)."""
     big = g.spatial_shape(x, f"{name}.in")
     small = g.spatial_shape(like, f"{name}.to")
     diff = g.node("Sub", [big, small], f"{name}.diff")
-    start = g.node("Div", [diff, g.const_i64([2, 2])], f"{name}.start")  # non-negative: floor
+    start = g.node("Div", [diff, g.per_axis(2)], f"{name}.start")  # non-negative: floor
     end = g.node("Add", [start, small], f"{name}.end")
-    return g.node("Slice", [x, start, end, g.const_i64([2, 3])], name)
+    return g.node("Slice", [x, start, end, g.spatial_axes()], name)
 
 
 def _gate(g, gate, x, gsig, name):
@@ -202,16 +221,17 @@ def _gate(g, gate, x, gsig, name):
 
 # -- pad_input -------------------------------------------------------------------------------------
 def _pad_input(g, model, x):
-    """Reflect-pad H and W up to a multiple of 2**depth (top/left get the smaller half), computed
-    from the input's shape in the graph. Returns (padded tensor, (top-left offsets, (H, W)))."""
+    """Reflect-pad H and W (and D) up to a multiple of 2**depth (top/left get the smaller half),
+    computed from the input's shape in the graph. Returns (padded tensor, (top-left offsets,
+    (H, W)))."""
     m = 2 ** model.depth
     hw = g.spatial_shape(x, "pad_input")
-    rem = g.node("Mod", [hw, g.const_i64([m, m])], "pad_input.rem")
-    total = g.node("Mod", [g.node("Sub", [g.const_i64([m, m]), rem], "pad_input.short"),
-                           g.const_i64([m, m])], "pad_input.total")
-    first = g.node("Div", [total, g.const_i64([2, 2])], "pad_input.first")
+    rem = g.node("Mod", [hw, g.per_axis(m)], "pad_input.rem")
+    total = g.node("Mod", [g.node("Sub", [g.per_axis(m), rem], "pad_input.short"),
+                           g.per_axis(m)], "pad_input.total")
+    first = g.node("Div", [total, g.per_axis(2)], "pad_input.first")
     second = g.node("Sub", [total, first], "pad_input.second")
-    zeros = g.const_i64([0, 0])
+    zeros = g.const_i64([0, 0])                        # N and C are not padded
     pads = g.node("Concat", [zeros, first, zeros, second], "pad_input.pads", axis=0)
     y = g.node("Pad", [x, pads], "pad_input", mode="reflect")
     return y, (first, hw)
@@ -220,7 +240,7 @@ def _pad_input(g, model, x):
 def _unpad_output(g, logits, crop):
     first, hw = crop
     end = g.node("Add", [first, hw], "crop_output.end")
-    return g.node("Slice", [logits, first, end, g.const_i64([2, 3])], "crop_output")
+    return g.node("Slice", [logits, first, end, g.spatial_axes()], "crop_output")
 
 
 # -- the models ------------------------------------------------------------------------------------
@@ -294,7 +314,8 @@ def build_onnx(model, opset=DEFAULT_OPSET, dtype="float32", input_name="input", 
     dt = np.dtype(model.dtype if dtype is None else dtype)           # None: the model's own
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"export_onnx: dtype must be float32 or float64, got {dt}")
-    g = _Graph(onnx, dt, opset)
+    dims = int(getattr(model, "spatial_dims", 2))
+    g = _Graph(onnx, dt, opset, dims)
     g._names.update({input_name, output_name})
     h = input_name
     crop = None
@@ -305,8 +326,9 @@ def build_onnx(model, opset=DEFAULT_OPSET, dtype="float32", input_name="input", 
         logits = _unpad_output(g, logits, crop)
     g.nodes.append(g.helper.make_node("Identity", [logits], [output_name], name=output_name))
     elem = onnx.helper.np_dtype_to_tensor_dtype(dt)
-    out_hw = ("H", "W") if getattr(model, "padding", "same") == "same" else ("H_out", "W_out")
-    inp = onnx.helper.make_tensor_value_info(input_name, elem, ["N", model.in_channels, "H", "W"])
+    in_hw = ("H", "W") if dims == 2 else ("D", "H", "W")
+    out_hw = in_hw if getattr(model, "padding", "same") == "same" else tuple(f"{a}_out" for a in in_hw)
+    inp = onnx.helper.make_tensor_value_info(input_name, elem, ["N", model.in_channels, *in_hw])
     out = onnx.helper.make_tensor_value_info(output_name, elem, ["N", model.num_classes, *out_hw])
     graph = onnx.helper.make_graph(g.nodes, f"unet_np.{type(model).__name__}", [inp], [out],
                                    initializer=g.inits)
