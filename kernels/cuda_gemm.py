@@ -521,8 +521,10 @@ def batched_config(M):
 
 
 def gemm_batched(A, B, C, M, N, K, batch=1, trans_a=False, trans_b=False, lda=None, ldb=None, ldc=None,
-                 sa=None, sb=None, sc=None, bias=None, relu=False, config=None):
+                 sa=None, sb=None, sc=None, bias=None, relu=False, config=None, sum_batch=False):
     """C[b] = op(A[b]) @ op(B[b]) [+ bias[m]] [ReLU] for b < batch, in one launch (two with split-K).
+    sum_batch: C = sum_b op(A[b]) @ op(B[b]) instead (one M x N matrix: a weight gradient, summed over
+    the images), as batch * S partial products (S: split-K slices) then one summing pass.
 
     A, B, C: flat device arrays of one float dtype. op(A[b]) is M x K: A[b*sa + m*lda + k], or with
     trans_a A[b*sa + k*lda + m]; op(B[b]) is K x N: B[b*sb + k*ldb + n], or with trans_b
@@ -547,15 +549,23 @@ def gemm_batched(A, B, C, M, N, K, batch=1, trans_a=False, trans_b=False, lda=No
     block = (BM // TM) * (BN // TN)
     gx, gy = min(tiles, config["max_blocks"]), min(batch, config["max_batch_blocks"])
     S = k_splits(tiles * batch, K, config)
-    if S == 1:
+    if S == 1 and not sum_batch:
         kern[(gx, gy, 1), block](A, B, C, M, N, K, batch, lda, ldb, ldc, sa, sb, sc, bb, has_bias,
                                  bool(relu), max(K, 1))
         return C
-    kchunk = math.ceil(math.ceil(K / S) / BK) * BK             # whole K-steps per slice
-    S = math.ceil(K / kchunk)
+    kchunk = math.ceil(math.ceil(K / S) / BK) * BK if K > 0 else 1    # whole K-steps per slice
+    S = max(1, math.ceil(K / kchunk))
     part = _partials(S * batch * M * N, C.dtype)
-    kern[(gx, gy, S), block](A, B, part, M, N, K, batch, lda, ldb, N, sa, sb, M * N, part, False, False,
-                             kchunk)
-    blocks, threads = grid_1d(batch * M * N)
-    sum_splits_batched_kernel[blocks, threads](part, C, M, N, batch, S, ldc, sc, bb, has_bias, bool(relu))
+    # a split-K launch (gridDim.z = S) writes dense partials; with S = 1 the kernel would write C
+    # itself, so sum_batch without split-K writes the partials as a plain batched product instead
+    if S > 1:
+        kern[(gx, gy, S), block](A, B, part, M, N, K, batch, lda, ldb, N, sa, sb, M * N, part, False,
+                                 False, kchunk)
+    else:
+        kern[(gx, gy, 1), block](A, B, part, M, N, K, batch, lda, ldb, N, sa, sb, M * N, part, False,
+                                 False, max(K, 1))
+    # part[(z * batch + b), m, n]: summed over z (and over b too when sum_batch)
+    rows, parts = (1, S * batch) if sum_batch else (batch, S)
+    blocks, threads = grid_1d(rows * M * N)
+    sum_splits_batched_kernel[blocks, threads](part, C, M, N, rows, parts, ldc, sc, bb, has_bias, bool(relu))
     return C

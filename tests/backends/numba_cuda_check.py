@@ -147,6 +147,15 @@ def gemm_batched_checks(dt):
         check(tag, got[:, :, :N], want, dt)
         check_equal(tag + " leaves the gap", bool((got[:, :, N:] == 7).all()), True)
     assert cuda_gemm.k_splits(2 * 1, 21, split) > 1          # the split case does split
+    # sum_batch: C = sum_b op(A[b]) @ op(B[b]) (a weight gradient over the images), with and without split-K
+    for batch, M, N, K, tb, cfg in ((3, 9, 11, 7, True, sim), (2, 7, 6, 21, True, split), (4, 5, 9, 6, False, grid2)):
+        a, b = rnd(batch, M, K, dt=dt), rnd(batch, *((N, K) if tb else (K, N)), dt=dt)
+        c = cuda.device_array(M * N, dt)
+        cuda_gemm.gemm_batched(cuda.to_device(a.ravel()), cuda.to_device(b.ravel()), c, M, N, K, batch,
+                               trans_b=tb, sum_batch=True, config=cfg)
+        want = (a @ (b.transpose(0, 2, 1) if tb else b)).sum(axis=0)
+        check(f"gemm_batched sum_batch b{batch} {M}x{N}x{K}{' split-K' if cfg is split else ''}",
+              c.copy_to_host().reshape(M, N), want, dt)
     if not B.simulated:     # on a GPU: the default tiles (64x64 and 128x128, 8x8 per thread), edges
         for batch, M, N, K, ta, tb in ((3, 200, 300, 70, False, False), (2, 64, 517, 129, False, True),
                                        (36, 130, 75, 33, True, False), (2, 96, 64, 3000, False, True)):
@@ -158,6 +167,13 @@ def gemm_batched_checks(dt):
             want = (a.transpose(0, 2, 1) if ta else a) @ (b.transpose(0, 2, 1) if tb else b)
             check(f"gemm_batched GPU tiles b{batch} {M}x{N}x{K} {'T' if ta else 'N'}{'T' if tb else 'N'}",
                   c.copy_to_host().reshape(batch, M, N), want, dt)
+        batch, M, N, K = 16, 64, 576, 4096                       # a weight gradient: split-K and sum_batch
+        a, b = rnd(batch, M, K, dt=dt), rnd(batch, N, K, dt=dt)
+        c = cuda.device_array(M * N, dt)
+        cuda_gemm.gemm_batched(cuda.to_device(a.ravel()), cuda.to_device(b.ravel()), c, M, N, K, batch,
+                               trans_b=True, sum_batch=True)
+        check(f"gemm_batched GPU tiles sum_batch b{batch} {M}x{N}x{K} NT", c.copy_to_host().reshape(M, N),
+              (a @ b.transpose(0, 2, 1)).sum(axis=0), dt)
 
 
 def bias_relu_checks(dt):

@@ -10,13 +10,13 @@ results. The twin on the cupy backend is kernels/cupy_conv.py.
     conv2d, 1x1, stride 1  y[n] = W @ x[n]: one batched GEMM over the images (W shared, stride 0)
     conv2d, other          cols = im2col(x) (C*kh*kw, N*Ho*Wo);  y[n] = W @ cols[:, n-th block]
                            (one batched GEMM writing NCHW, bias and ReLU in its output pass);
-                           dW = dY @ cols^T (cuda_gemm.gemm: a sum over the images, K = N*Ho*Wo);
+                           dW = sum_n dY[n] @ cols[:, n-th block]^T (batched, summed over the images);
                            dx = col2im(dcols), dcols[:, n-th block] = W^T @ dy[n] (batched)
     transposed conv        its adjoint: y = col2im(W^T @ X) + b;  dx = W @ im2col(dy);  dW = X @ im2col(dy)^T
 
-GEMMs: cuda_gemm.gemm_batched (batched, layout-specialised, register-blocked) wherever the operands
-are strided matrices per image; cuda_gemm.gemm (the layout-tuple kernel) for the weight gradients,
-whose sum runs over the images (the batch folded into K).
+GEMMs: all cuda_gemm.gemm_batched (batched, layout-specialised, register-blocked), the operands
+strided matrices per image; the weight gradients with sum_batch (partial products per image, then one
+summing pass). cuda_gemm.gemm (the layout-tuple kernel) stays as the general, readable version.
 
 activation='relu' (conv2d_forward only; not in the reference table's signature: a layer asks
 ``backend.supports('conv2d_relu')`` first): y = max(conv + b, 0) in the pass that writes y (the
@@ -143,8 +143,7 @@ class ConvOps:
         db = dev.get(self.channel_reduce(dy_d, N, O, P)) if has_bias else None
         dw = dev.empty((O, C, kh, kw), w_d.dtype)
         if kind == "1x1":                                   # dW = sum_n dY[n] X[n]^T, dX[n] = W^T dY[n]
-            gm.gemm(flat(dy_d), flat(x_d), flat(dw), O, C, N * P, gm.nchw(O, P),
-                    gm.nchw(C, H * W, trans=True), gm.dense(C))
+            gm.gemm_batched(flat(dy_d), flat(x_d), flat(dw), O, C, P, batch=N, trans_b=True, sum_batch=True)
             if not input_grad:
                 return None, dev.get(dw), db
             dx = dev.empty((N, C, H, W), w_d.dtype)
@@ -152,8 +151,9 @@ class ConvOps:
             return dev.get(dx), dev.get(dw), db
         # The forward kept its input, not its column buffer: one im2col pass rebuilds it.
         cols = self._im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation)
-        gm.gemm(flat(dy_d), flat(cols), flat(dw), O, K, N * P, gm.nchw(O, P), gm.dense(N * P, trans=True),
-                gm.dense(K))
+        # dW = sum_n dY[n] (O, P) @ cols[:, n-th block]^T (P, K): the columns read transposed
+        gm.gemm_batched(flat(dy_d), flat(cols), flat(dw), O, K, P, batch=N, trans_b=True, ldb=N * P, sb=P,
+                        sum_batch=True)
         del cols
         if not input_grad:
             return None, dev.get(dw), db
@@ -209,12 +209,12 @@ class ConvOps:
         dw = dev.empty((Cin, Cout, kh, kw), w_d.dtype)
         if kind == "1x1":                                  # dX[n] = W dY[n], dW = sum_n X[n] dY[n]^T
             gm.gemm_batched(flat(w_d), flat(dy_d), flat(dx), Cin, P, Cout, batch=N, sa=0)
-            gm.gemm(flat(x_d), flat(dy_d), flat(dw), Cin, Cout, N * P, gm.nchw(Cin, P),
-                    gm.nchw(Cout, P, trans=True), gm.dense(Cout))
+            gm.gemm_batched(flat(x_d), flat(dy_d), flat(dw), Cin, Cout, P, batch=N, trans_b=True,
+                            sum_batch=True)
             return dev.get(dx), dev.get(dw), db
         cols = self._im2col(dy_d, N, Cout, Hy, Wy, kh, kw, H, W, stride, lead, dilation)   # (R, N*P)
         gm.gemm_batched(flat(w_d), flat(cols), flat(dx), Cin, P, R, batch=N, ldb=N * P, sa=0, sb=P)
-        gm.gemm(flat(x_d), flat(cols), flat(dw), Cin, R, N * P, gm.nchw(Cin, P), gm.dense(N * P, trans=True),
-                gm.dense(R))
+        gm.gemm_batched(flat(x_d), flat(cols), flat(dw), Cin, R, P, batch=N, trans_b=True, ldb=N * P, sb=P,
+                        sum_batch=True)
         return dev.get(dx), dev.get(dw), db
 
