@@ -93,6 +93,7 @@ def _start_numba_threads():
 _start_numba_threads()
 
 from ..kernels import cpu_activation, cpu_conv, cpu_conv3d, cpu_optim, cpu_pool, cpu_winograd
+from ..kernels import cpu_winograd3d
 from ..nn import conv3d_fast, conv_fast
 from ..nn import pool as _pool
 from ..nn.shapes import pair
@@ -224,8 +225,17 @@ def _channel_sum_nd(a):
     return cpu_conv.channel_sum(a.reshape(a.shape[0], a.shape[1], 1, -1))
 
 
+class _Winograd3d:
+    """The Winograd F(2x2x2, 3x3x3) tile transforms (kernels/cpu_winograd3d.py) and the GEMM stack
+    (the 64 positions split over threads) for unet_np/nn/winograd3d.py."""
+    input_transform = staticmethod(cpu_winograd3d.input_transform)
+    output_transform = staticmethod(cpu_winograd3d.output_transform)
+    grad_transform = staticmethod(cpu_winograd3d.grad_transform)
+    matmul_stack = staticmethod(matmul_stack)
+
+
 NUMBA_CONV3D_KERNELS = conv3d_fast.Conv3dKernels(_vol2col_band, _col2vol_band, _add_bias,
-                                                 _channel_sum_nd)
+                                                 _channel_sum_nd, winograd=_Winograd3d())
 
 
 # -- max-pool -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from . import conv_reference
+from . import conv_reference, winograd3d
 from .conv3d_reference import (col2vol, conv3d_backward_reference, conv3d_forward_reference,
                                conv_geometry, conv_transpose3d_backward_reference,
                                conv_transpose3d_forward_reference, transpose_geometry, vol2col)
@@ -76,11 +76,15 @@ def np_channel_sum(a):
 class Conv3dKernels:
     """The element-wise helpers a backend gives the 3-D driver (see the np_* functions above)."""
 
-    def __init__(self, vol2col_band, col2vol_band, add_bias, channel_sum):
+    def __init__(self, vol2col_band, col2vol_band, add_bias, channel_sum, winograd=None):
         self.vol2col_band = vol2col_band
         self.col2vol_band = col2vol_band
         self.add_bias = add_bias
         self.channel_sum = channel_sum
+        # None, or an object with the Winograd F(2x2x2, 3x3x3) tile transforms input_transform,
+        # output_transform, grad_transform (kernels/cpu_winograd3d.py) and matmul_stack(a, b, out)
+        # (np.matmul's result, the 64 position GEMMs split over threads): see winograd3d.py
+        self.winograd = winograd
 
 
 NUMPY_KERNELS3D = Conv3dKernels(np_vol2col_band, np_col2vol_band, np_add_bias, np_channel_sum)
@@ -104,20 +108,28 @@ def is_pointwise(kernel, stride, lead):
             and all(p == 0 for p in lead))
 
 
-def forward_tiles(x, wm, kernel, out_size, stride, lead, dilation, kern):
-    """y (N, O, *out_size) = conv(x, w) without bias; wm = w as (O, K)."""
+def forward_tiles(x, wm, kernel, out_size, stride, lead, dilation, kern, b=None):
+    """y (N, O, *out_size) = conv(x, w) (+ b when given); wm = w as (O, K). 3x3x3 stride-1 kernels
+    with enough channels run as Winograd F(2x2x2, 3x3x3) (winograd3d.py), the rest band by band."""
     N, C = x.shape[:2]
     O, K = wm.shape
     plane = out_size[1] * out_size[2]
     y = np.empty((N, O) + tuple(out_size), dtype=x.dtype)
     y3 = y.reshape(N, O, -1)
+    if winograd3d.winograd3d_ok(kern, C, O, kernel, stride, dilation, N, out_size):
+        return winograd3d.winograd3d_forward(np.ascontiguousarray(x), wm.reshape((O, C) + tuple(kernel)),
+                                             y, lead, kern.winograd, workspace, TILE_BYTES, b)
     if is_pointwise(kernel, stride, lead) and tuple(x.shape[2:]) == tuple(out_size):
         np.matmul(wm, np.ascontiguousarray(x).reshape(N, C, -1), out=y3)
+        if b is not None:
+            kern.add_bias(y3, np.ascontiguousarray(b, dtype=y.dtype))
         return y
     for n, d0, d1 in bands(N, out_size[0], plane, K, x.itemsize):
         cols = workspace("cols", K * (d1 - d0) * plane, x.dtype).reshape(K, -1)
         kern.vol2col_band(x, n, d0, d1, kernel, out_size[1:], stride, lead, dilation, cols)
         np.matmul(wm, cols, out=y3[n, :, d0 * plane:d1 * plane])
+    if b is not None:
+        kern.add_bias(y3, np.ascontiguousarray(b, dtype=y.dtype))
     return y
 
 
@@ -130,6 +142,10 @@ def weight_grad_tiles(x, dy, kernel, stride, lead, dilation, kern):
     out_size = dy.shape[2:]
     K = C * math.prod(kernel)
     plane = out_size[1] * out_size[2]
+    if winograd3d.winograd3d_ok(kern, C, O, kernel, stride, dilation, N, out_size):
+        return winograd3d.winograd3d_weight_grad(np.ascontiguousarray(x), np.ascontiguousarray(dy),
+                                                 lead, kern.winograd, workspace,
+                                                 TILE_BYTES).reshape(O, K)
     dy3 = np.ascontiguousarray(dy).reshape(N, O, -1)
     dwt = np.zeros((K, O), dtype=dy.dtype)                            # dW^T
     if is_pointwise(kernel, stride, lead) and tuple(x.shape[2:]) == tuple(out_size):
@@ -201,9 +217,7 @@ def make_conv3d_primitives(kern=NUMPY_KERNELS3D):
         stride, dilation, pads, out_size = conv_geometry(x.shape, w.shape, stride, padding, dilation)
         lead = tuple(p[0] for p in pads)
         y = forward_tiles(x, np.ascontiguousarray(w).reshape(O, -1), w.shape[2:], out_size, stride,
-                          lead, dilation, kern)
-        if b is not None:
-            kern.add_bias(y.reshape(x.shape[0], O, -1), np.ascontiguousarray(b, dtype=y.dtype))
+                          lead, dilation, kern, b)
         return y, TiledConv3dCache(x, w, stride, lead, dilation, b is not None, kern)
 
     def conv3d_backward(dy, cache, input_grad=True):
