@@ -73,71 +73,73 @@ def _add_grads(layer, dw, db):
         layer.bias.add_grad(db)
 
 
-class Conv2d(Module):
-    """2-D convolution (cross-correlation, as PyTorch's) over NCHW input.
+def _same_pads(layer, kernel, stride, dilation):
+    """padding='same' per axis: total d (k - 1), the odd extra row/voxel after (PyTorch's choice)."""
+    if any(st != 1 for st in stride):
+        raise ValueError(f"{layer}: padding='same' needs stride 1, got stride {stride}")
+    return tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation))
 
-    padding: an int, a pair (ph, pw), 'valid' (no padding) or 'same' (output as large as the input;
-    stride 1 only; when the total padding d (k - 1) is odd the extra row/column goes on the
-    bottom/right, as in PyTorch). weight: (out_channels, in_channels, kh, kw), bias: (out_channels,).
-    init: 'torch' (PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias) or 'he'
-    (He-normal weight, std sqrt(2 / fan_in), zero bias); fan_in = in_channels * kh * kw.
-    """
+
+def _size(values):
+    return "x".join(map(str, values))
+
+
+class _ConvNd(Module):
+    """What Conv2d and Conv3d share; a subclass sets DIMS, the primitives' names and OTHER (the
+    layer for the other rank, named in errors). The maths: conv_reference.py / conv3d_reference.py."""
+
+    DIMS, FORWARD, BACKWARD, OTHER = 2, "conv2d_forward", "conv2d_backward", "Conv3d"
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  bias=True, init="torch", dtype=None, backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
-        name = "Conv2d"
+        name, dims = type(self).__name__, self.DIMS
         self.in_channels = check_int(name, "in_channels", in_channels, 1)
         self.out_channels = check_int(name, "out_channels", out_channels, 1)
-        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1)
-        self.stride = check_pair(name, "stride", stride, 1)
-        self.dilation = check_pair(name, "dilation", dilation, 1)
+        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=dims)
+        self.stride = check_pair(name, "stride", stride, 1, dims=dims)
+        self.dilation = check_pair(name, "dilation", dilation, 1, dims=dims)
         _check_init(name, init)
         if isinstance(padding, str):
-            if padding == "valid":
-                pads = ((0, 0), (0, 0))
-            elif padding == "same":
-                if self.stride != (1, 1):
-                    raise ValueError(f"{name}: padding='same' needs stride 1, got stride {self.stride}")
-                pads = []
-                for k, d in zip(self.kernel_size, self.dilation):
-                    total = d * (k - 1)
-                    pads.append((total // 2, total - total // 2))
-                pads = tuple(pads)
-            else:
-                raise ValueError(f"{name}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding not in ("valid", "same"):
+                what = "a pair" if dims == 2 else "a triple"
+                raise ValueError(f"{name}: padding must be an int, {what}, 'same' or 'valid', got "
+                                 f"{padding!r}")
+            pads = (((0, 0),) * dims if padding == "valid"
+                    else _same_pads(name, self.kernel_size, self.stride, self.dilation))
+            self.padding = padding
         else:
-            ph, pw = check_pair(name, "padding", padding, 0)
-            pads = ((ph, ph), (pw, pw))
-        self.padding = padding if isinstance(padding, str) else (pads[0][0], pads[1][0])
-        self._pads = pads
-        kh, kw = self.kernel_size
-        fan_in = self.in_channels * kh * kw
-        w, b = _init.init_weight_and_bias((self.out_channels, self.in_channels, kh, kw),
+            self.padding = check_pair(name, "padding", padding, 0, dims=dims)
+            pads = tuple((p, p) for p in self.padding)
+        self._pads = pads                        # (before, after) per spatial axis
+        fan_in = self.in_channels * int(np.prod(self.kernel_size))
+        w, b = _init.init_weight_and_bias((self.out_channels, self.in_channels) + self.kernel_size,
                                           self.out_channels if bias else None, fan_in, init, self.dtype)
         _set_parameters(self, w, b)
 
     def output_shape(self, input_shape):
-        """(N, out_channels, Ho, Wo) for an input of shape (N, C, H, W); ValueError when the kernel
-        does not fit in the padded input."""
-        N, _, H, W = input_shape
-        (kh, kw), (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = (self.kernel_size, self.stride,
-                                                              self.dilation, self._pads)
-        eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-        if eh > H + pt + pb or ew > W + pl + pr:
-            raise ValueError(
-                f"Conv2d: the kernel spans {eh}x{ew} pixels (kernel {kh}x{kw}, dilation {dh}x{dw}), "
-                f"larger than the padded input {H + pt + pb}x{W + pl + pr} (input {H}x{W}, padding "
-                f"{self._pads})")
-        return (N, self.out_channels, conv_output_size(H, kh, sh, pt + pb, dh),
-                conv_output_size(W, kw, sw, pl + pr, dw))
+        """(N, out_channels, *out_size) for an input (N, C, *size); ValueError when the kernel does
+        not fit in the padded input."""
+        N, _, *size = input_shape
+        spans = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
+        padded = [n + sum(p) for n, p in zip(size, self._pads)]
+        if any(e > n for e, n in zip(spans, padded)):
+            unit = "pixels" if self.DIMS == 2 else "voxels"
+            raise ValueError(f"{type(self).__name__}: the kernel spans {_size(spans)} {unit} (kernel "
+                             f"{_size(self.kernel_size)}, dilation {_size(self.dilation)}), larger than "
+                             f"the padded input {_size(padded)} (input {_size(size)}, padding "
+                             f"{self._pads})")
+        return (N, self.out_channels) + tuple(
+            conv_output_size(n, k, st, sum(p), d) for n, k, st, p, d in
+            zip(size, self.kernel_size, self.stride, self._pads, self.dilation))
 
     def forward(self, x):
-        x = check_input_nd("Conv2d", x, 2, "Conv3d", channels=self.in_channels, xp=self.xp,
-                           dtype=self.dtype)
+        x = check_input_nd(type(self).__name__, x, self.DIMS, self.OTHER, channels=self.in_channels,
+                           xp=self.xp, dtype=self.dtype)
         out_shape = self.output_shape(x.shape)
         b = self.bias.data if self.bias is not None else None
-        y, cache = self.ops.conv2d_forward(x, self.weight.data, b, self.stride, self._pads, self.dilation)
+        y, cache = getattr(self.ops, self.FORWARD)(x, self.weight.data, b, self.stride, self._pads,
+                                          self.dilation)
         self._keep((cache, out_shape))
         return y
 
@@ -147,8 +149,8 @@ class Conv2d(Module):
 
     def backward(self, dy):
         cache, out_shape = self._take()
-        dy = _check_dy("Conv2d", dy, out_shape, self.xp, self.dtype)
-        dx, dw, db = self.ops.conv2d_backward(dy, cache, input_grad=self.needs_input_grad)
+        dy = _check_dy(type(self).__name__, dy, out_shape, self.xp, self.dtype)
+        dx, dw, db = getattr(self.ops, self.BACKWARD)(dy, cache, input_grad=self.needs_input_grad)
         _add_grads(self, dw, db)
         self._release()
         return dx
@@ -159,7 +161,105 @@ class Conv2d(Module):
                 f"bias={self.bias is not None}, dtype={self.dtype}")
 
 
-class ConvTranspose2d(Module):
+class Conv2d(_ConvNd):
+    """2-D convolution (cross-correlation, as PyTorch's) over NCHW input.
+
+    padding: an int, a pair (ph, pw), 'valid' (no padding) or 'same' (output as large as the input;
+    stride 1 only; when the total padding d (k - 1) is odd the extra row/column goes on the
+    bottom/right, as in PyTorch). weight: (out_channels, in_channels, kh, kw), bias: (out_channels,).
+    init: 'torch' (PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias) or 'he'
+    (He-normal weight, std sqrt(2 / fan_in), zero bias); fan_in = in_channels * kh * kw.
+    """
+
+    DIMS, FORWARD, BACKWARD, OTHER = 2, "conv2d_forward", "conv2d_backward", "Conv3d"
+
+
+class Conv3d(_ConvNd):
+    """3-D convolution (cross-correlation, as PyTorch's) over (N, C, D, H, W) input.
+
+    kernel_size, stride, dilation: an int or a triple (d, h, w), e.g. (1, 3, 3) for an in-plane
+    kernel on thin-slice volumes; padding: an int, a triple, 'valid' or 'same' (stride 1; an odd
+    total padding puts the extra voxel after, as PyTorch). weight: (out, in, kd, kh, kw), bias:
+    (out,). init as Conv2d, with fan_in = in_channels * kd * kh * kw. Maths: conv3d_reference.py.
+    """
+
+    DIMS, FORWARD, BACKWARD, OTHER = 3, "conv3d_forward", "conv3d_backward", "Conv2d"
+
+
+class _ConvTransposeNd(Module):
+    """What ConvTranspose2d and ConvTranspose3d share (see ConvTranspose2d)."""
+
+    DIMS, FORWARD, BACKWARD, OTHER = (2, "conv_transpose2d_forward", "conv_transpose2d_backward",
+                                      "ConvTranspose3d")
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+                 dilation=1, bias=True, init="torch", dtype=None, backend="numpy"):
+        super().__init__(backend=backend, dtype=dtype)
+        name, dims = type(self).__name__, self.DIMS
+        self.in_channels = check_int(name, "in_channels", in_channels, 1)
+        self.out_channels = check_int(name, "out_channels", out_channels, 1)
+        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=dims)
+        self.stride = check_pair(name, "stride", stride, 1, dims=dims)
+        self.dilation = check_pair(name, "dilation", dilation, 1, dims=dims)
+        if isinstance(padding, str):
+            what = "a pair (ph, pw)" if dims == 2 else "a triple (pd, ph, pw)"
+            raise ValueError(f"{name}: padding must be an int or {what}, got {padding!r}")
+        self.padding = check_pair(name, "padding", padding, 0, dims=dims)
+        self.output_padding = check_pair(name, "output_padding", output_padding, 0, dims=dims)
+        for op, st, d in zip(self.output_padding, self.stride, self.dilation):
+            if op >= max(st, d):
+                raise ValueError(f"{name}: output_padding must be smaller than the stride or the "
+                                 f"dilation, got output_padding {self.output_padding}, stride "
+                                 f"{self.stride}, dilation {self.dilation}")
+        _check_init(name, init)
+        kvol = int(np.prod(self.kernel_size))
+        if init == "he":
+            fan_in = self.in_channels * kvol / int(np.prod(self.stride))
+        else:
+            fan_in = self.out_channels * kvol
+        w, b = _init.init_weight_and_bias((self.in_channels, self.out_channels) + self.kernel_size,
+                                          self.out_channels if bias else None, fan_in, init, self.dtype)
+        _set_parameters(self, w, b)
+
+    def output_shape(self, input_shape):
+        """(N, out_channels, *out_size) for an input (N, C, *size); ValueError when not positive."""
+        N, _, *size = input_shape
+        out = tuple(conv_transpose_output_size(n, k, st, 2 * p, op, d) for n, k, st, p, op, d in
+                    zip(size, self.kernel_size, self.stride, self.padding, self.output_padding,
+                        self.dilation))
+        if min(out) < 1:
+            full = [o + 2 * p for o, p in zip(out, self.padding)]
+            raise ValueError(f"{type(self).__name__}: the output would be {_size(out)} for an input "
+                             f"{_size(size)}: the padding {self.padding} crops more than the "
+                             f"{_size(full)} full output (kernel {self.kernel_size}, stride "
+                             f"{self.stride}, dilation {self.dilation})")
+        return (N, self.out_channels) + out
+
+    def forward(self, x):
+        x = check_input_nd(type(self).__name__, x, self.DIMS, self.OTHER, channels=self.in_channels,
+                           xp=self.xp, dtype=self.dtype)
+        out_shape = self.output_shape(x.shape)
+        b = self.bias.data if self.bias is not None else None
+        y, cache = getattr(self.ops, self.FORWARD)(x, self.weight.data, b, self.stride, self.padding,
+                                          self.output_padding, self.dilation)
+        self._keep((cache, out_shape))
+        return y
+
+    def backward(self, dy):
+        cache, out_shape = self._take()
+        dy = _check_dy(type(self).__name__, dy, out_shape, self.xp, self.dtype)
+        dx, dw, db = getattr(self.ops, self.BACKWARD)(dy, cache)
+        _add_grads(self, dw, db)
+        self._release()
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding}, "
+                f"dilation={self.dilation}, bias={self.bias is not None}, dtype={self.dtype}")
+
+
+class ConvTranspose2d(_ConvTransposeNd):
     """2-D transposed convolution (the adjoint of Conv2d with the same weight and hyper-parameters).
 
     Output size: (H - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1;
@@ -172,228 +272,16 @@ class ConvTranspose2d(Module):
     sh*sw outputs per input), which is in_channels for the U-Net's 2x2 stride-2 up-convolution.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
-                 dilation=1, bias=True, init="torch", dtype=None, backend="numpy"):
-        super().__init__(backend=backend, dtype=dtype)
-        name = "ConvTranspose2d"
-        self.in_channels = check_int(name, "in_channels", in_channels, 1)
-        self.out_channels = check_int(name, "out_channels", out_channels, 1)
-        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1)
-        self.stride = check_pair(name, "stride", stride, 1)
-        self.dilation = check_pair(name, "dilation", dilation, 1)
-        if isinstance(padding, str):
-            raise ValueError(f"{name}: padding must be an int or a pair (ph, pw), got {padding!r}")
-        self.padding = check_pair(name, "padding", padding, 0)
-        self.output_padding = check_pair(name, "output_padding", output_padding, 0)
-        for op, s, d in zip(self.output_padding, self.stride, self.dilation):
-            if op >= max(s, d):
-                raise ValueError(f"{name}: output_padding must be smaller than the stride or the "
-                                 f"dilation, got output_padding {self.output_padding}, stride "
-                                 f"{self.stride}, dilation {self.dilation}")
-        _check_init(name, init)
-        kh, kw = self.kernel_size
-        if init == "he":
-            fan_in = self.in_channels * kh * kw / (self.stride[0] * self.stride[1])
-        else:
-            fan_in = self.out_channels * kh * kw
-        w, b = _init.init_weight_and_bias((self.in_channels, self.out_channels, kh, kw),
-                                          self.out_channels if bias else None, fan_in, init, self.dtype)
-        _set_parameters(self, w, b)
-
-    def output_shape(self, input_shape):
-        """(N, out_channels, Hy, Wy) for an input (N, C, H, W); ValueError when not positive."""
-        N, _, H, W = input_shape
-        size = [conv_transpose_output_size(n, k, s, 2 * p, op, d) for n, k, s, p, op, d in
-                zip((H, W), self.kernel_size, self.stride, self.padding, self.output_padding,
-                    self.dilation)]
-        if size[0] < 1 or size[1] < 1:
-            raise ValueError(
-                f"ConvTranspose2d: the output would be {size[0]}x{size[1]} for an input {H}x{W}: the "
-                f"padding {self.padding} crops more than the {size[0] + 2 * self.padding[0]}x"
-                f"{size[1] + 2 * self.padding[1]} full output (kernel {self.kernel_size}, stride "
-                f"{self.stride}, dilation {self.dilation})")
-        return (N, self.out_channels, size[0], size[1])
-
-    def forward(self, x):
-        x = check_input_nd("ConvTranspose2d", x, 2, "ConvTranspose3d", channels=self.in_channels,
-                           xp=self.xp, dtype=self.dtype)
-        out_shape = self.output_shape(x.shape)
-        b = self.bias.data if self.bias is not None else None
-        y, cache = self.ops.conv_transpose2d_forward(x, self.weight.data, b, self.stride, self.padding,
-                                                     self.output_padding, self.dilation)
-        self._keep((cache, out_shape))
-        return y
-
-    def backward(self, dy):
-        cache, out_shape = self._take()
-        dy = _check_dy("ConvTranspose2d", dy, out_shape, self.xp, self.dtype)
-        dx, dw, db = self.ops.conv_transpose2d_backward(dy, cache)
-        _add_grads(self, dw, db)
-        self._release()
-        return dx
-
-    def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding}, "
-                f"dilation={self.dilation}, bias={self.bias is not None}, dtype={self.dtype}")
+    DIMS, FORWARD, BACKWARD, OTHER = (2, "conv_transpose2d_forward", "conv_transpose2d_backward",
+                                      "ConvTranspose3d")
 
 
-
-# ---------------------------------------------------------------------------------------------------
-# Volumes: (N, C, D, H, W)
-# ---------------------------------------------------------------------------------------------------
-def _same_pads(layer, kernel, stride, dilation):
-    """padding='same' per axis: total d (k - 1), the odd extra voxel after (PyTorch's choice)."""
-    if any(s != 1 for s in stride):
-        raise ValueError(f"{layer}: padding='same' needs stride 1, got stride {stride}")
-    return tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation))
-
-
-class Conv3d(Module):
-    """3-D convolution (cross-correlation, as PyTorch's) over (N, C, D, H, W) input.
-
-    kernel_size, stride, dilation: an int or a triple (d, h, w), e.g. (1, 3, 3) for an in-plane
-    kernel on thin-slice volumes; padding: an int, a triple, 'valid' or 'same' (stride 1; an odd
-    total padding puts the extra voxel after, as PyTorch). weight: (out, in, kd, kh, kw), bias:
-    (out,). init: 'torch' (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias) or 'he'
-    (He-normal, zero bias); fan_in = in_channels * kd * kh * kw. Maths: conv3d_reference.py.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 bias=True, init="torch", dtype=None, backend="numpy"):
-        super().__init__(backend=backend, dtype=dtype)
-        name = "Conv3d"
-        self.in_channels = check_int(name, "in_channels", in_channels, 1)
-        self.out_channels = check_int(name, "out_channels", out_channels, 1)
-        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=3)
-        self.stride = check_pair(name, "stride", stride, 1, dims=3)
-        self.dilation = check_pair(name, "dilation", dilation, 1, dims=3)
-        _check_init(name, init)
-        if isinstance(padding, str):
-            if padding not in ("valid", "same"):
-                raise ValueError(f"{name}: padding must be an int, a triple, 'same' or 'valid', got "
-                                 f"{padding!r}")
-            pads = ((0, 0),) * 3 if padding == "valid" else _same_pads(
-                name, self.kernel_size, self.stride, self.dilation)
-            self.padding = padding
-        else:
-            self.padding = check_pair(name, "padding", padding, 0, dims=3)
-            pads = tuple((p, p) for p in self.padding)
-        self._pads = pads
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
-        w, b = _init.init_weight_and_bias((self.out_channels, self.in_channels) + self.kernel_size,
-                                          self.out_channels if bias else None, fan_in, init, self.dtype)
-        _set_parameters(self, w, b)
-
-    def output_shape(self, input_shape):
-        """(N, out_channels, Do, Ho, Wo) for an input (N, C, D, H, W); ValueError when the kernel
-        does not fit in the padded input."""
-        N, _, *size = input_shape
-        spans = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
-        padded = [n + sum(p) for n, p in zip(size, self._pads)]
-        if any(e > n for e, n in zip(spans, padded)):
-            raise ValueError(f"Conv3d: the kernel spans {tuple(spans)} voxels (kernel "
-                             f"{self.kernel_size}, dilation {self.dilation}), larger than the padded "
-                             f"input {tuple(padded)} (input {tuple(size)}, padding {self._pads})")
-        return (N, self.out_channels) + tuple(
-            conv_output_size(n, k, s, sum(p), d) for n, k, s, p, d in
-            zip(size, self.kernel_size, self.stride, self._pads, self.dilation))
-
-    def forward(self, x):
-        x = check_input_nd("Conv3d", x, 3, "Conv2d", channels=self.in_channels, xp=self.xp,
-                           dtype=self.dtype)
-        out_shape = self.output_shape(x.shape)
-        b = self.bias.data if self.bias is not None else None
-        y, cache = self.ops.conv3d_forward(x, self.weight.data, b, self.stride, self._pads, self.dilation)
-        self._keep((cache, out_shape))
-        return y
-
-    # False: backward computes no input gradient and returns None (as Conv2d.needs_input_grad).
-    needs_input_grad = True
-
-    def backward(self, dy):
-        cache, out_shape = self._take()
-        dy = _check_dy("Conv3d", dy, out_shape, self.xp, self.dtype)
-        dx, dw, db = self.ops.conv3d_backward(dy, cache, input_grad=self.needs_input_grad)
-        _add_grads(self, dw, db)
-        self._release()
-        return dx
-
-    def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
-                f"bias={self.bias is not None}, dtype={self.dtype}")
-
-
-class ConvTranspose3d(Module):
+class ConvTranspose3d(_ConvTransposeNd):
     """3-D transposed convolution over (N, C, D, H, W): the adjoint of Conv3d with the same weight.
 
-    Output size per axis: (n - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding
-    + 1; output_padding must be smaller than the stride or the dilation (PyTorch's rule). Every
-    hyper-parameter is an int or a triple (d, h, w). weight: (in, out, kd, kh, kw), PyTorch's layout.
-    init as ConvTranspose2d: 'torch' takes fan_in = out_channels * kd * kh * kw (what PyTorch
-    computes for this layout), 'he' the true fan-in in_channels * kd * kh * kw / (sd * sh * sw).
+    Every hyper-parameter is an int or a triple (d, h, w); weight: (in, out, kd, kh, kw), PyTorch's
+    layout; output size and init per axis as ConvTranspose2d.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
-                 dilation=1, bias=True, init="torch", dtype=None, backend="numpy"):
-        super().__init__(backend=backend, dtype=dtype)
-        name = "ConvTranspose3d"
-        self.in_channels = check_int(name, "in_channels", in_channels, 1)
-        self.out_channels = check_int(name, "out_channels", out_channels, 1)
-        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=3)
-        self.stride = check_pair(name, "stride", stride, 1, dims=3)
-        self.dilation = check_pair(name, "dilation", dilation, 1, dims=3)
-        if isinstance(padding, str):
-            raise ValueError(f"{name}: padding must be an int or a triple (pd, ph, pw), got {padding!r}")
-        self.padding = check_pair(name, "padding", padding, 0, dims=3)
-        self.output_padding = check_pair(name, "output_padding", output_padding, 0, dims=3)
-        for op, s, d in zip(self.output_padding, self.stride, self.dilation):
-            if op >= max(s, d):
-                raise ValueError(f"{name}: output_padding must be smaller than the stride or the "
-                                 f"dilation, got output_padding {self.output_padding}, stride "
-                                 f"{self.stride}, dilation {self.dilation}")
-        _check_init(name, init)
-        kvol = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
-        if init == "he":
-            fan_in = self.in_channels * kvol / (self.stride[0] * self.stride[1] * self.stride[2])
-        else:
-            fan_in = self.out_channels * kvol
-        w, b = _init.init_weight_and_bias((self.in_channels, self.out_channels) + self.kernel_size,
-                                          self.out_channels if bias else None, fan_in, init, self.dtype)
-        _set_parameters(self, w, b)
-
-    def output_shape(self, input_shape):
-        """(N, out_channels, Dy, Hy, Wy) for an input (N, C, D, H, W); ValueError when not positive."""
-        N, _, *size = input_shape
-        out = tuple(conv_transpose_output_size(n, k, s, 2 * p, op, d) for n, k, s, p, op, d in
-                    zip(size, self.kernel_size, self.stride, self.padding, self.output_padding,
-                        self.dilation))
-        if min(out) < 1:
-            raise ValueError(f"ConvTranspose3d: the output would be {out} for an input {tuple(size)}: "
-                             f"the padding {self.padding} crops more than the full output (kernel "
-                             f"{self.kernel_size}, stride {self.stride}, dilation {self.dilation})")
-        return (N, self.out_channels) + out
-
-    def forward(self, x):
-        x = check_input_nd("ConvTranspose3d", x, 3, "ConvTranspose2d", channels=self.in_channels,
-                           xp=self.xp, dtype=self.dtype)
-        out_shape = self.output_shape(x.shape)
-        b = self.bias.data if self.bias is not None else None
-        y, cache = self.ops.conv_transpose3d_forward(x, self.weight.data, b, self.stride, self.padding,
-                                                     self.output_padding, self.dilation)
-        self._keep((cache, out_shape))
-        return y
-
-    def backward(self, dy):
-        cache, out_shape = self._take()
-        dy = _check_dy("ConvTranspose3d", dy, out_shape, self.xp, self.dtype)
-        dx, dw, db = self.ops.conv_transpose3d_backward(dy, cache)
-        _add_grads(self, dw, db)
-        self._release()
-        return dx
-
-    def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding}, "
-                f"dilation={self.dilation}, bias={self.bias is not None}, dtype={self.dtype}")
+    DIMS, FORWARD, BACKWARD, OTHER = (3, "conv_transpose3d_forward", "conv_transpose3d_backward",
+                                      "ConvTranspose2d")
