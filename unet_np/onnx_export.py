@@ -6,14 +6,24 @@ order its ``_forward`` visits them (nothing is traced, nothing is run):
     Conv2d / 3d      -> Conv (pads from the layer, so 'same' with an odd total and 'valid' both fit)
     ConvTranspose2d / 3d -> ConvTranspose (PyTorch's weight layout is ONNX's: (C_in, C_out, kh, kw))
     MaxPool2d / 3d   -> MaxPool (floor mode; padding counts as -inf in both)
-    ReLU / Sigmoid   -> Relu / Sigmoid
+    ReLU / Sigmoid   -> Relu / Sigmoid;  LeakyReLU -> LeakyRelu (PRelu in float64);  Dropout -> nothing
     BatchNorm2d / 3d -> BatchNormalization with the running statistics (inference)
+    InstanceNorm2d / 3d -> InstanceNormalization (with track_running_stats: BatchNormalization with
+                        the running statistics, as the layer does in evaluation; in a float64 graph
+                        ReduceMean arithmetic, since an epsilon attribute is a float32)
+    GroupNorm        -> Reshape (N, G, -1), InstanceNormalization, Reshape back, Mul, Add (runs at
+                        every opset; ONNX's GroupNormalization needs 18 and changed meaning at 21)
     Upsample         -> Resize (bilinear / trilinear: linear, half_pixel for align_corners=False,
                         align_corners for True; nearest: asymmetric, floor)
     Concat           -> Concat
     CenterCrop       -> Shape / Sub / Div / Add / Slice: the crop offsets follow the tensor sizes
     AttentionGate    -> its convolutions, Resize, Add, Relu, Sigmoid, Mul
     pad_input        -> Shape / Mod arithmetic, Pad(mode=reflect), and a Slice of the logits
+
+GeneralUNet (unet_np.models.builder, the models unet_np.interop brings from milesial, MONAI and
+nnU-Net) exports as its forward runs: max-pool or strided-conv downsampling, transposed-conv or
+Resize upsampling, Concat in the model's order ([up, skip] or [skip, up]), and the level-0 head
+only (with deep supervision, the other heads are training outputs: inference uses the first).
 
 The batch and spatial dimensions are symbolic ('N', 'H', 'W'; 'N', 'D', 'H', 'W' for a model built
 with spatial_dims=3, whose graph is the same with every 2-D operator in its 3-D form: ONNX's Conv,
@@ -116,8 +126,9 @@ class _Graph:
 def _emit(g, m, x, name):
     """Emit the nodes of module m (named ``name`` in the model) applied to tensor x; returns the
     output tensor's name."""
-    from .nn import (BatchNorm2d, Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d, MaxPool2d,
-                     MaxPool3d, ReLU, Sequential, Sigmoid, Upsample)
+    from .nn import (BatchNorm2d, Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d, Dropout,
+                     GroupNorm, InstanceNorm2d, LeakyReLU, MaxPool2d, MaxPool3d, ReLU, Sequential,
+                     Sigmoid, Upsample)
     from .models.base import Block
     if isinstance(m, (Sequential,)):
         for child_name, child in m._modules.items():
@@ -148,8 +159,18 @@ def _emit(g, m, x, name):
         return g.node("Relu", [x], name)
     if isinstance(m, Sigmoid):
         return g.node("Sigmoid", [x], name)
+    if isinstance(m, LeakyReLU):
+        if g.dtype == np.float64:          # the alpha attribute is a float32: a slope tensor keeps it
+            return g.node("PRelu", [x, g.init(np.array([m.negative_slope]), f"{name}.slope")], name)
+        return g.node("LeakyRelu", [x], name, alpha=float(m.negative_slope))
+    if isinstance(m, Dropout):                   # Dropout2d / 3d too: the identity at inference
+        return x
     if isinstance(m, BatchNorm2d):
         return _emit_batchnorm(g, m, x, name)
+    if isinstance(m, InstanceNorm2d):
+        return _emit_instancenorm(g, m, x, name)
+    if isinstance(m, GroupNorm):
+        return _emit_groupnorm(g, m, x, name)
     if isinstance(m, Upsample):
         return _resize(g, x, m.scale_factor, m.mode, name, getattr(m, "align_corners", False))
     raise NotImplementedError(f"ONNX export: no rule for module {type(m).__name__} ({name!r})")
@@ -169,34 +190,86 @@ def _resize(g, x, scale, mode, name, align_corners=False):
                   coordinate_transformation_mode="asymmetric", nearest_mode="floor")
 
 
-def _emit_batchnorm(g, m, x, name):
-    C = m.num_features
-    gamma = m.weight.data if m.affine else np.ones(C)
-    beta = m.bias.data if m.affine else np.zeros(C)
-    if m.track_running_stats:
-        ins = [x, g.init(gamma, f"{name}.weight"), g.init(beta, f"{name}.bias"),
-               g.init(m.running_mean, f"{name}.running_mean"),
-               g.init(m.running_var, f"{name}.running_var")]
-        return g.node("BatchNormalization", ins, name, epsilon=float(m.eps))
-    # No running statistics: even at inference the layer normalises with the batch's own
-    # (biased) statistics over (N, H, W) (or (N, D, H, W)).
-    axes = [0] + list(range(2, 2 + g.dims))
-    shape = (1, C) + (1,) * g.dims                  # per channel, broadcast over N and space
-
+def _standardise(g, x, axes, eps, name):
+    """(x - mean) / sqrt(var + eps) over ``axes`` (biased variance) from ReduceMean, Sub, Mul, Sqrt,
+    Div: eps is a tensor of the graph's dtype (an operator's epsilon attribute is a float32, which
+    moves a float64 result by about 1e-13 / var)."""
     def reduce_mean(t, base):
         if g.opset >= 18:
             return g.node("ReduceMean", [t, g.const_i64(axes)], base, keepdims=1)
-        return g.node("ReduceMean", [t], base, axes=axes, keepdims=1)
+        return g.node("ReduceMean", [t], base, axes=list(axes), keepdims=1)
     mu = reduce_mean(x, f"{name}.mean")
     xc = g.node("Sub", [x, mu], f"{name}.centred")
     var = reduce_mean(g.node("Mul", [xc, xc], f"{name}.sq"), f"{name}.var")
-    eps = g.init(np.array(m.eps), f"{name}.eps")
+    eps = g.init(np.array(eps), f"{name}.eps")
     std = g.node("Sqrt", [g.node("Add", [var, eps], f"{name}.var_eps")], f"{name}.std")
-    xhat = g.node("Div", [xc, std], f"{name}.xhat")
-    y = g.node("Mul", [xhat, g.init(np.asarray(backends.to_numpy(gamma)).reshape(shape),
-                                    f"{name}.weight")], f"{name}.scaled")
-    return g.node("Add", [y, g.init(np.asarray(backends.to_numpy(beta)).reshape(shape),
-                                    f"{name}.bias")], name)
+    return g.node("Div", [xc, std], f"{name}.xhat")
+
+
+def _scale_shift(g, y, gamma, beta, name):
+    """y * gamma[c] + beta[c], broadcast over N and the spatial axes."""
+    shape = (1, len(gamma)) + (1,) * g.dims
+    y = g.node("Mul", [y, g.init(np.asarray(gamma).reshape(shape), f"{name}.weight")], f"{name}.scaled")
+    return g.node("Add", [y, g.init(np.asarray(beta).reshape(shape), f"{name}.bias")], name)
+
+
+def _affine(m, C):
+    """(gamma, beta) as NumPy arrays of length C: the layer's, or ones and zeros without affine."""
+    if m.affine:
+        return (np.asarray(backends.to_numpy(m.weight.data)), np.asarray(backends.to_numpy(m.bias.data)))
+    return np.ones(C), np.zeros(C)
+
+
+def _running_norm(g, m, x, name):
+    """A norm layer in evaluation with running statistics: BatchNormalization."""
+    gamma, beta = _affine(m, m.num_features)
+    ins = [x, g.init(gamma, f"{name}.weight"), g.init(beta, f"{name}.bias"),
+           g.init(m.running_mean, f"{name}.running_mean"), g.init(m.running_var, f"{name}.running_var")]
+    return g.node("BatchNormalization", ins, name, epsilon=float(m.eps))
+
+
+def _emit_batchnorm(g, m, x, name):
+    if m.track_running_stats:
+        return _running_norm(g, m, x, name)
+    # No running statistics: even at inference the layer normalises with the batch's own
+    # (biased) statistics over (N, H, W) (or (N, D, H, W)).
+    xhat = _standardise(g, x, [0] + list(range(2, 2 + g.dims)), m.eps, name)
+    return _scale_shift(g, xhat, *_affine(m, m.num_features), name)
+
+
+def _emit_instancenorm(g, m, x, name):
+    """InstanceNorm2d / 3d. Its own statistics per (sample, channel): ONNX InstanceNormalization
+    (scale and B are ones / zeros without affine); a float64 graph standardises with ReduceMean
+    instead, eps then being a float64 tensor. With track_running_stats, evaluation normalises with
+    the running statistics, a per-channel affine map: BatchNormalization, as BatchNorm2d."""
+    if m.track_running_stats:
+        return _running_norm(g, m, x, name)
+    gamma, beta = _affine(m, m.num_features)
+    if g.dtype == np.float64:
+        return _scale_shift(g, _standardise(g, x, list(range(2, 2 + g.dims)), m.eps, name), gamma, beta,
+                            name)
+    return g.node("InstanceNormalization", [x, g.init(gamma, f"{name}.weight"),
+                                            g.init(beta, f"{name}.bias")], name, epsilon=float(m.eps))
+
+
+def _emit_groupnorm(g, m, x, name):
+    """GroupNorm, decomposed so that it runs at every opset from 13 (ONNX's own GroupNormalization
+    needs opset 18, and its scale and bias were per group until opset 21 made them per channel):
+    x (N, C, *S) -> Reshape (N, G, C/G * L) -> InstanceNormalization (scale 1, bias 0: each (n, g)
+    by its own mean and biased variance, as GroupNorm; in a float64 graph ReduceMean arithmetic) ->
+    Reshape back to x's shape -> * weight[c] + bias[c]."""
+    G = m.num_groups
+    grouped = g.node("Reshape", [x, g.const_i64([0, G, -1])], f"{name}.grouped")
+    if g.dtype == np.float64:
+        xhat = _standardise(g, grouped, [2], m.eps, f"{name}.norm")
+    else:
+        xhat = g.node("InstanceNormalization", [grouped, g.init(np.ones(G), f"{name}.ones"),
+                                                g.init(np.zeros(G), f"{name}.zeros")],
+                      f"{name}.norm", epsilon=float(m.eps))
+    y = g.node("Reshape", [xhat, g.node("Shape", [x], f"{name}.shape")], f"{name}.ungrouped")
+    if not m.affine:
+        return y
+    return _scale_shift(g, y, *_affine(m, m.num_channels), name)
 
 
 def _center_crop(g, x, like, name):
@@ -292,16 +365,39 @@ def _attention_unet(g, model, h):
     return _emit(g, model.final, h, "final")
 
 
+def _general_unet(g, model, h):
+    """GeneralUNet (unet_np.models.builder; what unet_np.interop builds): per level an optional
+    max-pool, the encoder stack (its first convolution strided when downsample='conv'); per decoder
+    level from the bottom up the up-sampling (transposed convolution, Resize, or Resize then a 1x1
+    convolution), the concatenation in the model's order and the decoder stack; the head of level 0
+    (the highest-resolution output, what inference uses: deep-supervision heads are left out)."""
+    skips = []
+    for l in range(model.levels):
+        if hasattr(model, f"down{l}"):
+            h = _emit(g, getattr(model, f"down{l}"), h, f"down{l}")
+        h = _emit(g, getattr(model, f"enc{l}"), h, f"enc{l}")
+        skips.append(h)
+    for l in range(model.levels - 2, -1, -1):
+        h = _emit(g, getattr(model, f"up{l}"), h, f"up{l}")
+        pair = [h, skips[l]] if model.concat == "up_skip" else [skips[l], h]
+        h = g.node("Concat", pair, f"cat{l}", axis=1)
+        h = _emit(g, getattr(model, f"dec{l}"), h, f"dec{l}")
+    return _emit(g, model.head0, h, "head0")
+
+
 def _body(model):
     from .models import AttentionUNet, UNet, UNetPlusPlus
+    from .models.builder import GeneralUNet
+    if isinstance(model, GeneralUNet):
+        return _general_unet
     if isinstance(model, UNetPlusPlus):
         return _unet_plus_plus
     if isinstance(model, AttentionUNet):
         return _attention_unet
     if isinstance(model, UNet):
         return _unet
-    raise TypeError(f"export_onnx: expected a UNet, UNetPlusPlus or AttentionUNet, got "
-                    f"{type(model).__name__}")
+    raise TypeError(f"export_onnx: expected a UNet, UNetPlusPlus, AttentionUNet or GeneralUNet, "
+                    f"got {type(model).__name__}")
 
 
 def build_onnx(model, opset=DEFAULT_OPSET, dtype="float32", input_name="input", output_name="logits"):
@@ -342,11 +438,11 @@ def build_onnx(model, opset=DEFAULT_OPSET, dtype="float32", input_name="input", 
 
 
 def export_onnx(model, path, opset=DEFAULT_OPSET, dtype="float32"):
-    """Write ``model`` (UNet, UNetPlusPlus or AttentionUNet) as an ONNX file at ``path``, atomically
-    (a temporary file in the same folder, then os.replace). Batch and spatial dims are dynamic.
-    dtype: the graph's float type, float32 by default whatever the model's (ONNX Runtime's CPU Conv,
-    ConvTranspose and Resize exist for float32 only); 'float64' (or None: the model's dtype) writes
-    a graph that only a reference evaluator such as onnx.reference runs.
+    """Write ``model`` (UNet, UNetPlusPlus, AttentionUNet or GeneralUNet) as an ONNX file at
+    ``path``, atomically (a temporary file in the same folder, then os.replace). Batch and spatial
+    dims are dynamic. dtype: the graph's float type, float32 by default whatever the model's (ONNX
+    Runtime's CPU Conv, ConvTranspose and Resize exist for float32 only); 'float64' (or None: the
+    model's dtype) writes a graph that only a reference evaluator such as onnx.reference runs.
     Returns the path. See the module docstring for the operator mapping."""
     proto = build_onnx(model, opset=opset, dtype=dtype)
     data = proto.SerializeToString()
