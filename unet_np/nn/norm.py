@@ -127,33 +127,7 @@ class BatchNorm2d(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  dtype=None, backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
-        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, (int, np.integer)):
-            raise TypeError(f"BatchNorm2d: num_features must be an int, got {num_features!r}")
-        if num_features < 1:
-            raise ValueError(f"BatchNorm2d: num_features must be positive, got {num_features}")
-        if not isinstance(eps, (int, float, np.floating, np.integer)) or not eps > 0:
-            raise ValueError(f"BatchNorm2d: eps must be a positive number, got {eps!r}")
-        if momentum is not None and (not isinstance(momentum, (int, float, np.floating, np.integer))
-                                     or not 0 <= momentum <= 1):
-            raise ValueError(f"BatchNorm2d: momentum must be in [0, 1] or None, got {momentum!r}")
-        self.num_features = int(num_features)
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        C, dt = self.num_features, self.dtype
-        if self.affine:
-            self.weight = Parameter(self.backend.asarray(np.ones(C, dtype=dt)))
-            self.bias = Parameter(self.backend.asarray(np.zeros(C, dtype=dt)))
-        else:
-            self.weight = self.bias = None
-        if self.track_running_stats:
-            self.register_buffer("running_mean", self.backend.asarray(np.zeros(C, dtype=dt)))
-            self.register_buffer("running_var", self.backend.asarray(np.ones(C, dtype=dt)))
-            self.register_buffer("num_batches_tracked",
-                                 self.backend.asarray(np.zeros((), dtype=np.int64)))
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
+        init_norm_state(self, num_features, eps, momentum, affine, track_running_stats)
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -234,6 +208,28 @@ def check_features(owner, num_features, eps, momentum):
         raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
 
 
+def init_norm_state(layer, num_features, eps, momentum, affine, track_running_stats):
+    """The state BatchNorm and InstanceNorm share, after check_features: weight (ones) and bias
+    (zeros) Parameters when affine, running_mean / running_var / num_batches_tracked buffers when
+    track_running_stats (None otherwise)."""
+    check_features(type(layer).__name__, num_features, eps, momentum)
+    layer.num_features, layer.eps = int(num_features), float(eps)
+    layer.momentum = None if momentum is None else float(momentum)
+    layer.affine, layer.track_running_stats = bool(affine), bool(track_running_stats)
+    C, dt = layer.num_features, layer.dtype
+    if layer.affine:
+        layer.weight = Parameter(layer.backend.asarray(np.ones(C, dtype=dt)))
+        layer.bias = Parameter(layer.backend.asarray(np.zeros(C, dtype=dt)))
+    else:
+        layer.weight = layer.bias = None
+    if layer.track_running_stats:
+        layer.register_buffer("running_mean", layer.backend.asarray(np.zeros(C, dtype=dt)))
+        layer.register_buffer("running_var", layer.backend.asarray(np.ones(C, dtype=dt)))
+        layer.register_buffer("num_batches_tracked", layer.backend.asarray(np.zeros((), dtype=np.int64)))
+    else:
+        layer.running_mean = layer.running_var = layer.num_batches_tracked = None
+
+
 class InstanceNorm2d(Module):
     """Instance normalisation, as torch.nn.InstanceNorm2d: every (sample, channel) plane is
     normalised by its own mean and biased variance over the spatial axes, then (affine) scaled by
@@ -257,23 +253,7 @@ class InstanceNorm2d(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
                  dtype=None, backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
-        check_features(type(self).__name__, num_features, eps, momentum)
-        self.num_features, self.eps = int(num_features), float(eps)
-        self.momentum = None if momentum is None else float(momentum)
-        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
-        C, dt = self.num_features, self.dtype
-        if self.affine:
-            self.weight = Parameter(self.backend.asarray(np.ones(C, dtype=dt)))
-            self.bias = Parameter(self.backend.asarray(np.zeros(C, dtype=dt)))
-        else:
-            self.weight = self.bias = None
-        if self.track_running_stats:
-            self.register_buffer("running_mean", self.backend.asarray(np.zeros(C, dtype=dt)))
-            self.register_buffer("running_var", self.backend.asarray(np.ones(C, dtype=dt)))
-            self.register_buffer("num_batches_tracked",
-                                 self.backend.asarray(np.zeros((), dtype=np.int64)))
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
+        init_norm_state(self, num_features, eps, momentum, affine, track_running_stats)
 
     def forward(self, x):
         name = type(self).__name__
