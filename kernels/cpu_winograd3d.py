@@ -81,12 +81,12 @@ def input_transform(x, r0, r1, TD, TH, TW, pd, ph, pw, V):
                     for j in range(SW):
                         Q[a, 0, j], Q[a, 1, j], Q[a, 2, j], Q[a, 3, j] = _bt(
                             P[a, i, j], P[a, i + 1, j], P[a, i + 2, j], P[a, i + 3, j])
-                for tw in range(TW):                            # column pass per tile
-                    j = 2 * tw
-                    t = th * TW + tw
-                    for a in range(4):
-                        for b in range(4):
-                            q = 16 * a + 4 * b
+                for a in range(4):                              # column pass, every tile of
+                    for b in range(4):                          # the row (runs along tw)
+                        q = 16 * a + 4 * b
+                        for tw in range(TW):
+                            j = 2 * tw
+                            t = th * TW + tw
                             L[q, t], L[q + 1, t], L[q + 2, t], L[q + 3, t] = _bt(
                                 Q[a, b, j], Q[a, b, j + 1], Q[a, b, j + 2], Q[a, b, j + 3])
             base = (r - r0) * TP
@@ -142,41 +142,106 @@ def output_transform(M, r0, r1, TD, TH, TW, b, has_bias, y):
 @njit(parallel=True, cache=True, fastmath=False)
 def grad_transform(dy, r0, r1, TD, TH, TW, Z):
     """Z[:, o, t] = (A x A x A) dy_tile: the 2x2x2 block of dy (N, O, Do, Ho, Wo) at tile t (zero past
-    the edge) spread to 4x4x4, the adjoint of output_transform."""
+    the edge) spread to 4x4x4, the adjoint of output_transform. Works a tile row at a time: the
+    2 x 2 x 2 TW strip of dy, A along depth, then rows, then per tile along columns."""
     N, O, Do, Ho, Wo = dy.shape
     TP = TH * TW
+    SW = 2 * TW
     for o in prange(O):
         L = np.empty((64, TP), dtype=Z.dtype)
-        g = np.zeros((2, 2, 2), dtype=np.float64)
-        e = np.empty((2, 2, 4), dtype=np.float64)               # A along columns
-        f = np.empty((2, 4, 4), dtype=np.float64)               # ... then along rows
+        g = np.zeros((2, 2, SW), dtype=np.float64)              # the strip of dy, zero-padded
+        e = np.empty((4, 2, SW), dtype=np.float64)              # A along depth
+        f = np.empty((4, 4, SW), dtype=np.float64)              # ... then along rows
         for r in range(r0, r1):
             n = r // TD
             td = r - n * TD
             for th in range(TH):
-                for tw in range(TW):
-                    t = th * TW + tw
-                    for a in range(2):
-                        for bb in range(2):
-                            for cc in range(2):
-                                z, h, w = 2 * td + a, 2 * th + bb, 2 * tw + cc
-                                if z < Do and h < Ho and w < Wo:
-                                    g[a, bb, cc] = dy[n, o, z, h, w]
-                                else:
-                                    g[a, bb, cc] = 0.0
-                    for a in range(2):
-                        for bb in range(2):
-                            e[a, bb, 0], e[a, bb, 1], e[a, bb, 2], e[a, bb, 3] = _a(g[a, bb, 0],
-                                                                                    g[a, bb, 1])
-                        for cc in range(4):
-                            f[a, 0, cc], f[a, 1, cc], f[a, 2, cc], f[a, 3, cc] = _a(e[a, 0, cc],
-                                                                                    e[a, 1, cc])
+                for a in range(2):
+                    for bb in range(2):
+                        z, h = 2 * td + a, 2 * th + bb
+                        if z < Do and h < Ho:
+                            for w in range(Wo):
+                                g[a, bb, w] = dy[n, o, z, h, w]
+                            g[a, bb, Wo:] = 0.0
+                        else:
+                            g[a, bb, :] = 0.0
+                for bb in range(2):
+                    for w in range(SW):
+                        e[0, bb, w], e[1, bb, w], e[2, bb, w], e[3, bb, w] = _a(g[0, bb, w],
+                                                                                g[1, bb, w])
+                for a in range(4):
+                    for w in range(SW):
+                        f[a, 0, w], f[a, 1, w], f[a, 2, w], f[a, 3, w] = _a(e[a, 0, w], e[a, 1, w])
+                for a in range(4):
                     for bb in range(4):
-                        for cc in range(4):
-                            q = 4 * bb + cc
-                            L[q, t], L[16 + q, t], L[32 + q, t], L[48 + q, t] = _a(f[0, bb, cc],
-                                                                                   f[1, bb, cc])
+                        q = 16 * a + 4 * bb
+                        for tw in range(TW):
+                            t = th * TW + tw
+                            L[q, t], L[q + 1, t], L[q + 2, t], L[q + 3, t] = _a(f[a, bb, 2 * tw],
+                                                                                f[a, bb, 2 * tw + 1])
             base = (r - r0) * TP
             for q in range(64):
                 Z[q, o, base:base + TP] = L[q]
     return Z
+
+
+@njit(inline="always")
+def _g(g0, g1, g2):
+    """G g for a 3-vector g: 4 values."""
+    return g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2
+
+
+@njit(inline="always")
+def _gt(d0, d1, d2, d3):
+    """G^T d for a 4-vector d (the adjoint of _g): 3 values."""
+    return d0 + 0.5 * (d1 + d2), 0.5 * (d1 - d2), 0.5 * (d1 + d2) + d3
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def weight_transform(w, U):
+    """U[16 a + 4 b + c, o, i] = (G x G x G) w[o, i] (w (O, C, 3, 3, 3), U (64, O, C)); the compiled
+    version of winograd3d.weight_transform."""
+    O, C = w.shape[0], w.shape[1]
+    for o in prange(O):
+        e = np.empty((3, 3, 4), dtype=np.float64)               # G along columns
+        f = np.empty((3, 4, 4), dtype=np.float64)               # ... then along rows
+        for c in range(C):
+            for i in range(3):
+                for j in range(3):
+                    e[i, j, 0], e[i, j, 1], e[i, j, 2], e[i, j, 3] = _g(
+                        np.float64(w[o, c, i, j, 0]), np.float64(w[o, c, i, j, 1]),
+                        np.float64(w[o, c, i, j, 2]))
+                for k in range(4):
+                    f[i, 0, k], f[i, 1, k], f[i, 2, k], f[i, 3, k] = _g(e[i, 0, k], e[i, 1, k],
+                                                                        e[i, 2, k])
+            for b in range(4):
+                for k in range(4):
+                    q = 4 * b + k
+                    U[q, o, c], U[16 + q, o, c], U[32 + q, o, c], U[48 + q, o, c] = _g(
+                        f[0, b, k], f[1, b, k], f[2, b, k])
+    return U
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def weight_grad_transform(dU, dw):
+    """dw[o, i] = (G^T x G^T x G^T) dU[:, o, i] (dU (64, O, C), any float dtype; dw (O, C, 3, 3, 3));
+    the compiled version of winograd3d.weight_grad_transform."""
+    O, C = dw.shape[0], dw.shape[1]
+    for o in prange(O):
+        e = np.empty((4, 4, 3), dtype=np.float64)               # G^T along columns
+        f = np.empty((4, 3, 3), dtype=np.float64)               # ... then along rows
+        for c in range(C):
+            for a in range(4):
+                for b in range(4):
+                    q = 16 * a + 4 * b
+                    e[a, b, 0], e[a, b, 1], e[a, b, 2] = _gt(
+                        np.float64(dU[q, o, c]), np.float64(dU[q + 1, o, c]),
+                        np.float64(dU[q + 2, o, c]), np.float64(dU[q + 3, o, c]))
+                for k in range(3):
+                    f[a, 0, k], f[a, 1, k], f[a, 2, k] = _gt(e[a, 0, k], e[a, 1, k], e[a, 2, k],
+                                                             e[a, 3, k])
+            for j in range(3):
+                for k in range(3):
+                    dw[o, c, 0, j, k], dw[o, c, 1, j, k], dw[o, c, 2, j, k] = _gt(
+                        f[0, j, k], f[1, j, k], f[2, j, k], f[3, j, k])
+    return dw

@@ -231,6 +231,8 @@ class _Winograd3d:
     input_transform = staticmethod(cpu_winograd3d.input_transform)
     output_transform = staticmethod(cpu_winograd3d.output_transform)
     grad_transform = staticmethod(cpu_winograd3d.grad_transform)
+    weight_transform = staticmethod(cpu_winograd3d.weight_transform)
+    weight_grad_transform = staticmethod(cpu_winograd3d.weight_grad_transform)
     matmul_stack = staticmethod(matmul_stack)
 
 

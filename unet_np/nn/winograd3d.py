@@ -65,7 +65,8 @@ def winograd3d_ok(kern, C, O, kernel, stride, dilation, N, out_size):
 
 def weight_transform(w):
     """w (O, C, 3, 3, 3) -> U (64, O, C), U[16 a + 4 b + c, o, i] = (G_3 w[o, i])[a, b, c], in
-    float64 and rounded once."""
+    float64 and rounded once. The readable version of the kernel table's weight_transform (compiled
+    in kernels/cpu_winograd3d.py; einsum here took 0.15 s at 128 x 128 channels)."""
     O, C = w.shape[:2]
     G = WINO3D_G
     u = np.einsum("ai,bj,ck,xyijk->abcxy", G, G, G, w.astype(np.float64), optimize=True)
@@ -73,7 +74,8 @@ def weight_transform(w):
 
 
 def weight_grad_transform(dU, dtype):
-    """dU (64, O, C) -> dw (O, C, 3, 3, 3) = G^T_3 dU[:, o, i] (the adjoint of weight_transform)."""
+    """dU (64, O, C) -> dw (O, C, 3, 3, 3) = G^T_3 dU[:, o, i] (the adjoint of weight_transform);
+    the readable version of the kernel table's weight_grad_transform."""
     _, O, C = dU.shape
     G = WINO3D_G
     dw = np.einsum("ai,bj,ck,abcxy->xyijk", G, G, G, dU.astype(np.float64).reshape(4, 4, 4, O, C),
@@ -90,12 +92,13 @@ def chunks(R, TP, width, itemsize, budget):
 
 def winograd3d_forward(x, w, y, lead, wg, workspace, budget, b=None):
     """y (N, O, *out) = conv3d(x, w) (+ b) for a 3x3x3 kernel, stride 1, leading padding ``lead``
-    (the trailing padding follows from y's size). wg: the kernel table's transforms and
-    matmul_stack; workspace(key, count, dtype): scratch arrays."""
+    (the trailing padding follows from y's size). wg: the kernel table's transforms
+    (weight_transform(w, U), weight_grad_transform(dU, dw), input_transform, output_transform,
+    grad_transform) and matmul_stack; workspace(key, count, dtype): scratch arrays."""
     N, C = x.shape[:2]
     O = y.shape[1]
     TD, TH, TW = tiles(y.shape[2:])
-    U = weight_transform(w)                                             # (64, O, C)
+    U = wg.weight_transform(np.ascontiguousarray(w), np.empty((64, O, C), dtype=w.dtype))
     bias = np.zeros(O, dtype=y.dtype) if b is None else np.ascontiguousarray(b, dtype=y.dtype)
     for r0, r1 in chunks(N * TD, TH * TW, max(C, O), x.itemsize, budget):
         T = (r1 - r0) * TH * TW
@@ -123,4 +126,5 @@ def winograd3d_weight_grad(x, dy, lead, wg, workspace, budget):
         Z = workspace("dcols", 64 * O * T, x.dtype).reshape(64, O, T)
         wg.grad_transform(dy, r0, r1, TD, TH, TW, Z)
         dUt += wg.matmul_stack(V, Z.transpose(0, 2, 1), part)
-    return weight_grad_transform(dUt.transpose(0, 2, 1), dy.dtype)
+    return wg.weight_grad_transform(np.ascontiguousarray(dUt.transpose(0, 2, 1)),
+                                    np.empty((O, C, 3, 3, 3), dtype=dy.dtype))
