@@ -90,3 +90,34 @@ def test_clear_error_without_gpu_or_simulator():
         pytest.skip("a GPU is present")
     msg = r.stdout
     assert "numba-cuda" in msg and "NUMBA_ENABLE_CUDASIM" in msg and "unet-np[numba-cuda]" in msg
+
+
+def test_gemm_batched_compiles_to_registers_and_unrolled_fmas():
+    """The fast GEMM's PTX for sm_90 (numba.cuda.compile_ptx needs libNVVM, not a GPU): the 8x8
+    accumulators of a thread stay in registers (no local memory), and a K-step is unrolled: 8 x 8 x 8
+    = 512 FMAs in straight code, the shared loads at immediate offsets. Skipped without libNVVM."""
+    code = (
+        "import re\n"
+        "from numba import cuda, float32, int64, boolean\n"
+        "from unet_np.kernels import cuda_gemm as g\n"
+        "arr = float32[::1]\n"
+        "sig = (arr, arr, arr) + (int64,) * 10 + (arr, boolean, boolean, int64)\n"
+        "c = g.BATCHED_GPU_CONFIGS[0]\n"
+        "k = g.gemm_batched_kernel('float32', c['BM'], c['BN'], c['BK'], c['TM'], c['TN'], False, True)\n"
+        "try:\n"
+        "    ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0))\n"
+        "except Exception as exc:\n"
+        "    print('SKIP', type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ''); raise SystemExit\n"
+        "print('fma', len(re.findall(r'\\bfma\\.rn\\.f32', ptx)))\n"
+        "print('local', len(re.findall(r'\\b(ld|st)\\.local', ptx)))\n"
+        "print('imm', len(re.findall(r'ld\\.shared\\.f32\\s+%f\\d+, \\[%rd\\d+\\+\\d+\\]', ptx)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if r.stdout.startswith("SKIP"):
+        pytest.skip(f"numba cannot compile PTX here: {r.stdout.strip()}")
+    got = dict(line.split() for line in r.stdout.splitlines())
+    assert int(got["fma"]) == 512 and int(got["local"]) == 0, got
+    assert int(got["imm"]) >= 100, got          # most of the 128 shared loads take an immediate offset
