@@ -545,3 +545,94 @@ def test_maxpool3d_numba_matches_numpy(kernel, stride, padding, nb):
     assert np.array_equal(y, y0, equal_nan=True) and np.array_equal(c[0], c0[0])
     dy = rng.standard_normal(y.shape)
     assert np.array_equal(nb.maxpool3d_backward(dy, c), ref.maxpool3d_backward(dy, c0))
+
+
+# -- 3-D Winograd F(2x2x2, 3x3x3) (unet_np/nn/winograd3d.py, kernels/cpu_winograd3d.py) ---------------
+WINOGRAD3D_CASES = [
+    # x shape, O, padding ((before, after) per axis)
+    ((1, 3, 5, 6, 7), 4, 1),                                   # odd sizes: partial tiles
+    ((2, 2, 4, 4, 4), 3, 1),                                   # batch 2
+    ((1, 3, 6, 5, 4), 2, 0),                                   # valid padding
+    ((2, 2, 3, 3, 3), 2, ((2, 0), (1, 1), (0, 2))),            # uneven padding, negative tiles
+    ((1, 5, 2, 9, 3), 6, 1),                                   # C != O, thin depth
+]
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    fn = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: (calls.append(1), fn(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("tile_bytes", [64, 48 << 20])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", WINOGRAD3D_CASES)
+def test_conv3d_winograd_matches_reference(case, dtype, tile_bytes, nb, monkeypatch):
+    """Forward, input and weight gradient through Winograd (forced on tiny shapes; tile_bytes 64: one
+    depth slab per chunk) against the plain vol2col reference."""
+    from unet_np.nn import conv3d_fast, conv3d_reference, winograd3d
+    monkeypatch.setattr(conv3d_fast, "TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(winograd3d, "WINO3D_MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd3d, "WINO3D_MIN_VOXELS", 1)
+    fwd = _count_calls(monkeypatch, winograd3d, "winograd3d_forward")
+    wgrad = _count_calls(monkeypatch, winograd3d, "winograd3d_weight_grad")
+    xs, O, p = case
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal(xs).astype(dtype)
+    w = rng.standard_normal((O, xs[1], 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(O).astype(dtype)
+    y, c = nb.conv3d_forward(x, w, b, 1, p, 1)
+    y0, c0 = conv3d_reference.conv3d_forward_reference(x, w, b, 1, p, 1)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    assert y.dtype == dtype and rel(y, y0) < TOL[dtype]
+    for a, r in zip(nb.conv3d_backward(dy, c), conv3d_reference.conv3d_backward_reference(dy, c0)):
+        assert a.dtype == dtype and a.shape == r.shape and rel(a, r) < TOL[dtype]
+    assert len(fwd) == 2 and len(wgrad) == 1          # forward, input gradient; weight gradient
+
+
+def test_conv3d_winograd_float32_error_at_network_sizes(nb):
+    """float32 Winograd against the float64 reference at the benchmark's channel counts: measured
+    about 3e-7 relative (the vol2col path about 2e-7); the bound is the 1e-4 of every fast path."""
+    from unet_np.nn import conv3d_reference, winograd3d
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((1, 32, 8, 8, 8))
+    w = rng.standard_normal((16, 32, 3, 3, 3)) / 17
+    from unet_np.backends.numba_backend import NUMBA_CONV3D_KERNELS
+    assert winograd3d.winograd3d_ok(NUMBA_CONV3D_KERNELS, 32, 16, (3, 3, 3), (1, 1, 1), (1, 1, 1), 1,
+                                    (8, 8, 8))                   # the defaults take this layer
+    y, c = nb.conv3d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, 1, 1)
+    y0, c0 = conv3d_reference.conv3d_forward_reference(x, w, None, 1, 1, 1)
+    dy = rng.standard_normal(y.shape)
+    assert rel(y, y0) < 2e-6
+    grads = nb.conv3d_backward(dy.astype(np.float32), c)
+    for a, r in zip(grads, conv3d_reference.conv3d_backward_reference(dy, c0)):
+        if r is not None:
+            assert rel(a, r) < 2e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_winograd3d_weight_transforms_match_numpy(dtype):
+    from unet_np.kernels import cpu_winograd3d
+    from unet_np.nn import winograd3d
+    rng = np.random.default_rng(25)
+    w = rng.standard_normal((5, 3, 3, 3, 3)).astype(dtype)
+    U = cpu_winograd3d.weight_transform(w, np.empty((64, 5, 3), dtype=dtype))
+    assert rel(U, winograd3d.weight_transform(w)) < TOL[dtype] / 100
+    dU = rng.standard_normal((64, 5, 3)).astype(dtype)
+    dw = cpu_winograd3d.weight_grad_transform(dU, np.empty((5, 3, 3, 3, 3), dtype=dtype))
+    assert rel(dw, winograd3d.weight_grad_transform(dU, dtype)) < TOL[dtype] / 100
+
+
+def test_winograd3d_only_where_it_pays():
+    from unet_np.backends.numba_backend import NUMBA_CONV3D_KERNELS as k
+    from unet_np.nn.conv3d_fast import NUMPY_KERNELS3D
+    from unet_np.nn.winograd3d import winograd3d_ok
+    one = (1, 1, 1)
+    assert winograd3d_ok(k, 16, 16, (3, 3, 3), one, one, 1, (64, 64, 64))
+    assert not winograd3d_ok(NUMPY_KERNELS3D, 16, 16, (3, 3, 3), one, one, 1, (64, 64, 64))
+    assert not winograd3d_ok(k, 1, 16, (3, 3, 3), one, one, 1, (64, 64, 64))    # the image's conv
+    assert not winograd3d_ok(k, 16, 16, (1, 3, 3), one, one, 1, (64, 64, 64))
+    assert not winograd3d_ok(k, 16, 16, (3, 3, 3), (2, 2, 2), one, 1, (32, 32, 32))
+    assert not winograd3d_ok(k, 16, 16, (3, 3, 3), one, (2, 2, 2), 1, (64, 64, 64))
+    assert not winograd3d_ok(k, 64, 64, (3, 3, 3), one, one, 1, (4, 4, 4))
