@@ -286,3 +286,23 @@ def test_backend_without_3d_kernels_runs_them_on_the_host():
     assert isinstance(dx, Device) and isinstance(dw, Device) and db is None
     y_ref, _ = ref["conv3d_forward"](np.asarray(x), w, None, 1, (0, 1, 1), 1)
     assert np.array_equal(np.asarray(y), y_ref)
+
+
+def test_winograd3d_matrices_give_the_correlation_of_one_tile():
+    """Y = A^T_3 [(G_3 g) * (B^T_3 d)] is the 2x2x2 correlation of a 4x4x4 tile d with a 3x3x3 g,
+    in the readable NumPy form of unet_np/nn/winograd3d.py (weight_transform's layout included)."""
+    from unet_np.nn import winograd3d as W
+    rng = np.random.default_rng(5)
+    d = rng.standard_normal((4, 4, 4))
+    g = rng.standard_normal((3, 3, 3))
+    BT, AT = W.WINO3D_BT, W.WINO3D_AT
+    V = np.einsum("ai,bj,ck,ijk->abc", BT, BT, BT, d)
+    U = W.weight_transform(g.reshape(1, 1, 3, 3, 3)).reshape(4, 4, 4)
+    Y = np.einsum("ai,bj,ck,ijk->abc", AT, AT, AT, U * V)
+    direct = np.array([[[np.sum(g * d[a:a + 3, b:b + 3, c:c + 3]) for c in range(2)] for b in range(2)]
+                       for a in range(2)])
+    assert np.abs(Y - direct).max() < 1e-12
+    # the weight gradient transform is weight_transform's adjoint: <G_3 g, dU> = <g, G^T_3 dU>
+    dU = rng.standard_normal((64, 1, 1))
+    lhs = np.sum(U.reshape(64, 1, 1) * dU)
+    assert abs(lhs - np.sum(g * W.weight_grad_transform(dU, np.float64)[0, 0])) < 1e-12

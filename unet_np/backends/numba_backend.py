@@ -10,7 +10,9 @@ What changes against the numpy backend:
     4x fewer multiply-adds than im2col, for the forward, the weight and the input gradient;
   * the 2x2 stride-2 max-pool is one pass with a compact argmax (kernels/cpu_pool.py);
   * 3-D convolutions run the band-tiled driver of unet_np/nn/conv3d_fast.py with compiled vol2col /
-    col2vol (kernels/cpu_conv3d.py); 3-D max-pools whose windows tile the volume (2x2x2, (1, 2, 2))
+    col2vol (kernels/cpu_conv3d.py); 3x3x3 stride-1 ones with >= 8 channels on >= 512 output voxels
+    run as Winograd F(2x2x2, 3x3x3) (unet_np/nn/winograd3d.py, kernels/cpu_winograd3d.py: 64 GEMMs
+    with K = C, 3.4x fewer multiplies) for the forward, the weight and the input gradient; 3-D max-pools whose windows tile the volume (2x2x2, (1, 2, 2))
     are one compiled pass;
   * ReLU forward and backward are single parallel passes (kernels/cpu_activation.py);
   * SGD and Adam/AdamW update each parameter in one parallel pass (kernels/cpu_optim.py, taken by

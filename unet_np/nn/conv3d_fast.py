@@ -17,6 +17,11 @@ and the transposed convolution is the same three read the other way: its forward
 (with w (Cin, Cout, *k) read as a conv weight, O = Cin), its input gradient the forward and its weight
 gradient the weight grad with x and dy swapped.
 
+3x3x3 stride-1 convolutions with enough channels (winograd3d.winograd3d_ok) leave the band loop
+when the kernel table has Winograd transforms (the numba backend's): the forward, the stride-1 input
+gradient (through forward_tiles) and the weight gradient run as Winograd F(2x2x2, 3x3x3), 64 position
+GEMMs between compiled tile transforms (winograd3d.py).
+
 The element-wise helpers come from a kernel table, ``Conv3dKernels``: ``NUMPY_KERNELS3D`` (the
 reference vol2col / col2vol on a band) here, compiled ones in the numba backend
 (unet_np/kernels/cpu_conv3d.py).
