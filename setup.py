@@ -38,7 +38,9 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "torch==2.13.0", "numba>=0.59", "numba-cuda>=0.20",
                  "Pillow>=10", "matplotlib>=3.7", "tqdm>=4.60", "threadpoolctl>=3",
                  "psutil>=5", "onnx>=1.14", "onnxruntime>=1.16", "mpi4py>=3.1", "mpich>=4",
-                 "scipy>=1.10"],
+                 "scipy>=1.10", "tifffile",
+                 # the peers the converters are checked against (unet_np.interop)
+                 "monai>=1.3", "dynamic-network-architectures>=0.3"],
     },
     entry_points={"console_scripts": ["unet-np=unet_np.cli:main"]},
 )
