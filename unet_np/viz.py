@@ -5,6 +5,7 @@
     weight_map(image, weights, "weights.png")          the U-Net paper's loss weight map
     feature_maps(model, image, "features.png")         a few channels of every encoder/decoder level
     instance_overlay(images, true, pred, "inst.png")   separated objects, each in its own colour
+    volume_planes(volume, truth, pred, "planes.png")   a volume's three orthogonal middle planes
 
 matplotlib is part of the optional ``[viz]`` extra; it is imported when a plot is drawn, and a missing
 matplotlib raises ``VizUnavailable`` (an ImportError) saying how to install it.
@@ -16,7 +17,7 @@ import numpy as np
 from .backends import to_numpy
 
 __all__ = ["VizUnavailable", "available", "learning_curves", "overlay", "weight_map", "feature_maps",
-           "capture_features", "class_colours", "instance_rgb", "instance_overlay"]
+           "capture_features", "class_colours", "instance_rgb", "instance_overlay", "volume_planes"]
 
 
 class VizUnavailable(ImportError):
@@ -315,5 +316,57 @@ def feature_maps(model, image, path, channels=6):
         axes[r, 0].set_xticks([])
         axes[r, 0].set_yticks([])
     fig.suptitle(f"{type(model).__name__} feature maps per level (most active channels)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def volume_planes(volume, truth, pred, path, num_classes=None, title=None):
+    """A volume's three orthogonal middle planes, one row each: axial (the middle slice along D, an
+    H x W plane), coronal (middle along H: D x W) and sagittal (middle along W: D x H); columns:
+    the image, the true labels, the predicted labels and the image with the prediction's outline
+    and its wrong voxels in red. volume (C, D, H, W) or (D, H, W); truth / pred (D, H, W) labels
+    (truth may be None: prediction only). The grey levels are stretched by the whole volume's 1st
+    and 99th percentiles, so the three planes are comparable."""
+    plt = _plt()
+    x = np.asarray(to_numpy(volume), dtype=np.float64)
+    x = x[0] if x.ndim == 4 else x                      # the first channel
+    pred = np.asarray(pred)
+    truth = None if truth is None else np.asarray(truth)
+    if x.ndim != 3 or pred.shape != x.shape or (truth is not None and truth.shape != x.shape):
+        raise ValueError(f"volume_planes needs a volume (C, D, H, W) or (D, H, W) and labels (D, H, W) "
+                         f"of its size, got {np.shape(volume)}, "
+                         f"{None if truth is None else truth.shape} and {pred.shape}")
+    lo, hi = np.percentile(x, (1, 99))
+    x = np.clip((x - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    k = num_classes or int(max(pred.max(), 0 if truth is None else truth.max())) + 1
+    colours = class_colours(max(k, 2))
+    D, H, W = x.shape
+    planes = [(f"axial, D = {D // 2} (H x W)", np.s_[D // 2, :, :]),
+              (f"coronal, H = {H // 2} (D x W)", np.s_[:, H // 2, :]),
+              (f"sagittal, W = {W // 2} (D x H)", np.s_[:, :, W // 2])]
+    cols = 4 if truth is not None else 3
+    fig, axes = plt.subplots(3, cols, figsize=(3 * cols, 3 * 3), squeeze=False)
+    for r, (name, cut) in enumerate(planes):
+        img, p = x[cut], pred[cut]
+        panels = [("image", img, "gray")]
+        if truth is not None:
+            panels.append(("truth", _label_rgb(truth[cut], colours), None))
+        panels.append(("prediction", _label_rgb(p, colours), None))
+        for c, (t, a, cmap) in enumerate(panels):
+            axes[r, c].imshow(a, cmap=cmap, interpolation="nearest", vmin=0, vmax=1)
+            axes[r, c].set_title(f"{name}: {t}" if c == 0 else t, fontsize=9)
+        rgb = np.stack([img] * 3, -1)
+        rgb[_class_edges(p)] = (0.1, 1.0, 0.1)
+        label = "prediction outline"
+        if truth is not None:
+            wrong = p != truth[cut]
+            rgb[wrong] = 0.5 * rgb[wrong] + 0.5 * np.array([1.0, 0.0, 0.0])
+            label += f", errors red ({100.0 * wrong.mean():.1f}%)"
+        axes[r, cols - 1].imshow(rgb, interpolation="nearest")
+        axes[r, cols - 1].set_title(label, fontsize=9)
+        for a in axes[r]:
+            a.set_axis_off()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path, plt)
