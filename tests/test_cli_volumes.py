@@ -122,3 +122,59 @@ def test_a_volume_model_refuses_images_and_the_reverse(tmp_path):
     p = cli("train", "--images", images, "--masks", masks, "--out", tmp_path / "r2",
             "--spatial-dims", "2", *TINY)
     assert p.returncode == 2 and "the masks are volumes" in p.stderr and "Traceback" not in p.stderr
+
+
+# -- unet-np demo --3d -------------------------------------------------------------------------------
+TINY_DEMO3D = dict(n_train=4, n_test=2, size=8, depth=1, base_channels=2, epochs=1, batch_size=2, lr=3e-3)
+
+
+def test_demo_3d_runs_the_volume_pipeline(tmp_path, monkeypatch, capsys):
+    """`unet-np demo --3d --quick` (its configuration made tiny): volumes written as .npy, a 3D U-Net
+    trained, the held-out volumes scored, the three planes drawn, and the summary printed."""
+    from unet_np import viz
+    from unet_np.cli import demo3d, main
+    monkeypatch.setattr(demo3d, "DEMO3D_QUICK", TINY_DEMO3D)
+    out = tmp_path / "demo3d"
+    assert main(["demo", "--3d", "--quick", "--out", str(out), "--backend", "numpy", "--quiet"]) == 0
+    for part, n in (("train", 4), ("test", 2)):
+        for kind in ("images", "masks"):
+            files = sorted((out / "data" / part / kind).glob("*.npy"))
+            assert len(files) == n, (part, kind)
+    assert np.load(out / "data" / "train" / "images" / "vol_0000.npy").shape == (1, 8, 8, 8)
+    assert np.load(out / "data" / "test" / "masks" / "vol_0005.npy").shape == (8, 8, 8)
+    assert (out / "model.npz").exists() and (out / "last.npz").exists()
+    import unet_np
+    model = unet_np.load_model(out / "model.npz")
+    assert model.spatial_dims == 3 and model.depth == 1
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    test = final["test"]
+    assert test["num_images"] == 2 and 0 <= test["dice"] <= 1 and 0 <= test["dice_foreground"] <= 1
+    assert final["cpu_seconds_total"] > 0 and final["seconds_total"] > 0
+    if viz.available():
+        assert (out / "test_planes_0.png").stat().st_size > 0 and (out / "test_planes_1.png").exists()
+    printed = capsys.readouterr().out
+    assert "demo --3d summary" in printed and "test (held out)" in printed
+    # a second run into the same folder needs --overwrite
+    assert main(["demo", "--3d", "--quick", "--out", str(out), "--backend", "numpy", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_volume_planes_draws_three_planes_and_checks_shapes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from unet_np.viz import volume_planes
+    vol = np.random.default_rng(0).random((1, 4, 6, 8)).astype(np.float32)
+    lab = (vol[0] > 0.5).astype(np.int64)
+    assert Path(volume_planes(vol, lab, lab, tmp_path / "p.png")).stat().st_size > 0
+    assert Path(volume_planes(vol[0], None, lab, tmp_path / "q.png")).stat().st_size > 0
+    with pytest.raises(ValueError, match="labels \\(D, H, W\\) of its size"):
+        volume_planes(vol, lab, lab[:, :, :4], tmp_path / "r.png")
+
+
+def test_volumes_doc_dataset_example_runs(capsys):
+    """docs/volumes.md's dataset-form example (SegmentationDataset of volumes -> Trainer.fit) runs
+    and prints what its comments say."""
+    from tests.doc_blocks import python_blocks
+    blocks = [src for _, src in python_blocks("docs/volumes.md") if "SegmentationDataset.from_arrays" in src]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/volumes.md", "exec"), {"__name__": "docs_volumes"})
+    assert capsys.readouterr().out.split("\n")[:2] == ["3 8", "2 True"]

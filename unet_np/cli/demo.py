@@ -8,6 +8,7 @@ import numpy as np
 from .common import (BACKEND_CHOICES, CLIError, add_common, fmt, plot, predict_objects,
                      prepare_out_dir, say, score_objects, table, write_metrics)
 from .train import print_summary, run_training
+from .demo3d import run3d
 
 DEMO = dict(n=80, size=64, depth=3, base_channels=8, epochs=20, batch_size=8, lr=3e-3, border=2)
 DEMO_QUICK = dict(n=60, size=32, depth=2, base_channels=8, epochs=25, batch_size=4, lr=3e-3,
@@ -24,6 +25,8 @@ def add_parser(sub):
                                    "the separated cells in colour, the weight map, feature maps).")
     p.add_argument("--out", default="unet-np-demo", help="output folder (default unet-np-demo)")
     p.add_argument("--quick", action="store_true", help="a tiny run (well under a minute)")
+    p.add_argument("--3d", dest="three_d", action="store_true",
+                   help="volumes instead: touching spheres, a 3D U-Net, the three middle planes")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the training")
     p.add_argument("--overwrite", action="store_true", help="replace an existing out/model.npz")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
@@ -33,6 +36,8 @@ def add_parser(sub):
 
 
 def run(args):
+    if getattr(args, "three_d", False):                  # unet-np demo --3d
+        return run3d(args)
     from ..data import (SegmentationDataset, instance_targets, normalize_image, touching_cells,
                         write_folder)
     from ..metrics import score_images
