@@ -246,8 +246,12 @@ def time_case(batch, size, backend, repeats):
                 fns[mode]()
                 times[side].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
+        # on a shared machine the load moves between runs: each interleaved pair ran under about
+        # the same load, so the median of the pairs' ratios is reported next to the ratio of medians
+        pairs = [a / b for a, b in zip(times["unet_np"], times["torch"])]
         out[mode] = dict(unet_np_s=med["unet_np"], torch_s=med["torch"],
-                         ratio=med["unet_np"] / med["torch"], all=times)
+                         ratio=med["unet_np"] / med["torch"], pair_ratio=statistics.median(pairs),
+                         all=times)
     return out
 
 
@@ -307,16 +311,20 @@ def report_md(res):
              "unet_np faster).", ""]
     if res["note"]:
         lines += [f"Machine state: {res['note']}", ""]
+    lines += ["Ratio: of the medians; in brackets the median of the interleaved pairs' ratios. Load: the "
+              "1-minute load average before and after the case (2 cores).", ""]
     lines += ["| batch x size^3 | step unet_np (s) | step PyTorch (s) | step ratio | forward unet_np (s) | "
-              "forward PyTorch (s) | forward ratio | peak MiB step unet_np / PyTorch |",
-              "|---|---|---|---|---|---|---|---|"]
+              "forward PyTorch (s) | forward ratio | peak MiB step unet_np / PyTorch | load |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in res["cases"].items():
         mem = r.get("memory", {})
         m = (f"{mem['unet_np'].get('train_peak_growth_mib', float('nan')):.0f} / "
              f"{mem['torch'].get('train_peak_growth_mib', float('nan')):.0f}") if mem else "-"
         lines.append(f"| {key} | {r['train']['unet_np_s']:.3f} | {r['train']['torch_s']:.3f} | "
-                     f"{r['train']['ratio']:.2f} | {r['forward']['unet_np_s']:.3f} | "
-                     f"{r['forward']['torch_s']:.3f} | {r['forward']['ratio']:.2f} | {m} |")
+                     f"{r['train']['ratio']:.2f} ({r['train'].get('pair_ratio', float('nan')):.2f}) | "
+                     f"{r['forward']['unet_np_s']:.3f} | {r['forward']['torch_s']:.3f} | "
+                     f"{r['forward']['ratio']:.2f} ({r['forward'].get('pair_ratio', float('nan')):.2f}) | "
+                     f"{m} | {r.get('load', ('?', '?'))[0]} - {r.get('load', ('?', '?'))[1]} |")
     lines += ["", f"Environment removed for this run: {res['unset'] or 'nothing'}; BLAS/OpenMP as "
               "threadpoolctl saw them:", "", "```", json.dumps(res["threadpool"], indent=1), "```", ""]
     return "\n".join(lines)
@@ -335,7 +343,9 @@ def main(args):
     for batch, size in cases:
         key = f"{batch}x{size}"
         print(f"case {key} ...", flush=True)
+        load0 = os.getloadavg()[0]
         r = time_case(batch, size, args.backend, args.repeats)
+        r["load"] = (round(load0, 1), round(os.getloadavg()[0], 1))
         if not args.no_memory:
             r["memory"] = {side: peak_memory(side, args.backend, batch, size, args.threads)
                            for side in ("unet_np", "torch")}
