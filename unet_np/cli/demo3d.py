@@ -16,7 +16,7 @@ from .train import print_summary, run_training
 # spheres are about 10 voxels across at size 32: a depth-2 3D U-Net sees a whole one
 DEMO3D = dict(n_train=24, n_test=6, size=32, depth=2, base_channels=8, epochs=20, batch_size=2,
               lr=3e-3)
-DEMO3D_QUICK = dict(n_train=12, n_test=2, size=16, depth=2, base_channels=8, epochs=12, batch_size=2,
+DEMO3D_QUICK = dict(n_train=12, n_test=2, size=16, depth=2, base_channels=8, epochs=25, batch_size=2,
                     lr=3e-3)
 
 
