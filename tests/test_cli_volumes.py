@@ -178,3 +178,17 @@ def test_volumes_doc_dataset_example_runs(capsys):
     assert len(blocks) == 1
     exec(compile(blocks[0], "docs/volumes.md", "exec"), {"__name__": "docs_volumes"})
     assert capsys.readouterr().out.split("\n")[:2] == ["3 8", "2 True"]
+
+
+def test_dataset_weight_map_of_a_volume_is_3d():
+    """compute_weights on a volume: the 3-D map (objects 6-connected, distances in 3-D), not one
+    map per slice."""
+    from unet_np.data import SegmentationDataset, label_components, weight_map
+    m = np.zeros((8, 10, 10), np.int64)
+    m[1:4, 2:6, 2:6] = 1
+    m[4:7, 2:6, 5:9] = 1
+    ds = SegmentationDataset.from_arrays([np.random.rand(1, 8, 10, 10).astype(np.float32)], [m])
+    w = ds.compute_weights()[0]
+    assert w.shape == (8, 10, 10)
+    assert np.allclose(w, weight_map(label_components(m), labels=m, spatial_dims=3), rtol=1e-6)
+    assert not np.allclose(w, weight_map(label_components(m), labels=m), rtol=1e-3)  # per slice

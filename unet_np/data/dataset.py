@@ -184,7 +184,7 @@ class SegmentationDataset:
     def compute_weights(self, w0=10.0, sigma=5.0, class_balance=True, instances=None):
         """Fill `weights` with the U-Net paper's weight maps (weightmap.weight_map). The objects
         are `instances` (a list of (H, W) instance labels) when given, else the connected
-        components of each mask's foreground. A dataset of instance targets (from_instances,
+        components of each mask's foreground (6-connected in a volume, whose map is 3-D). A dataset of instance targets (from_instances,
         load_folder(instances=True)) uses its own .instances: instance_weight_map, the border term
         on background and border pixels. Returns the list."""
         from .weightmap import label_components, weight_map
@@ -196,7 +196,8 @@ class SegmentationDataset:
         out = []
         for i, m in enumerate(self.masks):
             inst = label_components(m) if instances is None else np.asarray(instances[i])
-            out.append(weight_map(inst, w0, sigma, class_balance, labels=m))
+            out.append(weight_map(inst, w0, sigma, class_balance, labels=m,
+                                  spatial_dims=self.spatial_dims))   # a volume's map is 3-D
         self.weights = out
         return out
 
