@@ -200,3 +200,8 @@ def test_demo_path_reports_instance_scores(tmp_path, monkeypatch, capsys):
     assert {"f1", "ap_dsb", "pq"} <= set(final["test"]["instance"]) and "dice_cells" in final["test"]
     labs = sorted((out / "data" / "test" / "masks").iterdir())
     assert len(labs) == 2 and read_labels(labs[0]).max() >= 2       # instance label images
+    # both demo set-ups train with batch normalisation (what lifts their instance F1)
+    from unet_np.cli.common import load_model
+    model, _ = load_model(out / "model.npz")
+    assert model.config()["batchnorm"] is True
+    assert demo.DEMO["batchnorm"] is True and demo.DEMO_QUICK["batchnorm"] is True

@@ -10,9 +10,13 @@ from .common import (BACKEND_CHOICES, CLIError, add_common, fmt, plot, predict_o
 from .train import print_summary, run_training
 from .demo3d import run3d
 
-DEMO = dict(n=80, size=64, depth=3, base_channels=8, epochs=20, batch_size=8, lr=3e-3, border=2)
+# batch normalisation: in a few hundred steps the small network learns the interior class of
+# touching cells much better with it (test instance F1, seed 0: --quick 0.557 without, 0.657 with;
+# the demo 0.470 without at 20 epochs, 0.848 with at 40). See docs/usage.md.
+DEMO = dict(n=80, size=64, depth=3, base_channels=8, epochs=40, batch_size=8, lr=3e-3, border=2,
+            batchnorm=True)
 DEMO_QUICK = dict(n=60, size=32, depth=2, base_channels=8, epochs=25, batch_size=4, lr=3e-3,
-                  border=1)
+                  border=1, batchnorm=True)
 
 
 def add_parser(sub):
@@ -24,7 +28,8 @@ def add_parser(sub):
                                    "write the model, metrics and plots (learning curves, overlays, "
                                    "the separated cells in colour, the weight map, feature maps).")
     p.add_argument("--out", default="unet-np-demo", help="output folder (default unet-np-demo)")
-    p.add_argument("--quick", action="store_true", help="a tiny run (well under a minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run (about 1 CPU-minute; the full demo about 2)")
     p.add_argument("--3d", dest="three_d", action="store_true",
                    help="volumes instead: touching spheres, a 3D U-Net, the three middle planes")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the training")
@@ -61,7 +66,7 @@ def run(args):
                                             normalize="image")
     targs = argparse.Namespace(
         classes=None, weight_map=True, val_split=0.2, seed=args.seed, resume=None, arch="unet",
-        depth=cfg["depth"], base_channels=cfg["base_channels"], batchnorm=False,
+        depth=cfg["depth"], base_channels=cfg["base_channels"], batchnorm=cfg["batchnorm"],
         upsample="transpose", init="torch", dtype="float32", backend=args.backend, no_skip=False,
         padding="same", optimizer="adam", lr=cfg["lr"], momentum=0.9, epochs=cfg["epochs"],
         batch_size=cfg["batch_size"], augment="basic")
