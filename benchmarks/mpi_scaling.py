@@ -150,7 +150,7 @@ def _mpi_version():
 def driver(args):
     import tempfile
     if shutil.which("mpiexec") is None:
-        sys.exit("benchmarks.mpi_scaling: mpiexec not found (pip install 'unet-np[mpi]')")
+        sys.exit("benchmarks.mpi_scaling: mpiexec not found (pip install '.[mpi]' in a checkout)")
     ranks = [int(k) for k in args.ranks.split(",")]
     configs = [("mpi", k) for k in ranks]
     if not args.no_threads_baseline:

@@ -387,7 +387,7 @@ def test_train_under_mpiexec_with_two_ranks(data, tmp_path):
     pytest.importorskip("mpi4py")
     mpiexec = shutil.which("mpiexec")
     if mpiexec is None:
-        pytest.skip("mpiexec not found (pip install 'unet-np[mpi]')")
+        pytest.skip("mpiexec not found (pip install '.[mpi]')")
     _, idir, mdir = data
     out = tmp_path / "mpi"
     p = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "unet_np.cli", "train", "--images",

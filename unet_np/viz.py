@@ -30,7 +30,7 @@ def _plt():
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
-        raise VizUnavailable("plots need matplotlib: pip install 'unet-np[viz]'") from None
+        raise VizUnavailable("plots need matplotlib: pip install matplotlib (or, in a checkout, pip install '.[viz]')") from None
     return plt
 
 

@@ -67,7 +67,7 @@ class _Target:
 @pytest.fixture(scope="module", params=["cupy", "emulated"])
 def xb(request):
     if request.param == "cupy":
-        pytest.importorskip("cupy", reason="CuPy is not installed (pip install 'unet-np[cuda12]')")
+        pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x)")
         try:
             backend = backends.get("cupy")
         except backends.BackendUnavailable as exc:

@@ -554,8 +554,8 @@ def kernels():
     try:
         import cupy
     except ImportError as exc:
-        raise ImportError("the cupy backend needs CuPy: pip install 'unet-np[cuda12]' (CUDA 12) or "
-                          "'unet-np[cuda13]' (CUDA 13)") from exc
+        raise ImportError("the cupy backend needs CuPy: pip install cupy-cuda12x (CUDA 12) or "
+                          "cupy-cuda13x (CUDA 13); in a checkout the [cuda12] / [cuda13] extras") from exc
     _check_gpu(cupy)
     k = CudaKernels(cupy, _cupy_function, tf32_scope=cupy_tf32_scope)
     try:

@@ -30,7 +30,7 @@ from .numpy_backend import reference_ops
 try:
     import numba  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without numba
-    raise ImportError("the numba backend needs the numba package: pip install 'unet-np[numba]'") from exc
+    raise ImportError("the numba backend needs the numba package: pip install numba threadpoolctl (or, in a checkout, pip install '.[numba]')") from exc
 
 import os
 import sys

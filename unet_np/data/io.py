@@ -70,7 +70,7 @@ def _pil(path):
         from PIL import Image
     except ImportError:
         raise fail(path, "reading this file needs Pillow: pip install Pillow "
-                          "(or pip install 'unet-np[viz]')") from None
+                          "(or, in a checkout, pip install '.[viz]')") from None
     return Image
 
 
