@@ -15,26 +15,13 @@ from unet_np import interop  # noqa: E402
 from unet_np.models.builder import GeneralUNet  # noqa: E402
 from unet_np.onnx_export import build_onnx, export_onnx  # noqa: E402
 
-TOL32 = 1e-4    # relative, ORT's float32 kernels against ours
-TOL64 = 1e-10   # relative, onnx.reference (NumPy) against ours in float64
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, f"{a.shape} != {b.shape}"
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+from tests.onnx_helpers import TOL32, TOL64, rel, session  # noqa: E402
+from tests.onnx_helpers import randomise as randomise_with  # noqa: E402
 
 
 def randomise(model, seed=0):
-    """Non-trivial weights, affine norm parameters and running statistics; evaluation mode."""
-    rng = np.random.default_rng(seed)
-    for p in model.parameters():
-        p.data[...] = (rng.standard_normal(p.data.shape) * 0.4).astype(p.data.dtype)
-    for _, m in model.named_modules():
-        if getattr(m, "running_mean", None) is not None:
-            m.running_mean[...] = rng.standard_normal(m.running_mean.shape) * 0.1
-            m.running_var[...] = rng.uniform(0.5, 2.0, m.running_var.shape)
-    return model.eval()
+    """Non-trivial weights (std 0.4), affine norm parameters and running statistics; eval mode."""
+    return randomise_with(model, seed, scale=0.4)
 
 
 def milesial(bilinear, b=2):
@@ -114,7 +101,7 @@ def check_against_predict(model, shapes, path):
     """ORT float32 against model.predict on each shape; returns the worst relative error."""
     export_onnx(model, path)
     onnx.checker.check_model(str(path), full_check=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = session(path)
     rng = np.random.default_rng(1)
     worst = 0.0
     for shape in shapes:
