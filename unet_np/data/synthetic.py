@@ -143,22 +143,12 @@ def _one_cells(rng, h, w, cells, radius, gap=True):
         sw[claim] = rng.uniform(0.45, 0.75)
     # a one-pixel background line wherever two cells meet (8-neighbourhood): a pixel goes to
     # background when a neighbour belongs to a different cell with a larger id
-    pad = np.pad(inst, 1)
-    cut = np.zeros((h, w), dtype=bool)
-    for sy in (-1, 0, 1):
-        for sx in (-1, 0, 1):
-            nb = pad[1 + sy:1 + sy + h, 1 + sx:1 + sx + w]
-            cut |= (nb > inst) & (inst > 0)
+    cut = _touching_line(inst)
     if not gap:                       # instance data: touching cells stay in contact
         cut[:] = False
         inst[_stray_pieces(inst)] = 0
     inst[cut] = 0
-    # renumber 1..K in order of appearance (cells fully covered by others vanish)
-    ids = np.unique(inst)
-    ids = ids[ids > 0]
-    lut = np.zeros(max(int(inst.max()), 0) + 1, dtype=np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    inst = lut[inst]
+    inst = _renumber(inst)            # cells fully covered by others vanish
     # the image: darker rims (so touching borders show), texture, illumination, noise
     fg = inst > 0
     rim = np.where(fg, 1.0 - 0.45 * np.clip(best, 0, 1) ** 6, 0.0)
@@ -170,6 +160,26 @@ def _one_cells(rng, h, w, cells, radius, gap=True):
     img = img * illum + rng.normal(0.0, 0.04, size=(h, w))
     img = np.clip(img, 0.0, 1.0)
     return img.astype(np.float32), fg.astype(np.int64), inst
+
+
+def _touching_line(inst):
+    """The pixels (voxels) of an object that touch an object of a larger id, in the 8- (26-)
+    neighbourhood: made background, they leave a one-pixel line between touching objects."""
+    pad = np.pad(inst, 1)
+    cut = np.zeros(inst.shape, dtype=bool)
+    for shift in np.ndindex(*(3,) * inst.ndim):
+        nb = pad[tuple(slice(k, k + n) for k, n in zip(shift, inst.shape))]
+        cut |= (nb > inst) & (inst > 0)
+    return cut
+
+
+def _renumber(inst):
+    """Instance ids renumbered 1..K in increasing order of the old ids (0 stays background)."""
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    lut = np.zeros(max(int(inst.max()), 0) + 1, dtype=np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[inst]
 
 
 def touching_cells(n, size=128, seed=0, cells=(6, 14), radius=None, gap=True):
@@ -307,21 +317,12 @@ def _one_spheres(rng, shape, spheres, radius, gap=True):
         sw[claim] = rng.uniform(0.45, 0.75)
     # a one-voxel background layer wherever two spheres meet (26-neighbourhood): a voxel goes to
     # background when a neighbour belongs to a different sphere with a larger id
-    pad = np.pad(inst, 1)
-    cut = np.zeros(shape, dtype=bool)
-    for sz, sy, sx in np.ndindex(3, 3, 3):
-        nb = pad[sz:sz + d, sy:sy + h, sx:sx + w]
-        cut |= (nb > inst) & (inst > 0)
+    cut = _touching_line(inst)
     if not gap:                       # instance data: touching spheres stay in contact
         cut[:] = False
         inst[_stray_pieces(inst)] = 0
     inst[cut] = 0
-    # renumber 1..K in order of appearance (spheres fully covered by others vanish)
-    ids = np.unique(inst)
-    ids = ids[ids > 0]
-    lut = np.zeros(max(int(inst.max()), 0) + 1, dtype=np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    inst = lut[inst]
+    inst = _renumber(inst)            # spheres fully covered by others vanish
     # the image: darker rims, texture, illumination, noise
     fg = inst > 0
     rim = np.where(fg, 1.0 - 0.45 * np.clip(best, 0, 1) ** 6, 0.0)
