@@ -205,3 +205,23 @@ def test_demo_path_reports_instance_scores(tmp_path, monkeypatch, capsys):
     model, _ = load_model(out / "model.npz")
     assert model.config()["batchnorm"] is True
     assert demo.DEMO["batchnorm"] is True and demo.DEMO_QUICK["batchnorm"] is True
+
+
+def test_command_objects_use_the_seeding_of_the_demo_study():
+    """predict / evaluate / the demo drop unsure interior specks (common.SEEDING); the library's
+    labels_from_probabilities keeps every seed unless asked."""
+    from unet_np.cli.common import SEEDING, objects_from
+    from unet_np.postprocess import labels_from_probabilities
+    assert SEEDING == dict(interior_threshold=0.4, min_seed_size=3, sure_interior=0.9)
+    probs = np.zeros((3, 8, 16), np.float32)
+    probs[0] = 1.0
+    probs[:, 1:7, 1:15] = np.array([0.1, 0.2, 0.7])[:, None, None]   # one cell
+    probs[:, 2:6, 2:6] = np.array([0.05, 0.9, 0.05])[:, None, None]  # its sure interior
+    probs[:, 3, 11:13] = np.array([0.1, 0.6, 0.3])[:, None]          # a two-pixel unsure speck
+    assert labels_from_probabilities(probs, min_size=0).max() == 2
+    out = objects_from(probs, True, min_size=0)
+    assert out.dtype == np.uint16 and out.max() == 1
+    # interior between 0.4 and 0.5 makes a seed in the command, not in the library's default
+    probs[:, 3, 11:14] = np.array([0.1, 0.45, 0.45])[:, None]
+    probs[:, 4, 11:14] = np.array([0.1, 0.45, 0.45])[:, None]
+    assert objects_from(probs, True, min_size=0).max() == 2

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from unet_np.data import instance_targets, touching_cells
 from unet_np.metrics import match_instances
+from unet_np.cli.common import SEEDING
 from unet_np.postprocess import (fill_holes, flood, labels_from_probabilities, remove_small)
 
 try:
@@ -26,7 +27,10 @@ def test_round_trip_touching_cells(border):
     # targets -> perfect probabilities -> the same instances
     _, _, inst = touching_cells(6, 64, seed=3, gap=False)
     for lab in inst:
-        out = labels_from_probabilities(perfect(instance_targets(lab, border)), min_size=0)
+        p = perfect(instance_targets(lab, border))
+        out = labels_from_probabilities(p, min_size=0)
+        # the command's seeding (interior 0.4, unsure specks dropped) changes nothing here
+        np.testing.assert_array_equal(labels_from_probabilities(p, min_size=0, **SEEDING), out)
         # the cells come back as they were, but for a background pixel enclosed by one cell
         np.testing.assert_array_equal(out > 0, fill_holes(lab) > 0)
         r = match_instances(lab, out)
@@ -121,6 +125,48 @@ def test_unseeded_cells_and_min_size():
     assert out16.dtype == np.uint16 and out16.max() == 2
 
 
+def test_uncertain_speck_does_not_split_a_cell():
+    # one cell: a sure interior on the left, a speck of unsure interior on the right, border-like
+    # pixels between them (still cell pixels)
+    probs = np.zeros((3, 8, 16), np.float32)
+    probs[0] = 1.0
+    probs[:, 1:7, 1:15] = np.array([0.1, 0.2, 0.7])[:, None, None]
+    probs[:, 2:6, 2:6] = np.array([0.05, 0.9, 0.05])[:, None, None]
+    probs[:, 3, 11:13] = np.array([0.1, 0.6, 0.3])[:, None]    # two pixels, p 0.6
+    out = labels_from_probabilities(probs, min_size=0, min_seed_size=3)
+    assert out.max() == 1 and np.all(out[1:7, 1:15] == 1)
+    # every seed kept (the default): the speck splits the cell
+    assert labels_from_probabilities(probs, min_size=0).max() == 2
+    assert labels_from_probabilities(probs, min_size=0, min_seed_size=1).max() == 2
+    # a speck of min_seed_size pixels is a seed
+    assert labels_from_probabilities(probs, min_size=0, min_seed_size=2).max() == 2
+    # so is a small one the network is sure of
+    sure = probs.copy()
+    sure[:, 3, 12] = np.array([0.02, 0.95, 0.03])
+    assert labels_from_probabilities(sure, min_size=0, min_seed_size=3).max() == 2
+    assert labels_from_probabilities(sure, min_size=0, min_seed_size=3,
+                                     sure_interior=0.96).max() == 1
+
+
+def test_one_pixel_interior_of_a_small_cell_is_kept_when_sure():
+    # a 3 x 3 cell against a 6 x 6 one: with border 1 its interior is its centre pixel alone
+    lab = np.zeros((10, 13), np.int64)
+    lab[2:8, 2:8] = 1
+    lab[3:6, 8:11] = 2
+    t = instance_targets(lab, 1)
+    assert np.sum((t == 1) & (lab == 2)) == 1
+    p = perfect(t)
+    for kw in ({}, SEEDING):
+        out = labels_from_probabilities(p, min_size=0, **kw)
+        r = match_instances(lab, out)
+        assert r["n_pred"] == 2 and r["f1"] == 1.0
+    # the same pixel at p_interior 0.8: an unsure one-pixel seed, dropped; the big cell takes it
+    p[:, 4, 9] = [0.1, 0.8, 0.1]
+    assert labels_from_probabilities(p, min_size=0, **SEEDING).max() == 1
+    assert labels_from_probabilities(p, min_size=0, **dict(SEEDING, sure_interior=0.8)).max() == 2
+    assert labels_from_probabilities(p, min_size=0).max() == 2
+
+
 def test_bad_probabilities():
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         labels_from_probabilities(np.zeros((2, 4, 4)))
@@ -130,5 +176,9 @@ def test_bad_probabilities():
         labels_from_probabilities(np.zeros((3, 4, 4), int))
     with pytest.raises(ValueError, match="thresholds"):
         labels_from_probabilities(np.zeros((3, 4, 4)), interior_threshold=1.5)
+    with pytest.raises(ValueError, match="min_seed_size"):
+        labels_from_probabilities(np.zeros((3, 4, 4)), min_seed_size=-1)
+    with pytest.raises(ValueError, match="sure_interior"):
+        labels_from_probabilities(np.zeros((3, 4, 4)), sure_interior=1.5)
     # a batch of one is taken
     assert labels_from_probabilities(np.zeros((1, 3, 4, 4))).shape == (4, 4)

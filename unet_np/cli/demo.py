@@ -12,7 +12,8 @@ from .demo3d import run3d
 
 # batch normalisation: in a few hundred steps the small network learns the interior class of
 # touching cells much better with it (test instance F1, seed 0: --quick 0.557 without, 0.657 with;
-# the demo 0.470 without at 20 epochs, 0.848 with at 40). See docs/usage.md.
+# the demo 0.470 without at 20 epochs, 0.848 with at 40; with the command's seeding,
+# common.SEEDING, 0.727 and 0.867). See docs/usage.md.
 DEMO = dict(n=80, size=64, depth=3, base_channels=8, epochs=40, batch_size=8, lr=3e-3, border=2,
             batchnorm=True)
 DEMO_QUICK = dict(n=60, size=32, depth=2, base_channels=8, epochs=25, batch_size=4, lr=3e-3,
@@ -29,7 +30,7 @@ def add_parser(sub):
                                    "the separated cells in colour, the weight map, feature maps).")
     p.add_argument("--out", default="unet-np-demo", help="output folder (default unet-np-demo)")
     p.add_argument("--quick", action="store_true",
-                   help="a tiny run (about 1 CPU-minute; the full demo about 2)")
+                   help="a tiny run (about half a CPU-minute; the full demo about 2)")
     p.add_argument("--3d", dest="three_d", action="store_true",
                    help="volumes instead: touching spheres, a 3D U-Net, the three middle planes")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the training")
