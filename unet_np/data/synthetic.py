@@ -136,19 +136,10 @@ def _one_cells(rng, h, w, cells, radius, gap=True):
         for harmonic in (2, 3, 5):                             # perturbed outline
             wobble = wobble + rng.uniform(0, 0.08) * np.cos(harmonic * ang + rng.uniform(0, 6.3))
         rho = np.hypot(u, v) / (r * wobble)
-        bw, iw, sw = best[win], inst[win], shade[win]
-        claim = (rho < 1.0) & (rho < bw)
-        bw[claim] = rho[claim]
-        iw[claim] = k
-        sw[claim] = rng.uniform(0.45, 0.75)
+        _claim(best, inst, shade, win, rho, k, rng)
     # a one-pixel background line wherever two cells meet (8-neighbourhood): a pixel goes to
     # background when a neighbour belongs to a different cell with a larger id
-    cut = _touching_line(inst)
-    if not gap:                       # instance data: touching cells stay in contact
-        cut[:] = False
-        inst[_stray_pieces(inst)] = 0
-    inst[cut] = 0
-    inst = _renumber(inst)            # cells fully covered by others vanish
+    inst, cut = _separate(inst, gap)  # cells fully covered by others vanish
     # the image: darker rims (so touching borders show), texture, illumination, noise
     fg = inst > 0
     rim = np.where(fg, 1.0 - 0.45 * np.clip(best, 0, 1) ** 6, 0.0)
@@ -171,6 +162,28 @@ def _touching_line(inst):
         nb = pad[tuple(slice(k, k + n) for k, n in zip(shift, inst.shape))]
         cut |= (nb > inst) & (inst > 0)
     return cut
+
+
+def _claim(best, inst, shade, win, rho, k, rng):
+    """Object k takes the pixels of the window ``win`` where its normalised distance rho < 1 is the
+    smallest so far (``best``), with one random shade (in place; one draw from rng)."""
+    bw, iw, sw = best[win], inst[win], shade[win]
+    claim = (rho < 1.0) & (rho < bw)
+    bw[claim] = rho[claim]
+    iw[claim] = k
+    sw[claim] = rng.uniform(0.45, 0.75)
+
+
+def _separate(inst, gap):
+    """(instance ids renumbered 1..K, the gap pixels): with gap, a one-pixel (voxel) background line
+    where two objects meet (_touching_line); without, objects stay in contact and stray pieces of
+    an object go to the background. Objects fully covered by others vanish."""
+    cut = _touching_line(inst)
+    if not gap:                       # instance data: touching objects stay in contact
+        cut[:] = False
+        inst[_stray_pieces(inst)] = 0
+    inst[cut] = 0
+    return _renumber(inst), cut
 
 
 def _renumber(inst):
@@ -310,19 +323,10 @@ def _one_spheres(rng, shape, spheres, radius, gap=True):
         wobble = 1.0 + rng.uniform(0, 0.1) * np.cos(3 * unit[0] + rng.uniform(0, 6.3)) \
             + rng.uniform(0, 0.1) * np.cos(2 * unit[1] * unit[2] * 3 + rng.uniform(0, 6.3))
         rho = dist / (r * wobble)
-        bw, iw, sw = best[win], inst[win], shade[win]
-        claim = (rho < 1.0) & (rho < bw)
-        bw[claim] = rho[claim]
-        iw[claim] = k
-        sw[claim] = rng.uniform(0.45, 0.75)
+        _claim(best, inst, shade, win, rho, k, rng)
     # a one-voxel background layer wherever two spheres meet (26-neighbourhood): a voxel goes to
     # background when a neighbour belongs to a different sphere with a larger id
-    cut = _touching_line(inst)
-    if not gap:                       # instance data: touching spheres stay in contact
-        cut[:] = False
-        inst[_stray_pieces(inst)] = 0
-    inst[cut] = 0
-    inst = _renumber(inst)            # spheres fully covered by others vanish
+    inst, cut = _separate(inst, gap)  # spheres fully covered by others vanish
     # the image: darker rims, texture, illumination, noise
     fg = inst > 0
     rim = np.where(fg, 1.0 - 0.45 * np.clip(best, 0, 1) ** 6, 0.0)
