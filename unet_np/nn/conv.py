@@ -84,6 +84,17 @@ def _size(values):
     return "x".join(map(str, values))
 
 
+def _set_sizes(layer, in_channels, out_channels, kernel_size, stride, dilation):
+    """The hyper-parameters every convolution layer checks and keeps: channels (ints >= 1) and
+    kernel_size, stride, dilation (an int or one per spatial axis, each >= 1)."""
+    name, dims = type(layer).__name__, layer.DIMS
+    layer.in_channels = check_int(name, "in_channels", in_channels, 1)
+    layer.out_channels = check_int(name, "out_channels", out_channels, 1)
+    layer.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=dims)
+    layer.stride = check_pair(name, "stride", stride, 1, dims=dims)
+    layer.dilation = check_pair(name, "dilation", dilation, 1, dims=dims)
+
+
 class _ConvNd(Module):
     """What Conv2d and Conv3d share; a subclass sets DIMS, the primitives' names and OTHER (the
     layer for the other rank, named in errors). The maths: conv_reference.py / conv3d_reference.py."""
@@ -94,11 +105,7 @@ class _ConvNd(Module):
                  bias=True, init="torch", dtype=None, backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
         name, dims = type(self).__name__, self.DIMS
-        self.in_channels = check_int(name, "in_channels", in_channels, 1)
-        self.out_channels = check_int(name, "out_channels", out_channels, 1)
-        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=dims)
-        self.stride = check_pair(name, "stride", stride, 1, dims=dims)
-        self.dilation = check_pair(name, "dilation", dilation, 1, dims=dims)
+        _set_sizes(self, in_channels, out_channels, kernel_size, stride, dilation)
         _check_init(name, init)
         if isinstance(padding, str):
             if padding not in ("valid", "same"):
@@ -196,11 +203,7 @@ class _ConvTransposeNd(Module):
                  dilation=1, bias=True, init="torch", dtype=None, backend="numpy"):
         super().__init__(backend=backend, dtype=dtype)
         name, dims = type(self).__name__, self.DIMS
-        self.in_channels = check_int(name, "in_channels", in_channels, 1)
-        self.out_channels = check_int(name, "out_channels", out_channels, 1)
-        self.kernel_size = check_pair(name, "kernel_size", kernel_size, 1, dims=dims)
-        self.stride = check_pair(name, "stride", stride, 1, dims=dims)
-        self.dilation = check_pair(name, "dilation", dilation, 1, dims=dims)
+        _set_sizes(self, in_channels, out_channels, kernel_size, stride, dilation)
         if isinstance(padding, str):
             what = "a pair (ph, pw)" if dims == 2 else "a triple (pd, ph, pw)"
             raise ValueError(f"{name}: padding must be an int or {what}, got {padding!r}")
