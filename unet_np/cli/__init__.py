@@ -57,12 +57,32 @@ def main(argv=None):
             return bench.run(args, rest)
         return COMMANDS[args.command].run(args)
     except KeyboardInterrupt:
-        last = Path(args.out) / "last.npz" if args.command == "train" else None
-        warn("interrupted" + (f"; to continue: unet-np train ... --out {args.out} --resume {last}"
-                              if last is not None and last.exists() else ""))
-        return 130
+        return interrupted(args)
     except Exception as e:  # noqa: BLE001 - the one place every error becomes one line
+        if interrupted_inside(e):
+            return interrupted(args)
         if getattr(args, "debug", False):
             raise
         warn(f"{args.command}: error: {one_line(e)}")
         return 2
+
+
+def interrupted_inside(e):
+    """True when ``e`` is Ctrl-C seen through compiled code: a SIGINT that arrives while a Numba
+    kernel runs surfaces as SystemError('... returned a result with an exception set') whose cause
+    is the KeyboardInterrupt."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def interrupted(args):
+    """Ctrl-C: one line, and for train the command that continues from the last checkpoint."""
+    last = Path(args.out) / "last.npz" if args.command == "train" else None
+    warn("interrupted" + (f"; to continue: unet-np train ... --out {args.out} --resume {last}"
+                          if last is not None and last.exists() else ""))
+    return 130
