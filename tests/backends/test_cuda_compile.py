@@ -59,16 +59,16 @@ def test_every_kernel_has_float32_and_float64_entry_points(name):
 
 
 def test_every_kernel_the_backend_launches_exists():
-    from unet_np.kernels import cupy_conv
+    from unet_np.kernels import cupy_conv, cupy_vol
     py = ""
-    for module in (cb, cupy_conv):
+    for module in (cb, cupy_conv, cupy_vol):
         with open(module.__file__, encoding="utf-8") as f:
             py += f.read()
     launched = set(re.findall(r'_launch\(\s*"(\w+)",\s*"(\w+)"', py))
     launched |= set(re.findall(r'_fn\(\s*"(\w+)",\s*"(\w+)"', py))
     launched |= {("gemm", f"gemm_tiled_v{v}") for v in (1, 2)}
     assert len(launched) > 20
-    assert {("winograd", "wino_input"), ("conv", "im2col")} <= launched
+    assert {("winograd", "wino_input"), ("conv", "im2col"), ("vol", "vol2col")} <= launched
     for family, kernel in sorted(launched):
         entries = set(_entry_points(cb.kernel_source(family)))
         for suffix in ("_f32", "_f64"):

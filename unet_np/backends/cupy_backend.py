@@ -38,12 +38,13 @@ import numpy as np
 
 from . import Backend
 from ..kernels.cupy_conv import SUFFIX as _SUFFIX, WINOGRAD_MODES, Convolutions, float_dtype, kernel_int
+from ..kernels.cupy_vol import Volumes
 from ..nn.shapes import pair, scale_pair      # the reference primitives' hyper-parameter normalisation
 
 _i = kernel_int                 # a ``long long`` kernel argument
 _dtype = float_dtype            # the array's dtype, float32 or float64 (TypeError otherwise)
 
-FAMILIES = ("conv", "winograd", "direct", "pool", "elementwise", "upsample", "norm", "loss", "optim", "gemm")
+FAMILIES = ("conv", "winograd", "direct", "pool", "elementwise", "upsample", "norm", "loss", "optim", "gemm", "vol")
 THREADS = 256              # threads per block for the 1-D grid-stride kernels (norm.cu needs 2^k)
 MAX_BLOCKS = 1 << 20       # grid-stride loops cover the rest
 
@@ -58,11 +59,17 @@ REPLACED = (
     "pad2d_forward", "pad2d_backward",
     "batchnorm2d_forward", "batchnorm2d_backward",
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
+    # volumes (kernels/cupy_vol.py, vol.cu)
+    "conv3d_forward", "conv3d_backward", "conv_transpose3d_forward", "conv_transpose3d_backward",
+    "maxpool3d_forward", "maxpool3d_backward", "pad3d_forward", "pad3d_backward",
+    "upsample_trilinear3d_forward", "upsample_trilinear3d_backward",
+    "upsample_nearest3d_forward", "upsample_nearest3d_backward",
 )
 
 # Fused primitives beyond the reference table, asked for by layers that can use them (``fused`` on
-# the Backend): 'conv2d_relu' is conv2d_forward(..., activation='relu'), whose backward masks dy.
-FUSED = frozenset({"conv2d_relu"})
+# the Backend): 'conv2d_relu' is conv2d_forward(..., activation='relu'), whose backward masks dy
+# ('conv3d_relu' likewise conv3d_forward's).
+FUSED = frozenset({"conv2d_relu", "conv3d_relu"})
 
 # ---------------------------------------------------------------------------------------------------
 # Kernel sources
@@ -105,10 +112,11 @@ def _cupy_function(family, name):
 # ---------------------------------------------------------------------------------------------------
 # The primitives
 # ---------------------------------------------------------------------------------------------------
-class CudaKernels(Convolutions):
+class CudaKernels(Convolutions, Volumes):
     """Every primitive of the cupy backend, on array module ``xp`` with kernels from
     ``get_function(family, name)`` (a callable ``f(grid, block, args)``, as cupy.RawKernel). The
-    convolutions are kernels/cupy_conv.py's (mixed in).
+    convolutions are kernels/cupy_conv.py's, the 3-D primitives and center_crop kernels/cupy_vol.py's
+    (mixed in).
 
     winograd: 'auto' (3x3 stride-1 convolutions with >= WINO_MIN_CHANNELS input and output channels
     run as Winograd F(4x4, 3x3)), 'always' (every 3x3 stride-1 one) or 'never' (im2col + GEMM).
@@ -316,19 +324,6 @@ class CudaKernels(Convolutions):
         self._launch("elementwise", "window_copy", dt, dst.size, src, dst, _i(NC), _i(Hs), _i(Ws), _i(Hd), _i(Wd),
                      _i(dt_), _i(dl_), dt.type(fill))
         return dst
-
-    def center_crop_forward(self, x, size):
-        _dtype(x, "center_crop_forward")
-        x = self._c(x)
-        h, w = size
-        H, W = x.shape[-2:]
-        t, l = (H - h) // 2, (W - w) // 2
-        return self._window(x, (h, w), t, l), (tuple(x.shape), t, l)
-
-    def center_crop_backward(self, dy, cache):
-        shape, t, l = cache
-        _dtype(dy, "center_crop_backward")
-        return self._window(self._c(dy), shape[-2:], -t, -l)
 
     def pad2d_forward(self, x, pads, mode, value=0.0):
         l, r, t, b = (int(v) for v in pads)
