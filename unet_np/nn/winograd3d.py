@@ -30,8 +30,8 @@ transposed (C, O, 3, 3, 3) and the padding 2 - lead (conv3d_fast.data_grad_tiles
 
 Cost against vol2col: V is 8x the input (64 values per 8 outputs) where the columns were 27x, and
 the GEMMs do 64 / 216 of the multiplies. Rounding: B and A have entries 0 and +-1, G halves, so the
-float32 result stays within a few ulps of the direct one's error; every transform runs in float64
-and is rounded once.
+float32 result stays within a few ulps of the direct one's error. The weight transforms run in
+float64 and are rounded once; the tile transforms (sums and differences only) in the array's dtype.
 
 Tiles are processed a chunk of whole depth slabs at a time (r = n * TD + td), so V and M stay within
 ``conv3d_fast.TILE_BYTES``.
