@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu [--nets article,depth4] [--batch 16] [--size 256] [--budget-s 330]
     python -m benchmarks.gpu --smoke        # the plumbing on the CPU (numpy backend, torch CPU, tiny)
+    python -m benchmarks.gpu --volumes      # the 3-D case: net unet3d, batch 2 at 64^3 (issue 18)
 
 What it measures (float32, batch 16, 256x256 by default):
   * a training step (forward, cross-entropy, backward, SGD momentum 0.9) and a forward alone (eval
@@ -24,6 +25,12 @@ What it measures (float32, batch 16, 256x256 by default):
     the old path (36 launches of the blocked kernel) on the first shape.
 Before any timing, the cupy model's logits are checked against PyTorch's on the same weights.
 Writes benchmarks/results/gpu-<date>-<device>.json and .md, and prints the markdown.
+
+--volumes (issue 18): the net unet3d, UNet(1, 2, depth=3, base_channels=16, spatial_dims=3), batch
+--batch3d (2) at --size3d^3 (64^3), float32, on cupy (kernels/cuda/vol.cu + cuBLAS) and numba-cuda side
+by side with PyTorch's 3-D twin (benchmarks/cpu3d.py build_torch: cuDNN's Conv3d, the same weights);
+training step and forward, the logits check (1x1x16^3) and the per-layer breakdown of the cupy step.
+Writes gpu-<date>-<device>-3d.json / .md. With --smoke: 16^3, numpy backend, torch on the CPU.
 
 A soft time budget (--budget-s) keeps the whole run short: the parts are run most important first
 (cuDNN and cupy, then the SGEMMs, the per-layer breakdown, numba-cuda) and a part that would start
@@ -49,20 +56,31 @@ NETS = {
                     kwargs=dict(in_channels=1, num_classes=2, depth=2, base_channels=64)),
     "depth4": dict(desc="depth-4 U-Net: UNet(1, 2, depth=4, base_channels=64)",
                    kwargs=dict(in_channels=1, num_classes=2, depth=4, base_channels=64)),
+    # volumes (--volumes): the 3-D U-Net of benchmarks/cpu3d.py, built by UNet itself
+    "unet3d": dict(desc="3-D U-Net: UNet(1, 2, depth=3, base_channels=16, spatial_dims=3)",
+                   kwargs=dict(in_channels=1, num_classes=2, depth=3, base_channels=16, spatial_dims=3)),
 }
 GIB = 2.0 ** 30
+DEFAULT_BACKENDS = "cupy,cupy-im2col,cupy-tf32,cupy-direct,numba-cuda"
+DEFAULT_BACKENDS_3D = "cupy,numba-cuda"          # Winograd and the direct kernel are 2-D only
+
+
+def is_3d(net):
+    return NETS[net]["kwargs"].get("spatial_dims", 2) == 3
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nets", default="article,depth4", help="comma list of article,depth4")
+    p.add_argument("--nets", default="article,depth4",
+                   help="comma list of article,depth4,unet3d (unet3d at --batch3d x --size3d^3)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=256, help="image height = width")
-    p.add_argument("--backends", default="cupy,cupy-im2col,cupy-tf32,cupy-direct,numba-cuda",
+    p.add_argument("--backends", default=None,
                    help="unet_np backends to time; cupy-im2col: the cupy backend with Winograd off "
                         "(winograd='never'), cupy-tf32: with allow_tf32 (compare with torch_tf32_on), "
                         "cupy-direct: Winograd off and every forward through the implicit-GEMM kernel "
-                        "(direct='always'; compare with cupy-im2col)")
+                        "(direct='always'; compare with cupy-im2col). Default: "
+                        f"{DEFAULT_BACKENDS}; with --volumes {DEFAULT_BACKENDS_3D}")
     p.add_argument("--modes", default="train,forward", help="comma list of train,forward")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, autotuning)")
@@ -77,6 +95,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
                    help="CPU plumbing check: numpy backend in place of cupy, torch on the CPU, batch 2, 32x32")
+    p.add_argument("--volumes", action="store_true",
+                   help="the 3-D case instead: net unet3d on cupy and numba-cuda (unless --backends names "
+                        "others), batch --batch3d at --size3d^3, per-layer breakdown of unet3d, no SGEMMs")
+    p.add_argument("--batch3d", type=int, default=2, help="batch of the 3-D nets")
+    p.add_argument("--size3d", type=int, default=64, help="volume depth = height = width of the 3-D nets")
     return p
 
 
@@ -141,6 +164,9 @@ def _free_gpu_memory(smoke):
 # ---------------------------------------------------------------------------------------------------
 def torch_model(net, seed, device):
     import torch
+    if is_3d(net):        # cpu3d's twin takes its weights from our model, parameter by parameter
+        from benchmarks.cpu3d import build_torch
+        return build_torch(ours_model(net, "numpy", weights_from_torch(net, seed))).float().to(device)
     ArticleUNet, TorchUNet, _ = _torch_twin_classes()
     torch.manual_seed(seed)
     kw = NETS[net]["kwargs"]
@@ -152,7 +178,17 @@ def torch_model(net, seed, device):
 
 
 def weights_from_torch(net, seed):
-    """The state_dict (NumPy) of the PyTorch twin: both sides start from the same weights."""
+    """The state_dict (NumPy) of the PyTorch twin: both sides start from the same weights. For a 3-D
+    net, our own state_dict with seeded weights (uniform, scaled by 1/sqrt(fan-in) as cpu3d's), which
+    torch_model copies into the twin."""
+    if is_3d(net):
+        import unet_np
+        m = unet_np.UNet(**NETS[net]["kwargs"], dtype=np.float32)
+        rng = np.random.default_rng(seed)
+        for p in m.parameters():
+            fan_in = p.data[0].size if p.data.ndim > 1 else 16
+            p.data[...] = rng.uniform(-1, 1, p.data.shape) / np.sqrt(fan_in)
+        return {k: np.array(v) for k, v in m.state_dict().items()}
     import torch
     m = torch_model(net, seed, "cpu")
     return {k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}
@@ -161,36 +197,34 @@ def weights_from_torch(net, seed):
 def ours_model(net, backend, weights):
     import unet_np
     m = unet_np.UNet(**NETS[net]["kwargs"], dtype=np.float32, backend=backend)
-    if weights is not None:
+    if weights is not None and is_3d(net):
+        m.load_state_dict(weights)
+    elif weights is not None:
         m.load_torch_state_dict(weights)
     return m
 
 
 def unet_forward_flops(model, shape):
-    """FLOPs of one forward (2 x multiply-adds of the convolutions), for the GFLOPS columns."""
-    from unet_np.nn import Conv2d, ConvTranspose2d
-    n, _, h, w = shape
+    """FLOPs of one forward (2 x multiply-adds of the convolutions), for the GFLOPS columns. shape:
+    (N, C, H, W) or (N, C, D, H, W)."""
+    from unet_np.nn import Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d
+    n, size = shape[0], tuple(shape[2:])
     total = 0
     sizes = {}
-    # Spatial size per level: level i runs at (h / 2^i); the block convolutions keep it.
+    # Spatial size per level: level i runs at (size / 2^i); the block convolutions keep it.
     depth = model.depth
     for i in range(1, depth + 1):
-        sizes[f"enc{i}"] = (h >> (i - 1), w >> (i - 1))
-        sizes[f"dec{i}"] = (h >> (i - 1), w >> (i - 1))
-        sizes[f"up{i}"] = (h >> i, w >> i)          # the input of the up-convolution
-    sizes["bottleneck"] = (h >> depth, w >> depth)
-    sizes["final"] = (h, w)
+        sizes[f"enc{i}"] = tuple(s >> (i - 1) for s in size)
+        sizes[f"dec{i}"] = tuple(s >> (i - 1) for s in size)
+        sizes[f"up{i}"] = tuple(s >> i for s in size)          # the input of the up-convolution
+    sizes["bottleneck"] = tuple(s >> depth for s in size)
+    sizes["final"] = size
     for name, m in model.named_modules():
         top = name.split(".")[0]
-        if top not in sizes:
+        if top not in sizes or not isinstance(m, (Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d)):
             continue
-        hh, ww = sizes[top]
-        if isinstance(m, Conv2d):
-            kh, kw_ = m.kernel_size
-            total += 2 * n * hh * ww * m.out_channels * m.in_channels * kh * kw_
-        elif isinstance(m, ConvTranspose2d):
-            kh, kw_ = m.kernel_size
-            total += 2 * n * hh * ww * m.in_channels * m.out_channels * kh * kw_
+        # per output (conv) or input (transposed) voxel: in * out * prod(kernel) multiply-adds
+        total += 2 * n * int(np.prod(sizes[top])) * m.out_channels * m.in_channels * int(np.prod(m.kernel_size))
     return total
 
 
@@ -353,13 +387,14 @@ def _run_ours(net, name, backend, args, x, t, weights, smoke):
 
 
 def check_against_torch(net, args, device, weights, smoke):
-    """Relative error of the cupy model's logits against PyTorch's (TF32 off), batch 2 at 64x64."""
+    """Relative error of the cupy model's logits against PyTorch's (TF32 off), batch 2 at 64x64
+    (a 3-D net: batch 1 at 16^3)."""
     import torch
     from unet_np import backends, to_numpy
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 1, 64, 64), dtype=np.float32)
+    x = rng.standard_normal((1, 1, 16, 16, 16) if is_3d(net) else (2, 1, 64, 64), dtype=np.float32)
     tm = torch_model(net, args.seed, device).eval()
     with torch.inference_mode():
         want = tm(torch.from_numpy(x).to(device)).double().cpu().numpy()
@@ -607,7 +642,8 @@ def _fmt(v, spec=".1f"):
 def to_markdown(res):
     info, cfg = res["machine"], res["config"]
     lines = [f"# GPU benchmark: {info.get('device')} ({info['date'][:10]})", ""]
-    lines.append(f"float32, batch {cfg['batch']}, {cfg['size']}x{cfg['size']}; median of {cfg['repeats']} "
+    size = f"{cfg['size']}^3 volumes" if cfg.get("volumes") else f"{cfg['size']}x{cfg['size']}"
+    lines.append(f"float32, batch {cfg['batch']}, {size}; median of {cfg['repeats']} "
                  f"runs after {cfg['warmup']} warm-up runs, each bracketed by a device synchronize. "
                  f"PyTorch {info.get('torch')} + cuDNN {info.get('cudnn')}, cudnn.benchmark on; CuPy "
                  f"{info.get('cupy')}, CUDA runtime {info.get('cuda_runtime')}, driver {info.get('cuda_driver')}.")
@@ -649,7 +685,7 @@ def to_markdown(res):
         if "flops_forward" in r:
             lines.append("")
             lines.append(f"{net}: {r['flops_forward'] / 1e9:.1f} GFLOP per forward; logits of the cupy model vs "
-                         f"PyTorch (TF32 off, 2x1x64x64): relative error {_fmt(r.get('check_rel_err'), '.2e')}.")
+                         f"PyTorch (TF32 off, {'1x1x16^3' if is_3d(net) else '2x1x64x64'}): relative error {_fmt(r.get('check_rel_err'), '.2e')}.")
     g = res.get("gemm")
     if isinstance(g, dict) and "cublas" in g:
         lines += ["", f"SGEMM {g['n']}^3 (float32):", "", "| kernel | ms | TFLOPS | fraction of cuBLAS | rel. err |",
@@ -710,8 +746,13 @@ def _slug(s):
 # ---------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.backends is None:
+        args.backends = DEFAULT_BACKENDS_3D if args.volumes else DEFAULT_BACKENDS
+    if args.volumes:
+        args.nets, args.layers_net, args.gemm_n = "unet3d", "unet3d", 0
     if args.smoke:
         args.batch, args.size = min(args.batch, 2), min(args.size, 32)
+        args.batch3d, args.size3d = min(args.batch3d, 2), min(args.size3d, 16)
         args.repeats, args.warmup, args.gemm_n = min(args.repeats, 2), 1, 0
     args.nets = [n for n in args.nets.split(",") if n]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -725,13 +766,16 @@ def main(argv=None):
         return args.budget_s - (time.perf_counter() - t_start)
 
     info = machine_info(args.smoke)
-    res = dict(machine=info, config=dict(batch=args.batch, size=args.size, repeats=args.repeats,
+    res = dict(machine=info, config=dict(batch=args.batch3d if args.volumes else args.batch,
+                                         size=args.size3d if args.volumes else args.size, repeats=args.repeats,
                                          warmup=args.warmup, modes=args.modes, backends=backs,
-                                         nets=args.nets, smoke=args.smoke, budget_s=args.budget_s),
+                                         nets=args.nets, smoke=args.smoke, budget_s=args.budget_s,
+                                         volumes=args.volumes),
                nets={}, notes=[])
     print(f"device: {info.get('device')}; torch {info.get('torch')}, cupy {info.get('cupy')}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"gpu-{datetime.date.today().isoformat()}-{_slug(info.get('device'))}")
+    stem = os.path.join(args.out, f"gpu-{datetime.date.today().isoformat()}-{_slug(info.get('device'))}"
+                                  f"{'-3d' if args.volumes else ''}")
 
     def save(final=False):
         """Write the JSON and markdown so far (after every part: a run cut short keeps its results)."""
@@ -766,15 +810,19 @@ def main(argv=None):
             usable[b] = f"unavailable: {exc}"
             print(f"backend {b}: {usable[b]}", flush=True)
 
-    rng = np.random.default_rng(args.seed)
-    x = rng.standard_normal((args.batch, 1, args.size, args.size), dtype=np.float32)
-    t = rng.integers(0, 2, size=(args.batch, args.size, args.size), dtype=np.int64)
+    def inputs(net):
+        """(x, t) of a net: batch x 1 x size^2 images, or (a 3-D net) batch3d x 1 x size3d^3 volumes."""
+        rng = np.random.default_rng(args.seed)
+        batch, size = (args.batch3d, (args.size3d,) * 3) if is_3d(net) else (args.batch, (args.size,) * 2)
+        return (rng.standard_normal((batch, 1) + size, dtype=np.float32),
+                rng.integers(0, 2, size=(batch,) + size, dtype=np.int64))
 
     # Most important first: cuDNN and cupy on every net, then the SGEMMs, layers, numba-cuda.
     order = [b for b in backs if b != "numba-cuda"]
     late = [b for b in backs if b == "numba-cuda"]
     for net in args.nets:
         r = res["nets"].setdefault(net, {})
+        x, t = inputs(net)
         weights = weights_from_torch(net, args.seed) if have_torch else None
         r["desc"] = NETS[net]["desc"]
         try:
@@ -836,7 +884,7 @@ def main(argv=None):
             res["layers"] = dict(skipped="time budget spent" if left() < 0 else "cupy unavailable")
         else:
             try:
-                res["layers"] = layer_breakdown(args.layers_net, args, x, t,
+                res["layers"] = layer_breakdown(args.layers_net, args, *inputs(args.layers_net),
                                                 weights_from_torch(args.layers_net, args.seed) if have_torch else None,
                                                 args.smoke)
                 print(f"per-layer breakdown: {res['layers']['step_ms']:.2f} ms per step", flush=True)
@@ -847,7 +895,7 @@ def main(argv=None):
     for b in late:
         for net in args.nets:
             weights = weights_from_torch(net, args.seed) if have_torch else None
-            res["nets"][net][b] = _run_backend(net, b, args, x, t, weights, usable, left)
+            res["nets"][net][b] = _run_backend(net, b, args, *inputs(net), weights, usable, left)
             save()
     save(final=True)
     return res

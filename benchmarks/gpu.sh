@@ -8,10 +8,13 @@
 # is installed first when one is there (pip install --no-index: nothing is downloaded). Then this
 # repository is installed in editable mode without dependencies, and two phases run:
 #   1. the checks, all at once (16 cores; each compiles its own kernels): the cupy tests on the real
-#      device (tests/backends/test_cupy.py + test_cuda_compile.py; UNET_NP_EMULATION=0 leaves the CPU
-#      emulation to CI) and every section of tests/backends/numba_cuda_check.py in its own process
-#      (the script that tests/backends/test_numba_cuda.py runs; here without the simulator);
-#   2. benchmarks/gpu.py, alone on the GPU, with whatever is left of the time budget.
+#      device (tests/backends/test_cupy.py + test_cupy3d.py + test_cuda_compile.py; UNET_NP_EMULATION=0
+#      leaves the CPU emulation to CI) and every section of tests/backends/numba_cuda_check.py in its own
+#      process (the script that tests/backends/test_numba_cuda.py runs; here without the simulator),
+#      and likewise of tests/backends/numba_cuda_check3d.py (the volumes) when that file is there;
+#   2. benchmarks/gpu.py, alone on the GPU, with whatever is left of the time budget less VOLUMES_S
+#      (default 150), then, if at least 60 s are left, benchmarks/gpu.py --volumes (the 3-D U-Net,
+#      batch 2 at 64^3, cupy and numba-cuda against PyTorch's 3-D twin; VOLUMES=0 skips it).
 # The whole script stays within BUDGET_S seconds (default 500); the checks get at most CHECK_S (200).
 # CUPY_TESTS=0 leaves the cupy tests out of phase 1. MODEL_REPEATS (default 3) runs the numba-cuda
 # whole-model section that many times (the simulator once showed an intermittent failure there).
@@ -26,6 +29,9 @@
 #   and the per-layer breakdown; check that every phase-1 check passed (pytest-cupy.txt,
 #   numba-cuda.txt: "0 failures" in each section, models MODEL_REPEATS times); then update the
 #   README's GPU table (another engineer's file) and issue 16 with the ratios.
+# Issue 18 (volumes): benchmark3d.txt and gpu-<date>-<device>-3d.* give unet3d's training step and
+#   forward on cupy and numba-cuda as ratios to PyTorch's 3-D twin (cuDNN, TF32 off), the logits check
+#   and where the cupy 3-D step goes; pytest-cupy.txt includes test_cupy3d.py on the device.
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -87,8 +93,8 @@ if $PY -c "import xdist" 2>/dev/null; then
     PYTEST_ARGS="$PYTEST_ARGS -n 4"
 fi
 if [ "${CUPY_TESTS:-1}" = 1 ]; then
-( timeout "$CHECK_S" $PY -m pytest $PYTEST_ARGS tests/backends/test_cupy.py tests/backends/test_cuda_compile.py \
-      > "$LOGDIR/pytest-cupy.txt" 2>&1
+( timeout "$CHECK_S" $PY -m pytest $PYTEST_ARGS tests/backends/test_cupy.py tests/backends/test_cupy3d.py \
+      tests/backends/test_cuda_compile.py > "$LOGDIR/pytest-cupy.txt" 2>&1
   echo "exit status $? after $(elapsed) s" >> "$LOGDIR/pytest-cupy.txt" ) &
 fi
 SECTIONS="kernels models table input_grad losses optim"
@@ -100,11 +106,37 @@ for run in $RUNS; do
     ( timeout "$CHECK_S" $PY tests/backends/numba_cuda_check.py "$s" > "$log" 2>&1
       echo "exit status $? after $(elapsed) s" >> "$log" ) &
 done
+# The volumes' checks (numba_cuda_check3d.py, when it is there): its SECTIONS, read without importing it
+RUNS3D=""
+if [ -f tests/backends/numba_cuda_check3d.py ]; then
+    RUNS3D=$($PY - <<'PYEOF'
+import ast
+tree = ast.parse(open("tests/backends/numba_cuda_check3d.py").read())
+for node in tree.body:
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SECTIONS":
+        print(" ".join(ast.literal_eval(node.value)))
+PYEOF
+)
+    [ -n "$RUNS3D" ] || RUNS3D="all"
+    for s in $RUNS3D; do
+        log="$LOGDIR/numba-cuda3d-$s.log"
+        arg=$s; [ "$s" = all ] && arg=""
+        ( timeout "$CHECK_S" $PY tests/backends/numba_cuda_check3d.py $arg > "$log" 2>&1
+          echo "exit status $? after $(elapsed) s" >> "$log" ) &
+    done
+fi
 wait
+{
 for run in $RUNS; do
     echo "---- numba_cuda_check.py $run"
     cat "$LOGDIR/numba-cuda-${run/\#/-}.log"
-done > "$LOGDIR/numba-cuda.txt"
+done
+for s in $RUNS3D; do
+    echo "---- numba_cuda_check3d.py $s"
+    cat "$LOGDIR/numba-cuda3d-$s.log"
+done
+} > "$LOGDIR/numba-cuda.txt"
+rm -f "$LOGDIR"/numba-cuda3d-*.log
 rm -f "$LOGDIR"/numba-cuda-*.log
 [ -f "$LOGDIR/pytest-cupy.txt" ] && { echo "-- cupy tests (tail)"; tail -n 45 "$LOGDIR/pytest-cupy.txt"; }
 echo "-- numba-cuda checks (FAIL lines, then each section's last lines)"
@@ -113,7 +145,9 @@ grep -E "^----|failures;|exit status|Traceback|Error:" "$LOGDIR/numba-cuda.txt" 
 echo "checks done after $(elapsed) s"
 
 echo "== phase 2: benchmark (benchmarks/gpu.py)"
-REMAIN=$(left)
+VOLUMES_S=${VOLUMES_S:-150}
+[ "${VOLUMES:-1}" = 1 ] || VOLUMES_S=0
+REMAIN=$(( $(left) - VOLUMES_S ))
 SOFT=$(( REMAIN - 60 ))
 if [ "$SOFT" -lt 60 ]; then SOFT=60; fi
 HARD=$(( REMAIN - 5 ))
@@ -122,6 +156,20 @@ echo "soft budget ${SOFT} s, hard limit ${HARD} s"
 timeout "$HARD" $PY -m benchmarks.gpu --budget-s "$SOFT" "$@" > "$LOGDIR/benchmark.txt" 2>&1
 echo "exit status $? after $(elapsed) s" >> "$LOGDIR/benchmark.txt"
 cat "$LOGDIR/benchmark.txt"
+
+if [ "${VOLUMES:-1}" = 1 ]; then
+    echo "== phase 2b: the 3-D benchmark (benchmarks/gpu.py --volumes)"
+    REMAIN=$(left)
+    if [ "$REMAIN" -lt 60 ]; then
+        echo "skipped: only ${REMAIN} s of the budget left" | tee "$LOGDIR/benchmark3d.txt"
+    else
+        echo "soft budget $(( REMAIN - 40 )) s, hard limit $(( REMAIN - 5 )) s"
+        timeout $(( REMAIN - 5 )) $PY -m benchmarks.gpu --volumes --budget-s $(( REMAIN - 40 )) \
+            > "$LOGDIR/benchmark3d.txt" 2>&1
+        echo "exit status $? after $(elapsed) s" >> "$LOGDIR/benchmark3d.txt"
+        cat "$LOGDIR/benchmark3d.txt"
+    fi
+fi
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
