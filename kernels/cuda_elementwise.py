@@ -69,7 +69,7 @@ def bias_relu_kernel(x, bias, C, plane, relu, y):
 
 # -- upsampling --------------------------------------------------------------------------------------
 @cuda.jit(device=True, inline=True)
-def _taps(o, s, L):
+def linear_taps(o, s, L):
     """The two taps of output o along an axis of length L upsampled by s: inputs i0, i1 with weights
     w0, w1, exactly as upsample.cu's taps(). o = s*i + r sits at source position i + d,
     d = (2r + 1 - s) / (2s) (PyTorch's align_corners=False): d < 0 reads x[i-1] (weight -d) and x[i]
@@ -88,9 +88,9 @@ def _taps(o, s, L):
 
 
 @cuda.jit(device=True, inline=True)
-def _tap_weight(o, i, s, L):
+def tap_weight(o, i, s, L):
     """The weight with which output o (along one axis) reads input i: 0 when it does not."""
-    i0, i1, w0, w1 = _taps(o, s, L)
+    i0, i1, w0, w1 = linear_taps(o, s, L)
     w = 0.0
     if i0 == i:
         w += w0
@@ -110,8 +110,8 @@ def upsample_bilinear_forward_kernel(x, y, g):
         t = idx // Wo
         oh = t % Ho
         nc = t // Ho
-        h0, h1, a0, a1 = _taps(oh, sh, H)
-        c0, c1, b0, b1 = _taps(ow, sw, W)
+        h0, h1, a0, a1 = linear_taps(oh, sh, H)
+        c0, c1, b0, b1 = linear_taps(ow, sw, W)
         base = nc * H * W
         z0 = x[base + h0 * W + c0] * b0                   # row h0 interpolated along W
         if b1 != 0:
@@ -128,7 +128,7 @@ def upsample_bilinear_forward_kernel(x, y, g):
 @cuda.jit
 def upsample_bilinear_backward_kernel(dy, dx, g):
     """dx = A_h^T dy A_w as a gather (upsample.cu's bilinear_bwd): input row i is read only by output
-    rows in [s(i-1), s(i+2)), each with the weight _tap_weight gives."""
+    rows in [s(i-1), s(i+2)), each with the weight tap_weight gives."""
     N, C, H, W, sh, sw = g
     Ho, Wo = H * sh, W * sw
     for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
@@ -138,12 +138,12 @@ def upsample_bilinear_backward_kernel(dy, dx, g):
         nc = t // H
         acc = 0.0
         for oh in range(max(0, sh * (i - 1)), min(Ho, sh * (i + 2))):
-            a = _tap_weight(oh, i, sh, H)
+            a = tap_weight(oh, i, sh, H)
             if a == 0:
                 continue
             row = 0.0
             for ow in range(max(0, sw * (j - 1)), min(Wo, sw * (j + 2))):
-                b = _tap_weight(ow, j, sw, W)
+                b = tap_weight(ow, j, sw, W)
                 if b != 0:
                     row += b * dy[(nc * Ho + oh) * Wo + ow]
             acc += a * row
@@ -218,7 +218,7 @@ def fill_kernel(a, value):
 
 # -- reflect padding ---------------------------------------------------------------------------------
 @cuda.jit(device=True, inline=True)
-def _reflect(k, L):
+def reflect_index(k, L):
     """Index k in [-(L-1), 2L-2] mirrored into [0, L) without repeating the edge (torch's 'reflect')."""
     if k < 0:
         return -k
@@ -237,11 +237,11 @@ def reflect_pad_forward_kernel(x, y, g):
         tt = idx // Wp
         p = tt % Hp
         nc = tt // Hp
-        y[idx] = x[(nc * H + _reflect(p - t, H)) * W + _reflect(q - l, W)]
+        y[idx] = x[(nc * H + reflect_index(p - t, H)) * W + reflect_index(q - l, W)]
 
 
 @cuda.jit(device=True, inline=True)
-def _reflect_source(k, i, n, lead, trail):
+def reflect_source(k, i, n, lead, trail):
     """The k-th (k = 0, 1, 2) padded position along one axis that copied input index i, or -1 if there is
     none: i + lead itself; lead - i (the leading mirror, when 1 <= i <= lead); lead + n + (n - 2 - i) (the
     trailing mirror, when 0 <= n - 2 - i < trail). reflect_sources in elementwise.cu lists the same."""
@@ -256,7 +256,7 @@ def _reflect_source(k, i, n, lead, trail):
 @cuda.jit
 def reflect_pad_backward_kernel(dy, dx, g):
     """dx[h, w] = sum of dy over the padded pixels (p, q) that copied (h, w): at most 3 rows times 3
-    columns (_reflect_source)."""
+    columns (reflect_source)."""
     N, C, H, W, l, r, t, b = g
     Hp, Wp = H + t + b, W + l + r
     for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
@@ -266,11 +266,11 @@ def reflect_pad_backward_kernel(dy, dx, g):
         nc = tt // H
         acc = 0.0
         for kr in range(3):
-            p = _reflect_source(kr, h, H, t, b)
+            p = reflect_source(kr, h, H, t, b)
             if p < 0:
                 continue
             for kc in range(3):
-                q = _reflect_source(kc, w, W, l, r)
+                q = reflect_source(kc, w, W, l, r)
                 if q >= 0:
                     acc += dy[(nc * Hp + p) * Wp + q]
         dx[idx] = acc
