@@ -119,16 +119,16 @@ class Volumes:
         N = x.shape[0]
         kernel = tuple(w.shape[2:])
         geom = tuple(x.shape[1:]) + kernel + tuple(out) + tuple(stride) + tuple(p[0] for p in pads) + tuple(dilation)
-        y = self.xp.empty((N, O) + tuple(out), dtype=dt)
         wm = w.reshape(O, -1)
         if kernel == (1, 1, 1) and stride == (1, 1, 1) and all(p == (0, 0) for p in pads):
             kind = "1x1"
             y3 = self._c(self._matmul(wm, x.reshape(N, C, -1)))                # (N, O, D*H*W): NCDHW
             if b is not None or relu:
                 self._bias_act(y3, b, relu)
-            y = y3.reshape(y.shape)
+            y = y3.reshape((N, O) + tuple(out))
         else:
             kind = "cols"
+            y = self.xp.empty((N, O) + tuple(out), dtype=dt)
             for n0, n1, d0, d1 in self._tiles(N, out, wm.shape[1]):
                 cols = self._vol2col(x[n0:n1], geom, d0, d1 - d0)              # (C*kd*kh*kw, Mt)
                 Y = self._c(self._matmul(wm, cols))                            # (O, Mt)
@@ -185,12 +185,12 @@ class Volumes:
         kernel = tuple(w.shape[2:])
         geom = (Cout,) + tuple(out) + kernel + grid + tuple(stride) + tuple(p[0] for p in pads) + tuple(dilation)
         wm = w.reshape(Cin, -1)
-        y = self.xp.empty((N, Cout) + tuple(out), dtype=dt)
         if kernel == (1, 1, 1) and stride == (1, 1, 1) and all(p == (0, 0) for p in pads) and tuple(out) == grid:
             y3 = self._c(self._matmul(wm.T, x.reshape(N, Cin, -1)))          # (N, Cout, D*H*W)
             if b is not None:
                 self._bias_act(y3, b)
-            return y3.reshape(y.shape), ("1x1", x, w, b is not None, geom)
+            return y3.reshape((N, Cout) + tuple(out)), ("1x1", x, w, b is not None, geom)
+        y = self.xp.empty((N, Cout) + tuple(out), dtype=dt)
         for n0, n1, d0, d1 in self._tiles(N, grid, wm.shape[1]):
             xt = self._vol_to_tile(x[n0:n1], d0, d1 - d0)                      # (Cin, Mt)
             dcols = self._c(self._matmul(wm.T, xt))                             # (Cout*kd*kh*kw, Mt)
@@ -254,37 +254,39 @@ class Volumes:
         return dx
 
     # -- upsampling ---------------------------------------------------------------------------------------
-    def _up3d(self, name, x, shape, scale, *extra):
-        """A vol.cu upsampling kernel: one thread per voxel of the result (of ``shape``); (D, H, W) are
-        the smaller volume's."""
-        dt = float_dtype(x, name)
-        x = self._c(x)
+    def _up3d(self, name, src, shape, small, scale, *extra):
+        """A vol.cu upsampling kernel from src to a new array of ``shape``, one thread per voxel of the
+        result; ``small`` is the (D, H, W) of the smaller volume (the forward's input, the backward's
+        result), the kernels' geometry."""
+        dt = float_dtype(src, name)
+        src = self._c(src)
         out = self.xp.empty(shape, dtype=dt)
         N, C = shape[:2]
-        small = x.shape if x.size < out.size else shape
-        self._launch("vol", name, dt, out.size, x, out, _i(N * C), *map(_i, tuple(small[2:]) + scale), *extra)
+        self._launch("vol", name, dt, out.size, src, out, _i(N * C), *map(_i, tuple(small) + tuple(scale)), *extra)
         return out
 
     def upsample_trilinear3d_forward(self, x, scale, align_corners=False):
         """x (N, C, D, H, W) -> y (N, C, sd*D, sh*H, sw*W); align_corners as F.interpolate's."""
         scale = scale_pair(scale, dims=3)
-        shape = tuple(x.shape[:2]) + tuple(s * n for s, n in zip(scale, x.shape[2:]))
-        y = self._up3d("trilinear3d_fwd", x, shape, scale, _i(bool(align_corners)))
+        small = tuple(x.shape[2:])
+        shape = tuple(x.shape[:2]) + tuple(s * n for s, n in zip(scale, small))
+        y = self._up3d("trilinear3d_fwd", x, shape, small, scale, _i(bool(align_corners)))
         return y, (scale, bool(align_corners))
 
     def upsample_trilinear3d_backward(self, dy, cache):
         scale, align = cache
-        shape = tuple(dy.shape[:2]) + tuple(n // s for s, n in zip(scale, dy.shape[2:]))
-        return self._up3d("trilinear3d_bwd", dy, shape, scale, _i(align))
+        small = tuple(n // s for s, n in zip(scale, dy.shape[2:]))
+        return self._up3d("trilinear3d_bwd", dy, tuple(dy.shape[:2]) + small, small, scale, _i(align))
 
     def upsample_nearest3d_forward(self, x, scale):
         scale = scale_pair(scale, dims=3)
-        shape = tuple(x.shape[:2]) + tuple(s * n for s, n in zip(scale, x.shape[2:]))
-        return self._up3d("nearest3d_fwd", x, shape, scale), scale
+        small = tuple(x.shape[2:])
+        shape = tuple(x.shape[:2]) + tuple(s * n for s, n in zip(scale, small))
+        return self._up3d("nearest3d_fwd", x, shape, small, scale), scale
 
     def upsample_nearest3d_backward(self, dy, cache):
-        shape = tuple(dy.shape[:2]) + tuple(n // s for s, n in zip(cache, dy.shape[2:]))
-        return self._up3d("nearest3d_bwd", dy, shape, cache)
+        small = tuple(n // s for s, n in zip(cache, dy.shape[2:]))
+        return self._up3d("nearest3d_bwd", dy, tuple(dy.shape[:2]) + small, small, cache)
 
     # -- windows: centre crop (4-D and 5-D), constant and reflect padding of volumes ----------------------
     def _window3d(self, src, out_dhw, offsets, fill=0.0):
