@@ -11,6 +11,8 @@ Whole networks: a parameter gradient is judged against at least 1% of the larges
 convolution's bias before batch-norm has a gradient that is zero up to rounding; see test_cupy).
 """
 import collections
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -180,7 +182,12 @@ def test_conv3d_fused_relu(xb, case, dtype):
 
 
 def test_conv3d_64bit_index_path():
-    """vol.cu built with INDEX32_LIMIT=0 (every index 64-bit) gives the same results."""
+    """vol.cu built with INDEX32_LIMIT=0 (every index 64-bit) gives the same results (the tests' small
+    shapes otherwise always take the 32-bit path). On the CPU emulation only."""
+    if os.environ.get("UNET_NP_EMULATION", "1") == "0":
+        pytest.skip("UNET_NP_EMULATION=0: the CPU emulation of the kernels is switched off")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: the CPU emulation of the CUDA kernels cannot be built")
     k = emu.emulated_kernels(defines={"vol": ("INDEX32_LIMIT=0",)})
     k.vol_tile_elements = 1
     rng = rng_for("conv3d-64")
