@@ -16,7 +16,9 @@ results. The twin on the cupy backend is kernels/cupy_conv.py.
 
 GEMMs: all cuda_gemm.gemm_batched (batched, layout-specialised, register-blocked), the operands
 strided matrices per image; the weight gradients with sum_batch (partial products per image, then one
-summing pass). cuda_gemm.gemm (the layout-tuple kernel) stays as the general, readable version.
+summing pass). cuda_gemm.gemm (the layout-tuple kernel) stays as the general, readable version. The
+GEMM steps around the columns (pointwise_grads, column_grads, transpose_columns, transpose_grads) serve
+the 3-D convolutions of numba_cuda_vol.py (vol2col / col2vol around the same GEMMs) as well.
 
 activation='relu' (conv2d_forward only; not in the reference table's signature: a layer asks
 ``backend.supports('conv2d_relu')`` first): y = max(conv + b, 0) in the pass that writes y (the
@@ -74,6 +76,47 @@ class ConvOps:
         self._launch(self.ew.relu_backward_kernel, dx.size, flat(dy_d), flat(y_d), flat(dx))
         return dx
 
+    # -- the GEMM steps around the columns, shared with the 3-D convolutions (numba_cuda_vol.py) -------
+    def pointwise_grads(self, dy_d, x_d, w_d, dw, N, O, C, P, input_grad):
+        """A 1x1 (1x1x1) convolution's dW = sum_n dY[n] X[n]^T into dw; returns dX[n] = W^T dY[n] (shaped
+        as x_d), or None when input_grad is False."""
+        gm = self.gemm
+        gm.gemm_batched(flat(dy_d), flat(x_d), flat(dw), O, C, P, batch=N, trans_b=True, sum_batch=True)
+        if not input_grad:
+            return None
+        dx = self.dev.empty(x_d.shape, w_d.dtype)
+        gm.gemm_batched(flat(w_d), flat(dy_d), flat(dx), C, P, O, batch=N, trans_a=True, sa=0)
+        return dx
+
+    def column_grads(self, dy_d, w_d, cols, dw, N, O, K, P, input_grad):
+        """dW = sum_n dY[n] (O, P) @ cols[:, n-th block]^T (P, K) into dw (the columns read transposed);
+        returns dcols (K, N*P), dcols[:, n-th block] = W^T @ dy[n], or None when input_grad is False."""
+        gm = self.gemm
+        gm.gemm_batched(flat(dy_d), flat(cols), flat(dw), O, K, P, batch=N, trans_b=True, ldb=N * P, sb=P,
+                        sum_batch=True)
+        if not input_grad:
+            return None
+        dcols = self.dev.empty((K, N * P), w_d.dtype)
+        gm.gemm_batched(flat(w_d), flat(dy_d), flat(dcols), K, P, O, batch=N, trans_a=True, ldc=N * P,
+                        sa=0, sc=P)
+        return dcols
+
+    def transpose_columns(self, w_d, x_d, N, Cin, R, P):
+        """A transposed convolution's dcols (R, N*P), dcols[:, n-th block] = W^T @ x[n] (col2im / col2vol
+        of it is the output)."""
+        dcols = self.dev.empty((R, N * P), x_d.dtype)
+        self.gemm.gemm_batched(flat(w_d), flat(x_d), flat(dcols), R, P, Cin, batch=N, trans_a=True,
+                               ldc=N * P, sa=0, sc=P)
+        return dcols
+
+    def transpose_grads(self, w_d, x_d, cols, dx, dw, N, Cin, R, P):
+        """A transposed convolution's dX[n] = W @ cols[:, n-th block] into dx and dW = sum_n X[n] @
+        cols[:, n-th block]^T into dw, cols = im2col(dy) (or vol2col(dy)) (R, N*P)."""
+        gm = self.gemm
+        gm.gemm_batched(flat(w_d), flat(cols), flat(dx), Cin, P, R, batch=N, ldb=N * P, sa=0, sb=P)
+        gm.gemm_batched(flat(x_d), flat(cols), flat(dw), Cin, R, P, batch=N, trans_b=True, ldb=N * P, sb=P,
+                        sum_batch=True)
+
     @staticmethod
     def _pointwise(kh, kw, stride, pads):
         return (kh, kw) == (1, 1) and stride == (1, 1) and pads == ((0, 0), (0, 0))
@@ -122,7 +165,7 @@ class ConvOps:
     def conv2d_backward(self, dy, cache, input_grad=True):
         """dy (N, O, Ho, Wo) -> (dx, dw, db); input_grad=False skips dx (None): neither its GEMM nor
         its col2im runs."""
-        dev, gm, wino = self.dev, self.gemm, self.wino
+        dev, wino = self.dev, self.wino
         x_d, w_d, (N, C, H, W), (Ho, Wo), stride, lead, dilation, has_bias, kind, y_relu = cache
         O, _, kh, kw = w_d.shape
         K, P = C * kh * kw, Ho * Wo
@@ -143,23 +186,14 @@ class ConvOps:
         db = dev.get(self.channel_reduce(dy_d, N, O, P)) if has_bias else None
         dw = dev.empty((O, C, kh, kw), w_d.dtype)
         if kind == "1x1":                                   # dW = sum_n dY[n] X[n]^T, dX[n] = W^T dY[n]
-            gm.gemm_batched(flat(dy_d), flat(x_d), flat(dw), O, C, P, batch=N, trans_b=True, sum_batch=True)
-            if not input_grad:
-                return None, dev.get(dw), db
-            dx = dev.empty((N, C, H, W), w_d.dtype)
-            gm.gemm_batched(flat(w_d), flat(dy_d), flat(dx), C, P, O, batch=N, trans_a=True, sa=0)
-            return dev.get(dx), dev.get(dw), db
+            dx = self.pointwise_grads(dy_d, x_d, w_d, dw, N, O, C, P, input_grad)
+            return (dev.get(dx) if input_grad else None), dev.get(dw), db
         # The forward kept its input, not its column buffer: one im2col pass rebuilds it.
         cols = self._im2col(x_d, N, C, H, W, kh, kw, Ho, Wo, stride, lead, dilation)
-        # dW = sum_n dY[n] (O, P) @ cols[:, n-th block]^T (P, K): the columns read transposed
-        gm.gemm_batched(flat(dy_d), flat(cols), flat(dw), O, K, P, batch=N, trans_b=True, ldb=N * P, sb=P,
-                        sum_batch=True)
+        dcols = self.column_grads(dy_d, w_d, cols, dw, N, O, K, P, input_grad)
         del cols
         if not input_grad:
             return None, dev.get(dw), db
-        dcols = dev.empty((K, N * P), w_d.dtype)            # dcols[:, n-th block] = W^T @ dy[n]
-        gm.gemm_batched(flat(w_d), flat(dy_d), flat(dcols), K, P, O, batch=N, trans_a=True, ldc=N * P,
-                        sa=0, sc=P)
         dx = self._col2im(dcols, (N, C, H, W), kh, kw, Ho, Wo, stride, lead, dilation)
         return dev.get(dx), dev.get(dw), db
 
@@ -189,9 +223,7 @@ class ConvOps:
                             bias=b_d)
             kind = "1x1"
         else:                                              # y = col2im(W^T X) + b
-            dcols = dev.empty((R, N * P), x_d.dtype)        # dcols[:, n-th block] = W^T @ x[n]
-            gm.gemm_batched(flat(w_d), flat(x_d), flat(dcols), R, P, Cin, batch=N, trans_a=True,
-                            ldc=N * P, sa=0, sc=P)
+            dcols = self.transpose_columns(w_d, x_d, N, Cin, R, P)
             y = self._col2im(dcols, (N, Cout, Hy, Wy), kh, kw, H, W, stride, lead, dilation, bias=b_d)
             kind = "cols"
         return dev.get(y), (x_d, w_d, (N, Cin, H, W), (Hy, Wy), stride, lead, dilation, b is not None,
@@ -213,8 +245,6 @@ class ConvOps:
                             sum_batch=True)
             return dev.get(dx), dev.get(dw), db
         cols = self._im2col(dy_d, N, Cout, Hy, Wy, kh, kw, H, W, stride, lead, dilation)   # (R, N*P)
-        gm.gemm_batched(flat(w_d), flat(cols), flat(dx), Cin, P, R, batch=N, ldb=N * P, sa=0, sb=P)
-        gm.gemm_batched(flat(x_d), flat(cols), flat(dw), Cin, R, P, batch=N, trans_b=True, ldb=N * P, sb=P,
-                        sum_batch=True)
+        self.transpose_grads(w_d, x_d, cols, dx, dw, N, Cin, R, P)
         return dev.get(dx), dev.get(dw), db
 
