@@ -1,6 +1,7 @@
 """The ``numba-cuda`` backend: every primitive the models use runs as a hand-written numba.cuda.jit
 kernel from unet_np.kernels.cuda_* (GEMM included: cuda_gemm's shared-memory tiled kernels). The
-convolutions are unet_np/backends/numba_cuda_conv.py's (ConvOps).
+convolutions are unet_np/backends/numba_cuda_conv.py's (ConvOps); the volume (N, C, D, H, W) primitives
+and the centre crop are unet_np/backends/numba_cuda_vol.py's (VolOps).
 
 Array module (``backend.xp``):
   * CuPy, when it imports and a GPU is present: the arrays live on the GPU and go to the kernels
@@ -17,8 +18,10 @@ simulator is there; unet_np.backends.get turns that into BackendUnavailable nami
 The table starts from the NumPy reference (unet_np.backends.numpy_backend.reference_ops) and replaces
 every primitive: convolution and transposed convolution (forward / backward; conv2d_backward takes
 input_grad=False to skip dx), max-pool, ReLU, sigmoid, bilinear and nearest upsampling, concat,
-centre crop, padding, batch-norm, and every loss (softmax cross-entropy with class and pixel weights,
-BCE with logits, softmax and sigmoid Dice; kernels/cuda_loss.py). The backend also offers fused
+centre crop, padding, batch-norm, their 3-D twins (convolutions, max-pool, trilinear and nearest
+upsampling, padding: kernels/cuda_vol.py; batch-norm, concat, crop, activations and losses take 5-D
+arrays as they are), and every loss (softmax cross-entropy with class and pixel weights, BCE with
+logits, softmax and sigmoid Dice; kernels/cuda_loss.py). The backend also offers fused
 optimizer updates, ``sgd_step`` and ``adam_step`` (kernels/cuda_optim.py), which unet_np.optim uses
 for the parameters of a numba-cuda model. Caches are private to this backend.
 """
@@ -28,6 +31,7 @@ import numpy as np
 from . import Backend
 from ..nn.shapes import pair, scale_pair
 from .numba_cuda_conv import ConvOps, flat
+from .numba_cuda_vol import VolOps
 
 # -- device arrays ---------------------------------------------------------------------------------
 
@@ -110,6 +114,9 @@ def make_backend():
 
     # -- convolution: unet_np/backends/numba_cuda_conv.py ------------------------------------------
     conv = ConvOps(dev, settings, channel_reduce)
+    # -- volumes (and the crop / copies of every rank): unet_np/backends/numba_cuda_vol.py ------------
+    vol = VolOps(conv)
+    copy_box = vol.copy_box
 
     # -- pooling -----------------------------------------------------------------------------------
     def maxpool2d_forward(x, kernel, stride, padding):
@@ -190,10 +197,6 @@ def make_backend():
         return _upsample_back(ew.upsample_nearest_backward_kernel, dy, cache)
 
     # -- concat / crop / pad -------------------------------------------------------------------------
-    def copy_box(src, dst, box, s_off, d_off):
-        launch(ew.copy_box_kernel, int(np.prod(box)), flat(src), flat(dst), box,
-               tuple(src.shape[1:]), s_off, tuple(dst.shape[1:]), d_off)
-
     def _nchw_view(shape, axis):
         """shape, axis -> (outer, size_along_axis, inner, 1): a 4-D view whose channel axis is ``axis``."""
         outer = int(np.prod(shape[:axis], dtype=np.int64))
@@ -230,23 +233,6 @@ def make_backend():
             off += s
             out.append(dev.get(dx))
         return tuple(out)
-
-    def center_crop_forward(x, size):
-        h, w = size
-        N, C, H, W = x.shape
-        t, l = (H - h) // 2, (W - w) // 2
-        x_d = dev.put(x)
-        y = dev.empty((N, C, h, w), x_d.dtype)
-        copy_box(x_d, y, (N, C, h, w), (0, t, l), (0, 0, 0))
-        return dev.get(y), (tuple(x.shape), t, l)
-
-    def center_crop_backward(dy, cache):
-        shape, t, l = cache
-        dy_d = dev.put(dy)
-        dx = dev.empty(shape, dy_d.dtype)
-        launch(ew.fill_kernel, dx.size, flat(dx), 0.0)
-        copy_box(dy_d, dx, tuple(dy.shape), (0, 0, 0), (0, t, l))
-        return dev.get(dx)
 
     def pad2d_forward(x, pads, mode, value=0.0):
         l, r, t, b = (int(p) for p in pads)
@@ -528,7 +514,6 @@ def make_backend():
         upsample_nearest2d_forward=upsample_nearest2d_forward,
         upsample_nearest2d_backward=upsample_nearest2d_backward,
         concat_forward=concat_forward, concat_backward=concat_backward,
-        center_crop_forward=center_crop_forward, center_crop_backward=center_crop_backward,
         pad2d_forward=pad2d_forward, pad2d_backward=pad2d_backward,
         batchnorm2d_forward=batchnorm2d_forward, batchnorm2d_backward=batchnorm2d_backward,
         softmax_cross_entropy_forward=softmax_cross_entropy_forward,
@@ -537,6 +522,7 @@ def make_backend():
         softmax_dice_forward=softmax_dice_forward, softmax_dice_backward=softmax_dice_backward,
         sigmoid_dice_forward=sigmoid_dice_forward, sigmoid_dice_backward=sigmoid_dice_backward,
     )
+    ops.update(vol.table())       # 3-D primitives, and center_crop for 4-D and 5-D arrays
     backend = Backend("numba-cuda", xp, ops)
     backend.simulated = simulated
     backend.settings = settings
