@@ -103,12 +103,20 @@ def input_transform(x, r0, r1, TD, TH, TW, pd, ph, pw, V):
                             PO[a, k0 + u], PO[a, k0 + TW1 + u], PO[a, k0 + 2 * TW1 + u],
                             PO[a, k0 + 3 * TW1 + u])
                 t0 = (r - r0) * TP + th * TW
-                for ab in range(16):                            # column pass: 4 runs along tw
-                    q = 4 * ab
+                for ab in range(16):                            # column pass: 4 runs along tw,
+                    qe, qo = QE[ab], QO[ab]                     # one loop per run (each vectorizes;
+                    v0 = V[4 * ab, c, t0:t0 + TW]               # one loop storing all four did not)
+                    v1 = V[4 * ab + 1, c, t0:t0 + TW]
+                    v2 = V[4 * ab + 2, c, t0:t0 + TW]
+                    v3 = V[4 * ab + 3, c, t0:t0 + TW]
+                    for tw in range(TW):                        # _bt(d0..d3) with d0 = qe[tw],
+                        v0[tw] = qe[tw] - qe[tw + 1]            # d1 = qo[tw], d2 = qe[tw + 1],
+                    for tw in range(TW):                        # d3 = qo[tw + 1]
+                        v1[tw] = qo[tw] + qe[tw + 1]
                     for tw in range(TW):
-                        V[q, c, t0 + tw], V[q + 1, c, t0 + tw], V[q + 2, c, t0 + tw], \
-                            V[q + 3, c, t0 + tw] = _bt(QE[ab, tw], QO[ab, tw], QE[ab, tw + 1],
-                                                       QO[ab, tw + 1])
+                        v2[tw] = qe[tw + 1] - qo[tw]
+                    for tw in range(TW):
+                        v3[tw] = qo[tw] - qo[tw + 1]
     return V
 
 
@@ -130,35 +138,44 @@ def output_transform(M, r0, r1, TD, TH, TW, b, has_bias, y):
             n = r // TD
             td = r - n * TD
             base = (r - r0) * TP
-            for bc in range(16):
+            for bc in range(16):                                # one loop per run (vectorizes)
+                m0 = M[bc, o, base:base + TP]
+                m1 = M[16 + bc, o, base:base + TP]
+                m2 = M[32 + bc, o, base:base + TP]
+                m3 = M[48 + bc, o, base:base + TP]
+                q0, q1 = Q[0, bc], Q[1, bc]
+                for t in range(TP):                             # _at(m0, m1, m2, m3)
+                    q0[t] = m0[t] + m1[t] + m2[t]
                 for t in range(TP):
-                    Q[0, bc, t], Q[1, bc, t] = _at(M[bc, o, base + t], M[16 + bc, o, base + t],
-                                                   M[32 + bc, o, base + t], M[48 + bc, o, base + t])
+                    q1[t] = m1[t] - m2[t] - m3[t]
             for a in range(2):
                 for c in range(4):
+                    p0, p1, p2, p3 = Q[a, c], Q[a, 4 + c], Q[a, 8 + c], Q[a, 12 + c]
+                    s0, s1 = R[a, 0, c], R[a, 1, c]
                     for t in range(TP):
-                        R[a, 0, c, t], R[a, 1, c, t] = _at(Q[a, c, t], Q[a, 4 + c, t],
-                                                           Q[a, 8 + c, t], Q[a, 12 + c, t])
+                        s0[t] = p0[t] + p1[t] + p2[t]
+                    for t in range(TP):
+                        s1[t] = p1[t] - p2[t] - p3[t]
             full = Wo // 2                                      # tiles with both columns inside y
             for a in range(2):
                 z = 2 * td + a
                 if z >= Do:
                     continue
                 for bb in range(2):
+                    g0, g1, g2, g3 = R[a, bb, 0], R[a, bb, 1], R[a, bb, 2], R[a, bb, 3]
                     for th in range(TH):
                         h = 2 * th + bb
                         if h >= Ho:
                             continue
                         t0 = th * TW
+                        yr = y[n, o, z, h]
                         for tw in range(full):
-                            v0, v1 = _at(R[a, bb, 0, t0 + tw], R[a, bb, 1, t0 + tw],
-                                         R[a, bb, 2, t0 + tw], R[a, bb, 3, t0 + tw])
-                            y[n, o, z, h, 2 * tw] = v0 + bias
-                            y[n, o, z, h, 2 * tw + 1] = v1 + bias
+                            t = t0 + tw
+                            yr[2 * tw] = g0[t] + g1[t] + g2[t] + bias
+                            yr[2 * tw + 1] = g1[t] - g2[t] - g3[t] + bias
                         if full < TW:                           # odd Wo: the last tile's first column
                             t = t0 + full
-                            y[n, o, z, h, 2 * full] = (R[a, bb, 0, t] + R[a, bb, 1, t]
-                                                       + R[a, bb, 2, t]) + bias
+                            yr[2 * full] = g0[t] + g1[t] + g2[t] + bias
     return y
 
 
@@ -207,11 +224,20 @@ def grad_transform(dy, r0, r1, TD, TH, TW, Z):
                         fO[4 * a, tw], fO[4 * a + 1, tw], fO[4 * a + 2, tw], fO[4 * a + 3, tw] = _a(
                             eO[a, 0, tw], eO[a, 1, tw])
                 t0 = (r - r0) * TP + th * TW
-                for ab in range(16):
-                    q = 4 * ab
+                for ab in range(16):                            # _a(fE, fO), one loop per run
+                    fe, fo = fE[ab], fO[ab]
+                    z0 = Z[4 * ab, o, t0:t0 + TW]
+                    z1 = Z[4 * ab + 1, o, t0:t0 + TW]
+                    z2 = Z[4 * ab + 2, o, t0:t0 + TW]
+                    z3 = Z[4 * ab + 3, o, t0:t0 + TW]
                     for tw in range(TW):
-                        Z[q, o, t0 + tw], Z[q + 1, o, t0 + tw], Z[q + 2, o, t0 + tw], \
-                            Z[q + 3, o, t0 + tw] = _a(fE[ab, tw], fO[ab, tw])
+                        z0[tw] = fe[tw]
+                    for tw in range(TW):
+                        z1[tw] = fe[tw] + fo[tw]
+                    for tw in range(TW):
+                        z2[tw] = fe[tw] - fo[tw]
+                    for tw in range(TW):
+                        z3[tw] = -fo[tw]
     return Z
 
 
