@@ -49,6 +49,20 @@ def _a(g0, g1):
     return g0, g0 + g1, g0 - g1, -g1
 
 
+@njit(inline="always")
+def bt_rows(d0, d1, d2, d3, o0, o1, o2, o3):
+    """(o0, o1, o2, o3) = B^T (d0, d1, d2, d3) element by element along four equal 1-D runs, one
+    loop per output run: each loop vectorizes (one loop storing all four runs did not)."""
+    for i in range(len(o0)):
+        o0[i] = d0[i] - d2[i]
+    for i in range(len(o0)):
+        o1[i] = d1[i] + d2[i]
+    for i in range(len(o0)):
+        o2[i] = d2[i] - d1[i]
+    for i in range(len(o0)):
+        o3[i] = d1[i] - d3[i]
+
+
 @njit(parallel=True, cache=True, fastmath=False)
 def input_transform(x, r0, r1, TD, TH, TW, pd, ph, pw, V):
     """V[:, c, t] = (B^T x B^T x B^T) d for the 4x4x4 input tile d of channel c (x (N, C, D, H, W)).
@@ -89,34 +103,22 @@ def input_transform(x, r0, r1, TD, TH, TW, pd, ph, pw, V):
                     for u in range(TW1):
                         E[a, k0 + u] = row[2 * u]
                         Od[a, k0 + u] = row[2 * u + 1]
-            for k in range(SH * TW1):                           # depth pass, whole planes
-                PE[0, k], PE[1, k], PE[2, k], PE[3, k] = _bt(E[0, k], E[1, k], E[2, k], E[3, k])
-                PO[0, k], PO[1, k], PO[2, k], PO[3, k] = _bt(Od[0, k], Od[1, k], Od[2, k], Od[3, k])
+            bt_rows(E[0], E[1], E[2], E[3], PE[0], PE[1], PE[2], PE[3])    # depth pass, whole
+            bt_rows(Od[0], Od[1], Od[2], Od[3], PO[0], PO[1], PO[2], PO[3])  # planes
             for th in range(TH):
-                k0 = 2 * th * TW1
+                k0, k1, k2, k3 = 2 * th * TW1, (2 * th + 1) * TW1, (2 * th + 2) * TW1, (2 * th + 3) * TW1
+                k4 = k3 + TW1
                 for a in range(4):                              # row pass for this tile row
-                    for u in range(TW1):
-                        QE[4 * a, u], QE[4 * a + 1, u], QE[4 * a + 2, u], QE[4 * a + 3, u] = _bt(
-                            PE[a, k0 + u], PE[a, k0 + TW1 + u], PE[a, k0 + 2 * TW1 + u],
-                            PE[a, k0 + 3 * TW1 + u])
-                        QO[4 * a, u], QO[4 * a + 1, u], QO[4 * a + 2, u], QO[4 * a + 3, u] = _bt(
-                            PO[a, k0 + u], PO[a, k0 + TW1 + u], PO[a, k0 + 2 * TW1 + u],
-                            PO[a, k0 + 3 * TW1 + u])
+                    bt_rows(PE[a, k0:k1], PE[a, k1:k2], PE[a, k2:k3], PE[a, k3:k4],
+                            QE[4 * a], QE[4 * a + 1], QE[4 * a + 2], QE[4 * a + 3])
+                    bt_rows(PO[a, k0:k1], PO[a, k1:k2], PO[a, k2:k3], PO[a, k3:k4],
+                            QO[4 * a], QO[4 * a + 1], QO[4 * a + 2], QO[4 * a + 3])
                 t0 = (r - r0) * TP + th * TW
-                for ab in range(16):                            # column pass: 4 runs along tw,
-                    qe, qo = QE[ab], QO[ab]                     # one loop per run (each vectorizes;
-                    v0 = V[4 * ab, c, t0:t0 + TW]               # one loop storing all four did not)
-                    v1 = V[4 * ab + 1, c, t0:t0 + TW]
-                    v2 = V[4 * ab + 2, c, t0:t0 + TW]
-                    v3 = V[4 * ab + 3, c, t0:t0 + TW]
-                    for tw in range(TW):                        # _bt(d0..d3) with d0 = qe[tw],
-                        v0[tw] = qe[tw] - qe[tw + 1]            # d1 = qo[tw], d2 = qe[tw + 1],
-                    for tw in range(TW):                        # d3 = qo[tw + 1]
-                        v1[tw] = qo[tw] + qe[tw + 1]
-                    for tw in range(TW):
-                        v2[tw] = qe[tw + 1] - qo[tw]
-                    for tw in range(TW):
-                        v3[tw] = qo[tw] - qo[tw + 1]
+                for ab in range(16):                            # column pass: tile tw reads
+                    qe, qo = QE[ab], QO[ab]                     # qe[tw], qo[tw], qe[tw+1], qo[tw+1]
+                    bt_rows(qe[:TW], qo[:TW], qe[1:], qo[1:],
+                            V[4 * ab, c, t0:t0 + TW], V[4 * ab + 1, c, t0:t0 + TW],
+                            V[4 * ab + 2, c, t0:t0 + TW], V[4 * ab + 3, c, t0:t0 + TW])
     return V
 
 
