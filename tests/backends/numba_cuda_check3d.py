@@ -219,7 +219,8 @@ def model_checks(dt):
         if dt not in dtypes:
             continue
         ref = unet_np.UNet(1, 3, depth=1, base_channels=2, spatial_dims=3, dtype=dt, **kw)
-        gpu = unet_np.UNet(1, 3, depth=1, base_channels=2, spatial_dims=3, dtype=dt, backend="numba-cuda", **kw)
+        gpu = unet_np.UNet(1, 3, depth=1, base_channels=2, spatial_dims=3, dtype=dt, backend="numba-cuda",
+                           **kw)
         gpu.load_state_dict(ref.state_dict())
         x = rnd(*shape, dt=dt)
         t = rng.integers(0, 3, size=(shape[0],) + shape[2:])
@@ -231,7 +232,8 @@ def model_checks(dt):
             logits = m.forward(x)
             loss = loss_fn.forward(logits, t)
             dx = m.backward(loss_fn.backward())
-            out.append((logits, loss, dx, {n: backends.to_numpy(p.grad).copy() for n, p in m.named_parameters()}))
+            grads = {n: backends.to_numpy(p.grad).copy() for n, p in m.named_parameters()}
+            out.append((logits, loss, dx, grads))
         (lr_, l_r, dx_r, g_r), (lg, l_g, dx_g, g_g) = out
         check(f"{tag} logits", lg, lr_, dt)
         check(f"{tag} loss", np.float64(l_g), np.float64(l_r), dt)

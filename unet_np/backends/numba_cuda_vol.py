@@ -151,7 +151,7 @@ class VolOps:
                     bias if bias is not None else flat(vol), bias is not None)
         return vol
 
-    # -- conv3d ----------------------------------------------------------------------------------------------
+    # -- conv3d --------------------------------------------------------------------------------------------
     def conv3d_forward(self, x, w, b, stride=1, padding=0, dilation=1):
         """y = conv3d(x, w) + b. x (N, C, D, H, W), w (O, C, kd, kh, kw), b (O,) or None -> (y, cache)."""
         dev, gm = self.dev, self.gemm
@@ -198,7 +198,7 @@ class VolOps:
         dx = self.col2vol(dcols, tuple(x_d.shape), kernel, out, stride, lead, dilation)
         return dev.get(dx), dev.get(dw), db
 
-    # -- transposed conv3d -------------------------------------------------------------------------------------
+    # -- transposed conv3d ---------------------------------------------------------------------------------
     def conv_transpose3d_forward(self, x, w, b, stride=1, padding=0, output_padding=0, dilation=1):
         """y = conv_transpose3d(x, w) + b. x (N, Cin, D, H, W), w (Cin, Cout, kd, kh, kw) -> (y, cache)."""
         dev = self.dev
@@ -208,7 +208,8 @@ class VolOps:
                              f"{x.shape[1]}")
         stride, dilation, pads, out = transpose_geometry(x.shape, w.shape, stride, padding, output_padding,
                                                          dilation)
-        N, size, kernel = int(x.shape[0]), tuple(int(s) for s in x.shape[2:]), tuple(int(k) for k in w.shape[2:])
+        N, size = int(x.shape[0]), tuple(int(s) for s in x.shape[2:])
+        kernel = tuple(int(k) for k in w.shape[2:])
         lead = tuple(p[0] for p in pads)
         x_d, w_d = dev.put(x), dev.put(w, dtype=x.dtype)
         b_d = dev.put(b, dtype=x.dtype) if b is not None else None
@@ -218,7 +219,8 @@ class VolOps:
         return dev.get(y), (x_d, w_d, stride, lead, dilation, b is not None)
 
     def conv_transpose3d_backward(self, dy, cache):
-        """dy (N, Cout, Dy, Hy, Wy) -> dx (N, Cin, D, H, W), dw (Cin, Cout, kd, kh, kw), db (Cout,) or None."""
+        """dy (N, Cout, Dy, Hy, Wy) -> dx (N, Cin, D, H, W), dw (Cin, Cout, kd, kh, kw), db (Cout,) or
+        None."""
         dev = self.dev
         x_d, w_d, stride, lead, dilation, has_bias = cache
         N, Cin = x_d.shape[:2]
@@ -233,7 +235,7 @@ class VolOps:
         self.conv.transpose_grads(w_d, x_d, cols, dx, dw, N, Cin, R, P)        # dX = W cols, dW = X cols^T
         return dev.get(dx), dev.get(dw), db
 
-    # -- max-pooling ---------------------------------------------------------------------------------------------
+    # -- max-pooling -------------------------------------------------------------------------------------------
     def maxpool3d_forward(self, x, kernel, stride, padding):
         """x (N, C, D, H, W) -> (y (N, C, Do, Ho, Wo), cache (argmax int32, geometry))."""
         kernel, stride = pair(kernel, "kernel", 3), pair(stride, "stride", 3)
@@ -254,7 +256,7 @@ class VolOps:
         self.launch(self.kvol.maxpool3d_backward_kernel, dx.size, flat(dy_d), flat(arg), flat(dx), g)
         return self.dev.get(dx)
 
-    # -- upsampling ---------------------------------------------------------------------------------------------
+    # -- upsampling ----------------------------------------------------------------------------------------
     def _upsample(self, kernel, x, scale, *flags):
         sd, sh, sw = scale
         N, C, D, H, W = (int(s) for s in x.shape)
