@@ -235,7 +235,7 @@ class VolOps:
         self.conv.transpose_grads(w_d, x_d, cols, dx, dw, N, Cin, R, P)        # dX = W cols, dW = X cols^T
         return dev.get(dx), dev.get(dw), db
 
-    # -- max-pooling -------------------------------------------------------------------------------------------
+    # -- max-pooling ---------------------------------------------------------------------------------------
     def maxpool3d_forward(self, x, kernel, stride, padding):
         """x (N, C, D, H, W) -> (y (N, C, Do, Ho, Wo), cache (argmax int32, geometry))."""
         kernel, stride = pair(kernel, "kernel", 3), pair(stride, "stride", 3)
