@@ -390,13 +390,17 @@ def test_3d_networks(xb, arch, cfg, dtype):
 
 def test_3d_unet_runs_on_kernels_only(xb):
     """A 3-D U-Net's training step launches vol.cu kernels and never calls a host fallback: every
-    primitive in the backend's table that a 3-D network uses is the CudaKernels method."""
+    primitive in the backend's table that a 3-D network uses is the CudaKernels method, and its
+    blocks' Conv3d -> ReLU pairs run fused."""
     backend, xp, launches = counting(xb)
     for name in cb.REPLACED:
         assert getattr(backend.ops[name], "reference", None) is None, f"{name} is a host fallback"
     model = unet_np.UNet(1, 2, depth=2, base_channels=2, dtype=np.float32, spatial_dims=3, backend=backend)
     x = np.random.default_rng(0).standard_normal((1, 1, 4, 4, 4)).astype(np.float32)
     y = model.forward(x)
+    # each Conv3d -> ReLU of a block runs as conv3d_forward(activation='relu') (models/base.py
+    # ConvBlock, 'conv3d_relu' in backend.fused): no ReLU kernel of its own in the forward
+    assert "conv3d_relu" in backend.fused and launches["elementwise", "relu_fwd_f32"] == 0
     model.backward(xp.ones(y.shape, dtype=np.float32))
     families = collections.Counter(f for f, _ in launches)
     assert families["vol"] > 0 and xp.matmuls > 0

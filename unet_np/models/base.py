@@ -53,12 +53,13 @@ class Block(Module):
 
 
 class ConvBlock(Sequential):
-    """conv_block's layers: Conv2d [-> BatchNorm2d] -> ReLU, twice. The same modules, names,
-    parameters and state_dict as the Sequential it is; only how a Conv2d directly followed by a ReLU
-    runs depends on the backend.
+    """conv_block's layers: Conv2d [-> BatchNorm2d] -> ReLU, twice (Conv3d, BatchNorm3d in 3-D). The
+    same modules, names, parameters and state_dict as the Sequential it is; only how a convolution
+    directly followed by a ReLU runs depends on the backend.
 
-    A backend that lists 'conv2d_relu' in its ``fused`` set (the cupy and numba-cuda backends) runs
-    such a pair as ONE primitive, ``conv2d_forward(..., activation='relu')``: the ReLU is applied in
+    A backend that lists 'conv2d_relu' ('conv3d_relu' for Conv3d) in its ``fused`` set (the cupy and
+    numba-cuda backends) runs such a pair as ONE primitive, ``conv2d_forward(..., activation='relu')``
+    (conv3d_forward in 3-D): the ReLU is applied in
     the pass that writes the convolution's output (Winograd's output transform, or the GEMM's output
     pass), and its ``conv2d_backward`` masks dy where y <= 0 first, so the activation is written once
     and read once instead of twice. Everywhere else (the numpy reference, which learners read, and
@@ -66,13 +67,15 @@ class ConvBlock(Sequential):
     max(conv + b, 0) forward, dy * (y > 0) backward, the same kernels for the rest."""
 
     def _steps(self):
-        """The layers in order, each Conv2d -> ReLU pair as one (conv, relu) step when fused."""
+        """The layers in order, each Conv2d / Conv3d -> ReLU pair as one (conv, relu) step when the
+        backend fuses it."""
         mods = list(self._modules.values())
-        fuse = "conv2d_relu" in getattr(self.backend, "fused", ())
+        fused = getattr(self.backend, "fused", ())
         steps, i = [], 0
         while i < len(mods):
             m = mods[i]
-            pair = (fuse and i + 1 < len(mods) and type(m) is Conv2d and type(mods[i + 1]) is ReLU
+            pair = (i + 1 < len(mods) and type(m) in (Conv2d, Conv3d) and type(mods[i + 1]) is ReLU
+                    and f"conv{m.DIMS}d_relu" in fused
                     and not isinstance(m.padding, str))          # int padding: what conv_block builds
             steps.append((m, mods[i + 1]) if pair else (m,))
             i += 2 if pair else 1
@@ -98,12 +101,13 @@ class ConvBlock(Sequential):
 
 def _conv_relu_forward(conv, x):
     """relu(conv(x)) in one fused primitive -> (y, (cache, y's shape)). As Conv2d.forward, plus
-    activation='relu'."""
-    x = check_input_nd("Conv2d", x, 2, "Conv3d", channels=conv.in_channels, xp=conv.xp, dtype=conv.dtype)
+    activation='relu' (conv.FORWARD: conv2d_forward or conv3d_forward)."""
+    x = check_input_nd(type(conv).__name__, x, conv.DIMS, conv.OTHER, channels=conv.in_channels,
+                       xp=conv.xp, dtype=conv.dtype)
     out_shape = conv.output_shape(x.shape)          # checks the kernel fits
     b = conv.bias.data if conv.bias is not None else None
-    y, cache = conv.ops.conv2d_forward(x, conv.weight.data, b, conv.stride, conv.padding, conv.dilation,
-                                       activation="relu")
+    y, cache = getattr(conv.ops, conv.FORWARD)(x, conv.weight.data, b, conv.stride, conv.padding,
+                                               conv.dilation, activation="relu")
     return y, (cache, out_shape)
 
 
@@ -111,10 +115,10 @@ def _conv_relu_backward(conv, dy, kept):
     """dx of relu(conv(x)); dw, db added to the convolution's parameters (as Conv2d.backward)."""
     cache, out_shape = kept
     if tuple(dy.shape) != tuple(out_shape):
-        raise ValueError(f"Conv2d.backward: expected a gradient of shape {tuple(out_shape)} (the "
-                         f"forward's output), got {tuple(dy.shape)}")
+        raise ValueError(f"{type(conv).__name__}.backward: expected a gradient of shape "
+                         f"{tuple(out_shape)} (the forward's output), got {tuple(dy.shape)}")
     dy = conv.xp.asarray(dy, dtype=conv.dtype)
-    dx, dw, db = conv.ops.conv2d_backward(dy, cache, input_grad=conv.needs_input_grad)
+    dx, dw, db = getattr(conv.ops, conv.BACKWARD)(dy, cache, input_grad=conv.needs_input_grad)
     conv.weight.add_grad(dw)
     if conv.bias is not None:
         conv.bias.add_grad(db)
