@@ -5,9 +5,9 @@
 The network (depth 3, base 16, same padding, as issue 18 names it): three encoder levels
 (16, 32, 64 channels), each two 3x3x3 convolutions + ReLU then a 2x2x2 max-pool; a 128-channel
 bottleneck; three decoder levels, each a 2x2x2 stride-2 transposed convolution, the concatenation
-[upsampled, skip] and two 3x3x3 convolutions + ReLU; a final 1x1x1 convolution to 2 classes. It is
-built by hand here because the models do not take spatial_dims yet. Both sides get the same weights
-and inputs. Conventions as benchmarks/cpu.py: OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed by a
+[upsampled, skip] and two 3x3x3 convolutions + ReLU; a final 1x1x1 convolution to 2 classes. Ours is
+the library's unet_np.UNet(1, 2, depth=3, base_channels=16, spatial_dims=3); PyTorch's twin is built
+here from torch.nn. Both sides get the same weights and inputs. Conventions as benchmarks/cpu.py: OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed by a
 re-exec, thread counts set before NumPy loads, threadpoolctl's view of the libraries reported, a
 training step = forward + cross-entropy + backward + SGD (momentum 0.9), timed interleaved with
 PyTorch, medians; peak memory (VmHWM growth over one forward / one step) in a fresh spawned child
@@ -66,59 +66,11 @@ CHANNELS = (16, 32, 64, 128)
 # The two networks
 # ---------------------------------------------------------------------------------------------------
 def build_ours(backend, seed=0, dtype=np.float32):
-    from unet_np import nn
-
-    def block(cin, cout):
-        return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, dtype=dtype, backend=backend),
-                             nn.ReLU(backend=backend, dtype=dtype),
-                             nn.Conv3d(cout, cout, 3, padding=1, dtype=dtype, backend=backend),
-                             nn.ReLU(backend=backend, dtype=dtype))
-
-    class UNet3d(nn.Module):
-        """Parameters in the 2-D UNet's order: encoder blocks, bottleneck, (up, decoder) per level
-        from the bottom up, final."""
-
-        def __init__(self):
-            super().__init__(backend=backend, dtype=dtype)
-            c = CHANNELS
-            for i in range(3):
-                setattr(self, f"enc{i}", block(1 if i == 0 else c[i - 1], c[i]))
-                setattr(self, f"pool{i}", nn.MaxPool3d(2, backend=backend))
-            self.bottleneck = block(c[2], c[3])
-            for i in reversed(range(3)):
-                setattr(self, f"up{i}", nn.ConvTranspose3d(c[i + 1], c[i], 2, stride=2, dtype=dtype,
-                                                          backend=backend))
-                setattr(self, f"cat{i}", nn.Concat(backend=backend))
-                setattr(self, f"dec{i}", block(2 * c[i], c[i]))
-            self.final = nn.Conv3d(c[0], 2, 1, dtype=dtype, backend=backend)
-            self.enc0[0].needs_input_grad = False          # the image needs no gradient
-
-        def forward(self, x):
-            skips = []
-            for i in range(3):
-                x = getattr(self, f"enc{i}")(x)
-                skips.append(x)
-                x = getattr(self, f"pool{i}")(x)
-            x = self.bottleneck(x)
-            for i in reversed(range(3)):
-                x = getattr(self, f"cat{i}")(getattr(self, f"up{i}")(x), skips[i])
-                x = getattr(self, f"dec{i}")(x)
-            return self.final(x)
-
-        def backward(self, dy):
-            dy = self.final.backward(dy)
-            dskips = [None] * 3
-            for i in range(3):
-                dy = getattr(self, f"dec{i}").backward(dy)
-                dup, dskips[i] = getattr(self, f"cat{i}").backward(dy)
-                dy = getattr(self, f"up{i}").backward(dup)
-            dy = self.bottleneck.backward(dy)
-            for i in reversed(range(3)):
-                dy = getattr(self, f"pool{i}").backward(dy) + dskips[i]
-                dy = getattr(self, f"enc{i}").backward(dy)
-            return dy
-
-    net = UNet3d()
+    """The library's own 3-D U-Net, UNet(1, 2, depth=3, base_channels=16, spatial_dims=3), with seeded
+    weights (uniform, scaled by 1/sqrt(fan-in)); its parameters come in the order build_torch copies."""
+    import unet_np
+    net = unet_np.UNet(1, 2, depth=3, base_channels=CHANNELS[0], spatial_dims=3, backend=backend,
+                       dtype=dtype)
     rng = np.random.default_rng(seed)
     for p in net.parameters():
         fan_in = p.data[0].size if p.data.ndim > 1 else 16
@@ -199,7 +151,7 @@ def step_fns(side, backend, batch, size):
         def train():
             opt.zero_grad()
             loss.forward(net.forward(x), t)
-            net.backward(loss.backward())
+            net.backward(loss.backward(), input_grad=False)      # the image needs no gradient
             opt.step()
 
         def forward():

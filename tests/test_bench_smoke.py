@@ -106,3 +106,28 @@ def test_smaller_runs_never_replace_the_full_sweeps_files():
     assert name("--quick") == "cpu-quick" and name("--profile-only") == "cpu-profile"
     for narrowed in (["--nets", "depth4"], ["--batches", "8"], ["--sizes", "128"], ["--modes", "train"]):
         assert name(*narrowed) == "cpu-partial", narrowed
+
+
+def test_cpu3d_harness_runs_on_a_tiny_volume_with_the_same_network_on_both_sides(tmp_path):
+    """benchmarks/cpu3d.py: the library's 3-D UNet and the PyTorch twin give the same logits from the
+    same weights (float32, relative 1e-5), and the harness writes its JSON and table with both sides'
+    times and their ratio (1 batch of 8^3, the numpy backend, one repeat, no memory children)."""
+    import subprocess
+    import sys
+    from benchmarks import cpu3d
+    ours = cpu3d.build_ours("numpy")
+    theirs = cpu3d.build_torch(ours).float()       # the test session may default to float64
+    x, _ = cpu3d.make_inputs(1, 8)
+    want = theirs(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(ours.forward(x) - want).max() <= 1e-5 * np.abs(want).max()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu3d", "--threads", "1", "--backend", "numpy",
+                           "--cases", "1x8", "--repeats", "1", "--no-memory", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("cpu3d-*.json")
+    case = json.loads(result.read_text())["cases"]["1x8"]
+    for mode in ("train", "forward"):
+        r = case[mode]
+        assert r["unet_np_s"] > 0 and r["torch_s"] > 0
+        assert abs(r["ratio"] - r["unet_np_s"] / r["torch_s"]) < 1e-9
+    assert "| 1x8 |" in (tmp_path / "cpu3d-latest.md").read_text()
