@@ -11,16 +11,16 @@ twice must agree to the bit (no atomics). Sections (all of them without argument
   kernels     every 3-D primitive (kernels/cuda_vol.py through unet_np/backends/numba_cuda_vol.py) on
               4^3-6^3 volumes, float32 and float64: conv3d and conv_transpose3d forward / backward
               (batch 2, anisotropic kernels and strides, (before, after) padding pairs, dilation, output
-              padding, the 1x1x1 path), maxpool3d (overlapping windows, padding, ties, a NaN),
-              trilinear (align_corners False and True, a length-1 axis) and nearest upsampling,
-              pad3d (constant, reflect), center_crop of volumes (and of an image)
+              padding, the 1x1x1 path; fused with ReLU: activation='relu'), maxpool3d (overlapping
+              windows, padding, ties, a NaN), trilinear (align_corners False and True, a length-1 axis)
+              and nearest upsampling, pad3d (constant, reflect), center_crop of volumes (and of an image)
   shared      the primitives that 2-D and 3-D share, on 5-D arrays: concat, batch-norm (BatchNorm3d,
               training and evaluation), ReLU, sigmoid, and every loss (softmax cross-entropy with class
               and pixel weights and ignore_index, BCE with pos_weight, softmax and sigmoid Dice)
   input_grad  conv3d_backward(input_grad=False): dx is None, dw and db as with input_grad=True, and the
               dx work is skipped (one GEMM and the col2vol launch fewer)
   table       every 3-D primitive is the backend's own (neither the reference nor a host fallback);
-              a 3-D ConvBlock takes the unfused Conv3d -> ReLU path (the fused one is Conv2d's only)
+              'conv3d_relu' is in the backend's fused set; the steps a 3-D ConvBlock takes
   models      tiny 3-D UNets (depth 1, base_channels 2, 3 classes, batch 1) against the numpy backend:
               logits, loss, dx and every parameter gradient; batch-norm + transposed upsampling +
               cross-entropy on a 2x4x4 volume in float64, and trilinear upsampling + pad_input (reflect
@@ -68,7 +68,7 @@ def run_pair(name, fwd, bwd, args, dt, twice=True):
 # x shape, w shape, stride, padding, dilation, bias
 CONV3D_CASES = [
     ((2, 2, 3, 3, 3), (2, 2, 3, 3, 3), 1, 1, 1, True),
-    ((1, 3, 5, 4, 6), (2, 3, 1, 3, 3), (1, 2, 1), ((0, 1), (1, 0), (1, 1)), 1, True),
+    ((1, 3, 3, 4, 5), (2, 3, 1, 3, 3), (1, 2, 1), ((0, 1), (1, 0), (1, 1)), 1, True),
     ((1, 2, 6, 5, 5), (2, 2, 2, 2, 3), (2, 1, 2), (1, 0, 2), (2, 1, 2), False),
     ((2, 3, 2, 3, 2), (2, 3, 1, 1, 1), 1, 0, 1, True),                    # 1x1x1: no columns
 ]
@@ -113,6 +113,26 @@ def kernel_checks(dt):
     for xx, size in ((x, (3, 2, 3)), (x, (3, 3)), (rnd(1, 2, 5, 6, dt=dt), (3, 4))):
         run_pair(f"center_crop {xx.shape} -> {size}", "center_crop_forward", "center_crop_backward",
                  (xx, size), dt)
+
+
+def fused_relu_checks(dt):
+    """conv3d_forward(..., activation='relu') (the backend lists 'conv3d_relu'): y = relu(conv3d) and the
+    backward masks dy where y <= 0 first, against the reference's conv3d and relu one after the other."""
+    for xs, ws, s, p, d, bias in CONV3D_CASES[2:]:          # the column and the 1x1x1 paths
+        x, w = rnd(*xs, dt=dt), rnd(*ws, dt=dt)
+        b = rnd(ws[0], dt=dt) if bias else None
+        name = f"conv3d + relu fused x{xs} w{ws}"
+        z, cz = REF["conv3d_forward"](x, w, b, s, p, d)
+        yr, cr = REF["relu_forward"](z)
+        yg, cg = B.conv3d_forward(x, w, b, s, p, d, activation="relu")
+        check(f"{name} forward", yg, yr, dt)
+        dy = rnd(*yr.shape, dt=dt)
+        ref = REF["conv3d_backward"](REF["relu_backward"](dy, cr), cz)
+        for i, (g, r) in enumerate(zip(B.conv3d_backward(dy, cg), ref)):
+            if r is None:
+                check_equal(f"{name} backward[{i}] is None", g, None)
+            else:
+                check(f"{name} backward[{i}]", g, r, dt)
 
 
 def shared_checks(dt):
@@ -172,10 +192,10 @@ def input_grad_checks(dt):
         dy = rnd(*yr.shape, dt=dt)
         _, dw_r, db_r = REF["conv3d_backward"](dy, cr, input_grad=False)
         counts, results = [], []
-        for input_grad in (True, False):
-            _, cg = B.conv3d_forward(x, w, b, s, p, d)
-            kept = max(a.size for a in cg if hasattr(a, "size") and hasattr(a, "shape"))
-            check_equal(f"{name} cache holds no column buffer", kept <= max(x.size, w.size), True)
+        _, cg = B.conv3d_forward(x, w, b, s, p, d)
+        kept = max(a.size for a in cg if hasattr(a, "size") and hasattr(a, "shape"))
+        check_equal(f"{name} cache holds no column buffer", kept <= max(x.size, w.size), True)
+        for input_grad in (True, False):                   # a backward leaves its cache as it was
             with counting(cuda_gemm, "gemm_batched") as g, counting(cuda_vol, "col2vol_kernel") as c:
                 results.append(B.conv3d_backward(dy, cg, input_grad=input_grad))
             counts.append(g["gemm_batched"].calls + c["col2vol_kernel"].calls)
@@ -198,11 +218,17 @@ def table_checks():
     borrowed = [n for n in vol if B.ops[n] is REF[n] or hasattr(B.ops[n], "reference")]
     check_equal("numba-cuda 3-D primitives that are the reference's or host fallbacks", borrowed, [])
     check_equal("numba-cuda 3-D primitives listed", len(vol), 14)
+    check_equal("numba-cuda offers the fused conv3d_relu", "conv3d_relu" in B.fused, True)
+    # Which way a 3-D ConvBlock runs is unet_np.models' choice (it fuses a Conv3d -> ReLU pair where the
+    # backend lists conv3d_relu, if it fuses 3-D at all): either way each step is a layer or such a pair,
+    # and the models section checks the numbers.
     model = unet_np.UNet(1, 2, depth=1, base_channels=2, spatial_dims=3, backend=B)
     blocks = [m for _, m in model.named_modules() if isinstance(m, ConvBlock)]
-    fused = [len(step) for blk in blocks for step in blk._steps() if len(step) != 1]
-    check_equal(f"3-D ConvBlocks ({len(blocks)}) run Conv3d and ReLU unfused", (len(blocks) > 0, fused),
-                (True, []))
+    steps = [tuple(type(m).__name__ for m in step) for blk in blocks for step in blk._steps()]
+    fused = sum(step == ("Conv3d", "ReLU") for step in steps)
+    well_formed = all(len(step) == 1 or step == ("Conv3d", "ReLU") for step in steps)
+    check_equal(f"3-D ConvBlocks ({len(blocks)}): {fused} fused Conv3d -> ReLU steps, the rest single "
+                f"layers", (len(blocks) > 0, well_formed), (True, True))
 
 
 # model arguments, loss, input shape, dtypes (the simulator is slow: one architecture per dtype pair)
@@ -261,6 +287,7 @@ def main(argv=()):
     for dt in DTYPES:
         if "kernels" in sections:
             kernel_checks(dt)
+            fused_relu_checks(dt)
         if "shared" in sections:
             shared_checks(dt)
         if "input_grad" in sections:

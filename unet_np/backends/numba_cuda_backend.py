@@ -527,6 +527,6 @@ def make_backend():
     backend.simulated = simulated
     backend.settings = settings
     backend.sgd_step, backend.adam_step = sgd_step, adam_step        # fused updates for unet_np.optim
-    # fused primitives beyond the reference table: conv2d_forward(..., activation='relu')
-    backend.fused = frozenset({"conv2d_relu"})
+    # fused primitives beyond the reference table: conv2d_forward / conv3d_forward(..., activation='relu')
+    backend.fused = frozenset({"conv2d_relu", "conv3d_relu"})
     return backend

@@ -70,7 +70,7 @@ class ConvOps:
                      bias if bias is not None else flat(out), bias is not None)
         return out
 
-    def _relu_mask(self, dy_d, y_d):
+    def relu_mask(self, dy_d, y_d):
         """dy where y > 0, else dy * 0: the backward of a fused ReLU (relu_backward_kernel)."""
         dx = self.dev.empty(y_d.shape, y_d.dtype)
         self._launch(self.ew.relu_backward_kernel, dx.size, flat(dy_d), flat(y_d), flat(dx))
@@ -182,7 +182,7 @@ class ConvOps:
                            (2 - lead[0], 2 - lead[1]), mask=y_relu)
             return dev.get(dx), dev.get(dw), db
         if y_relu is not None:                              # the fused ReLU's backward
-            dy_d = self._relu_mask(dy_d, y_relu)
+            dy_d = self.relu_mask(dy_d, y_relu)
         db = dev.get(self.channel_reduce(dy_d, N, O, P)) if has_bias else None
         dw = dev.empty((O, C, kh, kw), w_d.dtype)
         if kind == "1x1":                                   # dW = sum_n dY[n] X[n]^T, dX[n] = W^T dY[n]

@@ -17,9 +17,10 @@ upsample_nearest3d_*, unet_np/nn/concat.py pad3d_* and center_crop_* (4-D and 5-
     pad3d               constant: fill + copy_box; reflect: one index map per axis, backward a gather
     center_crop         copy_box on a 4-D view (N*C, D, H, W) of a volume ((N, C, H, W) of an image)
 
-No fused Conv3d + ReLU: unet_np.models' ConvBlock fuses exact Conv2d -> ReLU pairs only, so a 3-D
-network runs each Conv3d and ReLU one after the other. Caches stay on the device and keep the
-convolution's input, never a column buffer (the backward rebuilds it with one vol2col pass).
+activation='relu' (conv3d_forward; the backend lists 'conv3d_relu' in ``fused``), as conv2d's: the ReLU
+in the GEMM's output pass, and the backward masks dy where y <= 0 first (ConvOps.relu_mask). Caches
+stay on the device and keep the convolution's input, never a column buffer (the backward rebuilds it
+with one vol2col pass).
 """
 import math
 
@@ -152,9 +153,13 @@ class VolOps:
         return vol
 
     # -- conv3d --------------------------------------------------------------------------------------------
-    def conv3d_forward(self, x, w, b, stride=1, padding=0, dilation=1):
-        """y = conv3d(x, w) + b. x (N, C, D, H, W), w (O, C, kd, kh, kw), b (O,) or None -> (y, cache)."""
+    def conv3d_forward(self, x, w, b, stride=1, padding=0, dilation=1, activation=None):
+        """y = act(conv3d(x, w) + b). x (N, C, D, H, W), w (O, C, kd, kh, kw), b (O,) or None; activation
+        None or 'relu' (fused) -> (y, cache)."""
         dev, gm = self.dev, self.gemm
+        if activation not in (None, "relu"):
+            raise ValueError(f"conv3d_forward: activation must be None or 'relu', got {activation!r}")
+        relu = activation == "relu"
         O, C = int(w.shape[0]), int(w.shape[1])
         if x.shape[1] != C:
             raise ValueError(f"conv3d_forward: weight expects {C} input channels, got {x.shape[1]}")
@@ -167,23 +172,26 @@ class VolOps:
         y = dev.empty((N, O) + out, x_d.dtype)
         pointwise = kernel == (1, 1, 1) and stride == (1, 1, 1) and pads == ((0, 0),) * 3
         if pointwise:                                      # y[n] (O, P) = W (O, C) @ x[n] (C, P)
-            gm.gemm_batched(flat(w_d), flat(x_d), flat(y), O, P, C, batch=N, sa=0, bias=b_d)
+            gm.gemm_batched(flat(w_d), flat(x_d), flat(y), O, P, C, batch=N, sa=0, bias=b_d, relu=relu)
         else:                                              # y[n] = W (O, K) @ cols[:, n*P:(n+1)*P]
             cols = self.vol2col(x_d, kernel, out, stride, lead, dilation)
             gm.gemm_batched(flat(w_d), flat(cols), flat(y), O, P, K, batch=N, ldb=N * P, sa=0, sb=P,
-                            bias=b_d)
+                            bias=b_d, relu=relu)
             del cols                                       # the backward rebuilds it
-        return dev.get(y), (x_d, w_d, out, stride, lead, dilation, b is not None, pointwise)
+        return dev.get(y), (x_d, w_d, out, stride, lead, dilation, b is not None, pointwise,
+                            y if relu else None)
 
     def conv3d_backward(self, dy, cache, input_grad=True):
         """dy (N, O, Do, Ho, Wo) -> (dx, dw, db); input_grad=False skips dx (None): neither its GEMM nor
         its col2vol runs."""
         dev = self.dev
-        x_d, w_d, out, stride, lead, dilation, has_bias, pointwise = cache
+        x_d, w_d, out, stride, lead, dilation, has_bias, pointwise, y_relu = cache
         N, C = x_d.shape[:2]
         O, kernel = w_d.shape[0], tuple(w_d.shape[2:])
         K, P = C * math.prod(kernel), math.prod(out)
         dy_d = dev.put(dy, dtype=w_d.dtype)
+        if y_relu is not None:                             # the fused ReLU's backward
+            dy_d = self.conv.relu_mask(dy_d, y_relu)
         db = dev.get(self.conv.channel_reduce(dy_d, N, O, P)) if has_bias else None
         dw = dev.empty(w_d.shape, w_d.dtype)
         if pointwise:                                      # dW = sum_n dY[n] X[n]^T, dX[n] = W^T dY[n]
