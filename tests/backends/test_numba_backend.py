@@ -547,14 +547,16 @@ def test_maxpool3d_numba_matches_numpy(kernel, stride, padding, nb):
     assert np.array_equal(nb.maxpool3d_backward(dy, c), ref.maxpool3d_backward(dy, c0))
 
 
-# -- 3-D Winograd F(2x2x2, 3x3x3) (unet_np/nn/winograd3d.py, kernels/cpu_winograd3d.py) ---------------
+# -- 3-D Winograd: F(4x4, 3x3) per plane, depth taps summed (unet_np/nn/winograd3d.py) ----------------
 WINOGRAD3D_CASES = [
-    # x shape, O, padding ((before, after) per axis)
-    ((1, 3, 5, 6, 7), 4, 1),                                   # odd sizes: partial tiles
-    ((2, 2, 4, 4, 4), 3, 1),                                   # batch 2
-    ((1, 3, 6, 5, 4), 2, 0),                                   # valid padding
-    ((2, 2, 3, 3, 3), 2, ((2, 0), (1, 1), (0, 2))),            # uneven padding, negative tiles
-    ((1, 5, 2, 9, 3), 6, 1),                                   # C != O, thin depth
+    # x shape, O, kernel, padding ((before, after) per axis)
+    ((1, 3, 5, 6, 7), 4, (3, 3, 3), 1),                        # odd sizes: partial tiles
+    ((2, 2, 4, 4, 4), 3, (3, 3, 3), 1),                        # batch 2
+    ((1, 3, 6, 5, 4), 2, (3, 3, 3), 0),                        # valid padding
+    ((2, 2, 3, 3, 3), 2, (3, 3, 3), ((2, 0), (1, 1), (0, 2))),  # uneven padding, planes past the edge
+    ((1, 5, 2, 9, 3), 6, (3, 3, 3), 1),                        # C != O, thin depth
+    ((2, 3, 4, 6, 5), 4, (1, 3, 3), (0, 1, 1)),                # nnU-Net's in-plane kernel: one tap
+    ((1, 2, 5, 9, 10), 3, (2, 3, 3), ((1, 0), (2, 1), (1, 1))),  # two taps, wide in-plane padding
 ]
 
 
@@ -570,17 +572,17 @@ def _count_calls(monkeypatch, module, name):
 @pytest.mark.parametrize("case", WINOGRAD3D_CASES)
 def test_conv3d_winograd_matches_reference(case, dtype, tile_bytes, nb, monkeypatch):
     """Forward, input and weight gradient through Winograd (forced on tiny shapes; tile_bytes 64: one
-    depth slab per chunk) against the plain vol2col reference."""
+    output plane per band) against the plain vol2col reference."""
     from unet_np.nn import conv3d_fast, conv3d_reference, winograd3d
     monkeypatch.setattr(conv3d_fast, "TILE_BYTES", tile_bytes)
     monkeypatch.setattr(winograd3d, "WINO3D_MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd3d, "WINO3D_MIN_VOXELS", 1)
     fwd = _count_calls(monkeypatch, winograd3d, "winograd3d_forward")
     wgrad = _count_calls(monkeypatch, winograd3d, "winograd3d_weight_grad")
-    xs, O, p = case
+    xs, O, kernel, p = case
     rng = np.random.default_rng(23)
     x = rng.standard_normal(xs).astype(dtype)
-    w = rng.standard_normal((O, xs[1], 3, 3, 3)).astype(dtype)
+    w = rng.standard_normal((O, xs[1]) + kernel).astype(dtype)
     b = rng.standard_normal(O).astype(dtype)
     y, c = nb.conv3d_forward(x, w, b, 1, p, 1)
     y0, c0 = conv3d_reference.conv3d_forward_reference(x, w, b, 1, p, 1)
@@ -592,8 +594,10 @@ def test_conv3d_winograd_matches_reference(case, dtype, tile_bytes, nb, monkeypa
 
 
 def test_conv3d_winograd_float32_error_at_network_sizes(nb):
-    """float32 Winograd against the float64 reference at the benchmark's channel counts: measured
-    about 3e-7 relative (the vol2col path about 2e-7); the bound is the 1e-4 of every fast path."""
+    """float32 Winograd against the float64 reference at the benchmark's channel counts (32 -> 16):
+    MEASURED relative error of y and of the gradients. F(4x4, 3x3) multiplies by up to 8 and 5 in its
+    transforms, so its float32 error is about 10x a direct convolution's (vol2col: about 2e-7), as in
+    2-D (kernels/cpu_winograd.py); the bound is 5e-6, well inside the 1e-4 of every fast path."""
     from unet_np.nn import conv3d_reference, winograd3d
     rng = np.random.default_rng(24)
     x = rng.standard_normal((1, 32, 8, 8, 8))
@@ -604,24 +608,12 @@ def test_conv3d_winograd_float32_error_at_network_sizes(nb):
     y, c = nb.conv3d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, 1, 1)
     y0, c0 = conv3d_reference.conv3d_forward_reference(x, w, None, 1, 1, 1)
     dy = rng.standard_normal(y.shape)
-    assert rel(y, y0) < 2e-6
+    errors = [rel(y, y0)]
     grads = nb.conv3d_backward(dy.astype(np.float32), c)
-    for a, r in zip(grads, conv3d_reference.conv3d_backward_reference(dy, c0)):
-        if r is not None:
-            assert rel(a, r) < 2e-6
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_winograd3d_weight_transforms_match_numpy(dtype):
-    from unet_np.kernels import cpu_winograd3d
-    from unet_np.nn import winograd3d
-    rng = np.random.default_rng(25)
-    w = rng.standard_normal((5, 3, 3, 3, 3)).astype(dtype)
-    U = cpu_winograd3d.weight_transform(w, np.empty((64, 5, 3), dtype=dtype))
-    assert rel(U, winograd3d.weight_transform(w)) < TOL[dtype] / 100
-    dU = rng.standard_normal((64, 5, 3)).astype(dtype)
-    dw = cpu_winograd3d.weight_grad_transform(dU, np.empty((5, 3, 3, 3, 3), dtype=dtype))
-    assert rel(dw, winograd3d.weight_grad_transform(dU, dtype)) < TOL[dtype] / 100
+    errors += [rel(a, r) for a, r in zip(grads, conv3d_reference.conv3d_backward_reference(dy, c0))
+               if r is not None]
+    print("float32 Winograd 3-D relative errors (y, dx, dw):", errors)
+    assert max(errors) < 5e-6
 
 
 def test_winograd3d_only_where_it_pays():
@@ -632,7 +624,9 @@ def test_winograd3d_only_where_it_pays():
     assert winograd3d_ok(k, 16, 16, (3, 3, 3), one, one, 1, (64, 64, 64))
     assert not winograd3d_ok(NUMPY_KERNELS3D, 16, 16, (3, 3, 3), one, one, 1, (64, 64, 64))
     assert not winograd3d_ok(k, 1, 16, (3, 3, 3), one, one, 1, (64, 64, 64))    # the image's conv
-    assert not winograd3d_ok(k, 16, 16, (1, 3, 3), one, one, 1, (64, 64, 64))
+    assert winograd3d_ok(k, 16, 16, (1, 3, 3), one, one, 1, (64, 64, 64))       # one depth tap
+    assert not winograd3d_ok(k, 16, 16, (3, 1, 1), one, one, 1, (64, 64, 64))
+    assert not winograd3d_ok(k, 16, 16, (3, 5, 5), one, one, 1, (64, 64, 64))
     assert not winograd3d_ok(k, 16, 16, (3, 3, 3), (2, 2, 2), one, 1, (32, 32, 32))
     assert not winograd3d_ok(k, 16, 16, (3, 3, 3), one, (2, 2, 2), 1, (64, 64, 64))
     assert not winograd3d_ok(k, 64, 64, (3, 3, 3), one, one, 1, (4, 4, 4))

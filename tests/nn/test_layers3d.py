@@ -288,21 +288,41 @@ def test_backend_without_3d_kernels_runs_them_on_the_host():
     assert np.array_equal(np.asarray(y), y_ref)
 
 
-def test_winograd3d_matrices_give_the_correlation_of_one_tile():
-    """Y = A^T_3 [(G_3 g) * (B^T_3 d)] is the 2x2x2 correlation of a 4x4x4 tile d with a 3x3x3 g,
-    in the readable NumPy form of unet_np/nn/winograd3d.py (weight_transform's layout included)."""
-    from unet_np.nn import winograd3d as W
+def test_winograd3d_sums_plane_correlations_over_the_depth_taps():
+    """unet_np/nn/winograd3d.py's two facts, in NumPy: (1) a kd x 3 x 3 correlation is the sum over
+    its depth taps of 2-D correlations of input planes (zero planes past the edges); (2) one GEMM per
+    position of stacked_weights (the taps' 2-D weight transforms side by side along K) with a window
+    of tap_windows (kd consecutive planes of V) is the sum over taps of U_k @ V_{d + k}."""
+    from unet_np.nn import conv_fast, winograd3d as W
+    from unet_np.nn.conv3d_reference import conv3d_forward_reference
+    from unet_np.nn.conv_reference import conv2d_forward_reference
     rng = np.random.default_rng(5)
-    d = rng.standard_normal((4, 4, 4))
-    g = rng.standard_normal((3, 3, 3))
-    BT, AT = W.WINO3D_BT, W.WINO3D_AT
-    V = np.einsum("ai,bj,ck,ijk->abc", BT, BT, BT, d)
-    U = W.weight_transform(g.reshape(1, 1, 3, 3, 3)).reshape(4, 4, 4)
-    Y = np.einsum("ai,bj,ck,ijk->abc", AT, AT, AT, U * V)
-    direct = np.array([[[np.sum(g * d[a:a + 3, b:b + 3, c:c + 3]) for c in range(2)] for b in range(2)]
-                       for a in range(2)])
-    assert np.abs(Y - direct).max() < 1e-12
-    # the weight gradient transform is weight_transform's adjoint: <G_3 g, dU> = <g, G^T_3 dU>
-    dU = rng.standard_normal((64, 1, 1))
-    lhs = np.sum(U.reshape(64, 1, 1) * dU)
-    assert abs(lhs - np.sum(g * W.weight_grad_transform(dU, np.float64)[0, 0])) < 1e-12
+    for kd, pads in ((3, ((1, 1), (1, 1), (1, 1))), (1, ((0, 0), (1, 1), (1, 1))), (3, ((2, 0), (0, 2), (1, 0)))):
+        x = rng.standard_normal((2, 3, 5, 6, 7))
+        w = rng.standard_normal((4, 3, kd, 3, 3))
+        y, _ = conv3d_forward_reference(x, w, None, 1, pads, 1)
+        pd = pads[0][0]
+        planes = []
+        for d in range(y.shape[2]):
+            acc = 0
+            for k in range(kd):
+                z = d - pd + k
+                if 0 <= z < x.shape[2]:
+                    acc = acc + conv2d_forward_reference(x[:, :, z], w[:, :, k], None, 1, pads[1:], 1)[0]
+            planes.append(acc)
+        assert np.abs(np.stack(planes, axis=2) - y).max() < 1e-12
+
+    class TwoD:             # the kernel table's 2-D weight transform, in its plain NumPy form
+        @staticmethod
+        def weight_transform(w, out):
+            out[...] = conv_fast.wino_weights(w)
+            return out
+    kd, O, C, T, planes = 3, 4, 5, 7, 6
+    w = rng.standard_normal((O, C, kd, 3, 3))
+    U3 = W.stacked_weights(w, TwoD)
+    V = rng.standard_normal((36, planes, C, T))
+    windows = W.tap_windows(V, kd, planes - kd + 1)
+    M = np.matmul(np.broadcast_to(U3, (planes - kd + 1,) + U3.shape), windows)
+    for d in range(planes - kd + 1):
+        want = sum(np.matmul(conv_fast.wino_weights(w[:, :, k]), V[:, d + k]) for k in range(kd))
+        assert np.abs(M[d] - want).max() < 1e-12

@@ -10,10 +10,11 @@ What changes against the numpy backend:
     4x fewer multiply-adds than im2col, for the forward, the weight and the input gradient;
   * the 2x2 stride-2 max-pool is one pass with a compact argmax (kernels/cpu_pool.py);
   * 3-D convolutions run the band-tiled driver of unet_np/nn/conv3d_fast.py with compiled vol2col /
-    col2vol (kernels/cpu_conv3d.py); 3x3x3 stride-1 ones with >= 8 channels on >= 512 output voxels
-    run as Winograd F(2x2x2, 3x3x3) (unet_np/nn/winograd3d.py, kernels/cpu_winograd3d.py: 64 GEMMs
-    with K = C, 3.4x fewer multiplies) for the forward, the weight and the input gradient; 3-D max-pools whose windows tile the volume (2x2x2, (1, 2, 2))
-    are one compiled pass;
+    col2vol (kernels/cpu_conv3d.py); kd x 3 x 3 stride-1 ones (3x3x3, 1x3x3) with >= 8 channels on
+    >= 512 output voxels run as Winograd F(4x4, 3x3) in every plane with the depth taps summed
+    directly (unet_np/nn/winograd3d.py, on the 2-D transforms of kernels/cpu_winograd.py: 36 GEMMs
+    with K = kd C, 4x fewer multiplies than vol2col) for the forward, the weight and the input
+    gradient; 3-D max-pools whose windows tile the volume (2x2x2, (1, 2, 2)) are one compiled pass;
   * ReLU forward and backward are single parallel passes (kernels/cpu_activation.py);
   * SGD and Adam/AdamW update each parameter in one parallel pass (kernels/cpu_optim.py, taken by
     unet_np.optim through the backend's sgd_step / adam_step), bit for bit the array code's result.
@@ -95,7 +96,6 @@ def _start_numba_threads():
 _start_numba_threads()
 
 from ..kernels import cpu_activation, cpu_conv, cpu_conv3d, cpu_optim, cpu_pool, cpu_winograd
-from ..kernels import cpu_winograd3d
 from ..nn import conv3d_fast, conv_fast
 from ..nn import pool as _pool
 from ..nn.shapes import pair
@@ -227,19 +227,8 @@ def _channel_sum_nd(a):
     return cpu_conv.channel_sum(a.reshape(a.shape[0], a.shape[1], 1, -1))
 
 
-class _Winograd3d:
-    """The Winograd F(2x2x2, 3x3x3) tile transforms (kernels/cpu_winograd3d.py) and the GEMM stack
-    (the 64 positions split over threads) for unet_np/nn/winograd3d.py."""
-    input_transform = staticmethod(cpu_winograd3d.input_transform)
-    output_transform = staticmethod(cpu_winograd3d.output_transform)
-    grad_transform = staticmethod(cpu_winograd3d.grad_transform)
-    weight_transform = staticmethod(cpu_winograd3d.weight_transform)
-    weight_grad_transform = staticmethod(cpu_winograd3d.weight_grad_transform)
-    matmul_stack = staticmethod(matmul_stack)
-
-
 NUMBA_CONV3D_KERNELS = conv3d_fast.Conv3dKernels(_vol2col_band, _col2vol_band, _add_bias,
-                                                 _channel_sum_nd, winograd=_Winograd3d())
+                                                 _channel_sum_nd, winograd=_Winograd())
 
 
 # -- max-pool -------------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ and the transposed convolution is the same three read the other way: its forward
 (with w (Cin, Cout, *k) read as a conv weight, O = Cin), its input gradient the forward and its weight
 gradient the weight grad with x and dy swapped.
 
-3x3x3 stride-1 convolutions with enough channels (winograd3d.winograd3d_ok) leave the band loop
-when the kernel table has Winograd transforms (the numba backend's): the forward, the stride-1 input
-gradient (through forward_tiles) and the weight gradient run as Winograd F(2x2x2, 3x3x3), 64 position
-GEMMs between compiled tile transforms (winograd3d.py).
+kd x 3 x 3 stride-1 convolutions (3x3x3, 1x3x3) with enough channels (winograd3d.winograd3d_ok) leave
+the band loop when the kernel table has Winograd transforms (the numba backend's): the forward, the
+stride-1 input gradient (through forward_tiles) and the weight gradient run as Winograd F(4x4, 3x3)
+in every plane with the depth taps summed directly (winograd3d.py: the 2-D transforms, and 36
+position GEMMs with the taps stacked along K).
 
 The element-wise helpers come from a kernel table, ``Conv3dKernels``: ``NUMPY_KERNELS3D`` (the
 reference vol2col / col2vol on a band) here, compiled ones in the numba backend
@@ -86,9 +87,10 @@ class Conv3dKernels:
         self.col2vol_band = col2vol_band
         self.add_bias = add_bias
         self.channel_sum = channel_sum
-        # None, or an object with the Winograd F(2x2x2, 3x3x3) tile transforms input_transform,
-        # output_transform, grad_transform (kernels/cpu_winograd3d.py) and matmul_stack(a, b, out)
-        # (np.matmul's result, the 64 position GEMMs split over threads): see winograd3d.py
+        # None, or an object with the 2-D Winograd F(4x4, 3x3) transforms weight_transform,
+        # input_transform, output_transform, grad_transform, weight_grad_transform
+        # (kernels/cpu_winograd.py) and matmul_stack(a, b, out) (np.matmul's result, the position
+        # GEMMs split over threads): winograd3d.py runs them plane by plane
         self.winograd = winograd
 
 
@@ -114,8 +116,8 @@ def is_pointwise(kernel, stride, lead):
 
 
 def forward_tiles(x, wm, kernel, out_size, stride, lead, dilation, kern, b=None):
-    """y (N, O, *out_size) = conv(x, w) (+ b when given); wm = w as (O, K). 3x3x3 stride-1 kernels
-    with enough channels run as Winograd F(2x2x2, 3x3x3) (winograd3d.py), the rest band by band."""
+    """y (N, O, *out_size) = conv(x, w) (+ b when given); wm = w as (O, K). kd x 3 x 3 stride-1
+    kernels with enough channels run as Winograd (winograd3d.py), the rest band by band."""
     N, C = x.shape[:2]
     O, K = wm.shape
     plane = out_size[1] * out_size[2]
@@ -149,7 +151,7 @@ def weight_grad_tiles(x, dy, kernel, stride, lead, dilation, kern):
     plane = out_size[1] * out_size[2]
     if winograd3d.winograd3d_ok(kern, C, O, kernel, stride, dilation, N, out_size):
         return winograd3d.winograd3d_weight_grad(np.ascontiguousarray(x), np.ascontiguousarray(dy),
-                                                 lead, kern.winograd, workspace,
+                                                 lead, kernel[0], kern.winograd, workspace,
                                                  TILE_BYTES).reshape(O, K)
     dy3 = np.ascontiguousarray(dy).reshape(N, O, -1)
     dwt = np.zeros((K, O), dtype=dy.dtype)                            # dW^T
