@@ -1,5 +1,6 @@
-"""The 3-D primitives of the cupy backend (host side): which kernels of kernels/cuda/vol.cu run, around
-which GEMMs. unet_np/backends/cupy_backend.py's CudaKernels inherits them, beside kernels/cupy_conv.py's
+"""The 3-D primitives of the cupy backend (host side): which kernels of kernels/cuda/vol.cu (and of pool.cu,
+upsample.cu: maxpool3d_*, trilinear3d_*, nearest3d_*) run, around which GEMMs.
+unet_np/backends/cupy_backend.py's CudaKernels inherits them, beside kernels/cupy_conv.py's
 2-D convolutions (whose plumbing, _launch / _fn / _c / _reduce / _matmul / _bias_act / _relu_mask /
 _window, they use).
 
@@ -239,7 +240,7 @@ class Volumes:
         out = tuple(pool_output_size(n, k, s, p) for n, k, s, p in zip((D, H, W), kernel, stride, padding))
         y = self.xp.empty((N, C) + out, dtype=dt)
         arg = self.xp.empty((N, C) + out, dtype=np.int32)
-        self._launch("vol", "maxpool3d_fwd", dt, y.size, x, y, arg, _i(N * C), _i(D), _i(H), _i(W),
+        self._launch("pool", "maxpool3d_fwd", dt, y.size, x, y, arg, _i(N * C), _i(D), _i(H), _i(W),
                      *map(_i, out + kernel + stride + padding))
         return y, (arg, tuple(x.shape), kernel, stride, padding)
 
@@ -249,20 +250,21 @@ class Volumes:
         dy = self._c(dy)
         N, C, D, H, W = shape
         dx = self.xp.empty(shape, dtype=dt)
-        self._launch("vol", "maxpool3d_bwd", dt, dx.size, dy, arg, dx, _i(N * C), _i(D), _i(H), _i(W),
+        self._launch("pool", "maxpool3d_bwd", dt, dx.size, dy, arg, dx, _i(N * C), _i(D), _i(H), _i(W),
                      *map(_i, tuple(arg.shape[2:]) + kernel + stride + padding))
         return dx
 
     # -- upsampling ---------------------------------------------------------------------------------------
     def _up3d(self, name, src, shape, small, scale, *extra):
-        """A vol.cu upsampling kernel from src to a new array of ``shape``, one thread per voxel of the
-        result; ``small`` is the (D, H, W) of the smaller volume (the forward's input, the backward's
+        """An upsample.cu kernel (trilinear3d_*, nearest3d_*) from src to a new array of ``shape``, one
+        thread per voxel of the result; ``small`` is the (D, H, W) of the smaller volume (the forward's input, the backward's
         result), the kernels' geometry."""
         dt = float_dtype(src, name)
         src = self._c(src)
         out = self.xp.empty(shape, dtype=dt)
         N, C = shape[:2]
-        self._launch("vol", name, dt, out.size, src, out, _i(N * C), *map(_i, tuple(small) + tuple(scale)), *extra)
+        self._launch("upsample", name, dt, out.size, src, out, _i(N * C), *map(_i, tuple(small) + tuple(scale)),
+                     *extra)
         return out
 
     def upsample_trilinear3d_forward(self, x, scale, align_corners=False):
