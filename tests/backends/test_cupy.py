@@ -150,6 +150,17 @@ def rng_for(*key):
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
+def check_forward_backward(xb, op, x, rng, *args):
+    """xb.k.<op>_forward(x, *args) and <op>_backward(dy), dy drawn from rng with the forward's shape,
+    match the reference's (maxpool, upsample, crop, pad: 2-D here, 3-D in test_cupy3d.py)."""
+    y_ref, c_ref = REF[f"{op}_forward"](x, *args)
+    y, c = getattr(xb.k, f"{op}_forward")(xb.put(x), *args)
+    close(y, y_ref, "y")
+    dy = rng.standard_normal(y_ref.shape).astype(x.dtype)
+    close(getattr(xb.k, f"{op}_backward")(xb.put(dy), c), np.ascontiguousarray(REF[f"{op}_backward"](dy, c_ref)),
+          "dx")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------
@@ -559,11 +570,7 @@ def test_maxpool(xb, case, dtype):
     shape, k, s, p = case
     rng = rng_for("pool", case, dtype)
     x = rng.integers(-2, 3, size=shape).astype(dtype)     # many ties
-    y_ref, c_ref = REF["maxpool2d_forward"](x, k, s, p)
-    y, c = xb.k.maxpool2d_forward(xb.put(x), k, s, p)
-    close(y, y_ref, "y")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    close(xb.k.maxpool2d_backward(xb.put(dy), c), REF["maxpool2d_backward"](dy, c_ref), "dx")
+    check_forward_backward(xb, "maxpool2d", x, rng, k, s, p)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -576,12 +583,7 @@ def test_maxpool(xb, case, dtype):
 def test_upsample(xb, shape, scale, mode, dtype):
     rng = rng_for("up", shape, scale, mode, dtype)
     x = rng.standard_normal(shape).astype(dtype)
-    y_ref, c_ref = REF[f"upsample_{mode}2d_forward"](x, scale)
-    y, c = getattr(xb.k, f"upsample_{mode}2d_forward")(xb.put(x), scale)
-    close(y, y_ref, "y")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    close(getattr(xb.k, f"upsample_{mode}2d_backward")(xb.put(dy), c),
-          REF[f"upsample_{mode}2d_backward"](dy, c_ref), "dx")
+    check_forward_backward(xb, f"upsample_{mode}2d", x, rng, scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -612,11 +614,7 @@ def test_concat(xb, axis, dtype):
 def test_center_crop(xb, size, dtype):
     rng = rng_for("crop", size, dtype)
     x = rng.standard_normal((2, 3, 7, 8)).astype(dtype)
-    y_ref, c_ref = REF["center_crop_forward"](x, size)
-    y, c = xb.k.center_crop_forward(xb.put(x), size)
-    close(y, y_ref, "y")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    close(xb.k.center_crop_backward(xb.put(dy), c), REF["center_crop_backward"](dy, c_ref), "dx")
+    check_forward_backward(xb, "center_crop", x, rng, size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -625,11 +623,7 @@ def test_center_crop(xb, size, dtype):
 def test_pad2d(xb, mode, pads, dtype):
     rng = rng_for("pad", mode, pads, dtype)
     x = rng.standard_normal((2, 2, 6, 5)).astype(dtype)
-    y_ref, c_ref = REF["pad2d_forward"](x, pads, mode, 0.5)
-    y, c = xb.k.pad2d_forward(xb.put(x), pads, mode, 0.5)
-    close(y, y_ref, "y")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    close(xb.k.pad2d_backward(xb.put(dy), c), np.ascontiguousarray(REF["pad2d_backward"](dy, c_ref)), "dx")
+    check_forward_backward(xb, "pad2d", x, rng, pads, mode, 0.5)
 
 
 def test_pad2d_bad_mode(xb):

@@ -23,7 +23,8 @@ from unet_np.backends import cupy_backend as cb
 from unet_np.kernels.cupy_vol import vol_tiles
 
 from tests.backends import cuda_emulation as emu
-from tests.backends.test_cupy import DTYPES, REF, TOL, close, counting, rng_for, xb  # noqa: F401 (xb: fixture)
+from tests.backends.test_cupy import (  # noqa: F401 (xb: the fixture)
+    DTYPES, REF, TOL, check_forward_backward, close, counting, rng_for, xb)
 
 
 def _kernels(xb, **attrs):
@@ -84,13 +85,21 @@ def _tiled(xb, tiling, per_sample):
     return _kernels(xb, vol_tile_elements=budget)
 
 
-def _check_conv3d(xb, op, case, dtype, tiling):
-    N, C, size, O, kernel, *hyper, bias = case
-    transposed = op == "conv_transpose3d"
-    rng = rng_for(op, case, dtype)
+def conv_operands(tag, case, dtype, transposed=False):
+    """The random operands of a conv case (N, C, size, O, kernel, ..., bias), from rng_for(tag, case, dtype):
+    rng, x (N, C) + size, w (O, C) + kernel ((C, O) + kernel if transposed), b (O,) or None."""
+    N, C, size, O, kernel, *_, bias = case
+    rng = rng_for(tag, case, dtype)
     x = rng.standard_normal((N, C) + size).astype(dtype)
     w = rng.standard_normal(((C, O) if transposed else (O, C)) + kernel).astype(dtype)
     b = rng.standard_normal(O).astype(dtype) if bias else None
+    return rng, x, w, b
+
+
+def _check_conv3d(xb, op, case, dtype, tiling):
+    N, C, size, O, kernel, *hyper, bias = case
+    transposed = op == "conv_transpose3d"
+    rng, x, w, b = conv_operands(op, case, dtype, transposed)
     y_ref, c_ref = REF[f"{op}_forward"](x, w, b, *hyper)
     grid = size if transposed else y_ref.shape[2:]                 # the columns' window grid
     per_sample = (O if transposed else C) * int(np.prod(kernel)) * int(np.prod(grid))
@@ -129,10 +138,7 @@ def test_conv3d_backward_without_input_grad(xb, case, dtype):
     N, C, size, O, kernel, stride, padding, dilation, bias = case
     backend, xp, launches = counting(xb)
     k = backend.kernels
-    rng = rng_for("conv3d-no-dx", case, dtype)
-    x = rng.standard_normal((N, C) + size).astype(dtype)
-    w = rng.standard_normal((O, C) + kernel).astype(dtype)
-    b = rng.standard_normal(O).astype(dtype) if bias else None
+    rng, x, w, b = conv_operands("conv3d-no-dx", case, dtype)
     y_ref, c_ref = REF["conv3d_forward"](x, w, b, stride, padding, dilation)
     _, c = k.conv3d_forward(xb.put(x), xb.put(w), xb.put(b), stride, padding, dilation)
     dy = rng.standard_normal(y_ref.shape).astype(dtype)
@@ -162,10 +168,7 @@ def test_conv3d_fused_relu(xb, case, dtype):
     N, C, size, O, kernel, stride, padding, dilation, bias = case
     backend, _, launches = counting(xb)
     k = backend.kernels
-    rng = rng_for("conv3d-relu", case, dtype)
-    x = rng.standard_normal((N, C) + size).astype(dtype)
-    w = rng.standard_normal((O, C) + kernel).astype(dtype)
-    b = rng.standard_normal(O).astype(dtype) if bias else None
+    rng, x, w, b = conv_operands("conv3d-relu", case, dtype)
     z, c_ref = REF["conv3d_forward"](x, w, b, stride, padding, dilation)
     y, c = k.conv3d_forward(xb.put(x), xb.put(w), xb.put(b), stride, padding, dilation, activation="relu")
     assert not any(name.startswith("relu_fwd") for _, name in launches)
@@ -223,11 +226,7 @@ def test_maxpool3d(xb, case, dtype):
     shape, kernel, stride, padding = case
     rng = rng_for("pool3d", case, dtype)
     x = rng.integers(-2, 3, size=shape).astype(dtype)
-    y_ref, c_ref = REF["maxpool3d_forward"](x, kernel, stride, padding)
-    y, c = xb.k.maxpool3d_forward(xb.put(x), kernel, stride, padding)
-    close(y, y_ref, "y")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    close(xb.k.maxpool3d_backward(xb.put(dy), c), REF["maxpool3d_backward"](dy, c_ref), "dx")
+    check_forward_backward(xb, "maxpool3d", x, rng, kernel, stride, padding)
 
 
 UP3D_SHAPES = [((2, 3, 3, 4, 2), 2), ((1, 2, 2, 3, 3), (1, 2, 3)), ((1, 1, 1, 1, 1), 2), ((1, 2, 3, 2, 2), 3)]
@@ -241,11 +240,7 @@ def test_upsample3d(xb, shape, scale, mode, dtype):
     x = rng.standard_normal(shape).astype(dtype)
     op = "upsample_nearest3d" if mode == "nearest" else "upsample_trilinear3d"
     extra = () if mode == "nearest" else (mode == "trilinear-align",)
-    y_ref, c_ref = REF[f"{op}_forward"](x, scale, *extra)
-    y, c = getattr(xb.k, f"{op}_forward")(xb.put(x), scale, *extra)
-    close(y, y_ref, "y")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    close(getattr(xb.k, f"{op}_backward")(xb.put(dy), c), REF[f"{op}_backward"](dy, c_ref), "dx")
+    check_forward_backward(xb, op, x, rng, scale, *extra)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -254,11 +249,7 @@ def test_upsample3d(xb, shape, scale, mode, dtype):
 def test_pad3d(xb, mode, pads, dtype):
     rng = rng_for("pad3d", mode, pads, dtype)
     x = rng.standard_normal((2, 2, 4, 5, 6)).astype(dtype)
-    y_ref, c_ref = REF["pad3d_forward"](x, pads, mode, 0.5)
-    y, c = xb.k.pad3d_forward(xb.put(x), pads, mode, 0.5)
-    close(y, y_ref, "y")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    close(xb.k.pad3d_backward(xb.put(dy), c), np.ascontiguousarray(REF["pad3d_backward"](dy, c_ref)), "dx")
+    check_forward_backward(xb, "pad3d", x, rng, pads, mode, 0.5)
 
 
 def test_pad3d_errors(xb):
@@ -275,11 +266,7 @@ def test_pad3d_errors(xb):
 def test_center_crop3d(xb, size, dtype):
     rng = rng_for("crop3d", size, dtype)
     x = rng.standard_normal((2, 3, 4, 5, 6)).astype(dtype)                 # (5, 6): the last two axes
-    y_ref, c_ref = REF["center_crop_forward"](x, size)
-    y, c = xb.k.center_crop_forward(xb.put(x), size)
-    close(y, np.ascontiguousarray(y_ref), "y")
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    close(xb.k.center_crop_backward(xb.put(dy), c), REF["center_crop_backward"](dy, c_ref), "dx")
+    check_forward_backward(xb, "center_crop", x, rng, size)
 
 
 # ---------------------------------------------------------------------------------------------------
