@@ -12,8 +12,10 @@ NumPy references, to read side by side:
   upsample_nearest_*_kernel                        unet_np/nn/upsample.py upsample_nearest2d_*
   copy_box_kernel, fill_kernel                     unet_np/nn/concat.py concat_*, center_crop_*,
                                                    pad2d_* (constant mode)
-  reflect_pad_*_kernel                             unet_np/nn/concat.py pad2d_forward / pad2d_backward
-                                                   (mode 'reflect')
+  reflect_index, reflect_source                    the index maps of reflect padding (unet_np/nn/concat.py
+                                                   pad2d_* / pad3d_*, mode 'reflect'); the kernels are
+                                                   cuda_vol.reflect_pad3d_*_kernel, which pad an image
+                                                   as a volume of depth 1
 
 Every kernel walks a flat index with a grid-stride loop (launch shapes: cuda_launch.grid_1d) and
 takes flat arrays. Backward passes are gathers (each output element sums what reaches it), so there
@@ -88,9 +90,31 @@ def linear_taps(o, s, L):
 
 
 @cuda.jit(device=True, inline=True)
-def tap_weight(o, i, s, L):
-    """The weight with which output o (along one axis) reads input i: 0 when it does not."""
-    i0, i1, w0, w1 = linear_taps(o, s, L)
+def corner_taps(o, s, L):
+    """The two taps of output o along an axis of length L upsampled by s with align_corners=True, as a
+    row of upsample.align_corners_matrix: source position pos = o (L - 1) / (s L - 1), inputs
+    i0 = min(floor(pos), L - 2) and i0 + 1 with weights 1 - (pos - i0) and pos - i0 (L = 1: x[0])."""
+    if L == 1:
+        return 0, 0, 1.0, 0.0
+    pos = o * ((L - 1) / (s * L - 1))
+    i0 = min(int(math.floor(pos)), L - 2)
+    w = pos - i0
+    return i0, i0 + 1, 1 - w, w
+
+
+@cuda.jit(device=True, inline=True)
+def axis_taps(o, s, L, corners):
+    """(i0, i1, w0, w1): the taps of output o along one axis, align_corners True or False."""
+    if corners:
+        return corner_taps(o, s, L)
+    return linear_taps(o, s, L)
+
+
+@cuda.jit(device=True, inline=True)
+def tap_weight(o, i, s, L, corners):
+    """The weight with which output o (along one axis) reads input i: 0 when it does not
+    (align_corners True or False; the 2-D bilinear passes False, cuda_vol's trilinear either)."""
+    i0, i1, w0, w1 = axis_taps(o, s, L, corners)
     w = 0.0
     if i0 == i:
         w += w0
@@ -138,12 +162,12 @@ def upsample_bilinear_backward_kernel(dy, dx, g):
         nc = t // H
         acc = 0.0
         for oh in range(max(0, sh * (i - 1)), min(Ho, sh * (i + 2))):
-            a = tap_weight(oh, i, sh, H)
+            a = tap_weight(oh, i, sh, H, False)
             if a == 0:
                 continue
             row = 0.0
             for ow in range(max(0, sw * (j - 1)), min(Wo, sw * (j + 2))):
-                b = tap_weight(ow, j, sw, W)
+                b = tap_weight(ow, j, sw, W, False)
                 if b != 0:
                     row += b * dy[(nc * Ho + oh) * Wo + ow]
             acc += a * row
@@ -216,7 +240,7 @@ def fill_kernel(a, value):
         a[i] = value
 
 
-# -- reflect padding ---------------------------------------------------------------------------------
+# -- reflect padding: the index maps (the kernels of images and volumes: cuda_vol.reflect_pad3d_*) --
 @cuda.jit(device=True, inline=True)
 def reflect_index(k, L):
     """Index k in [-(L-1), 2L-2] mirrored into [0, L) without repeating the edge (torch's 'reflect')."""
@@ -225,19 +249,6 @@ def reflect_index(k, L):
     if k >= L:
         return 2 * (L - 1) - k
     return k
-
-
-@cuda.jit
-def reflect_pad_forward_kernel(x, y, g):
-    """y[n, c, r, q] = x[n, c, reflect(r - t), reflect(q - l)]; g = (N, C, H, W, l, r, t, b)."""
-    N, C, H, W, l, r, t, b = g
-    Hp, Wp = H + t + b, W + l + r
-    for idx in range(cuda.grid(1), N * C * Hp * Wp, cuda.gridsize(1)):
-        q = idx % Wp
-        tt = idx // Wp
-        p = tt % Hp
-        nc = tt // Hp
-        y[idx] = x[(nc * H + reflect_index(p - t, H)) * W + reflect_index(q - l, W)]
 
 
 @cuda.jit(device=True, inline=True)
@@ -251,26 +262,3 @@ def reflect_source(k, i, n, lead, trail):
         return lead - i if 1 <= i <= lead else -1
     j = n - 2 - i
     return lead + n + j if 0 <= j < trail else -1
-
-
-@cuda.jit
-def reflect_pad_backward_kernel(dy, dx, g):
-    """dx[h, w] = sum of dy over the padded pixels (p, q) that copied (h, w): at most 3 rows times 3
-    columns (reflect_source)."""
-    N, C, H, W, l, r, t, b = g
-    Hp, Wp = H + t + b, W + l + r
-    for idx in range(cuda.grid(1), N * C * H * W, cuda.gridsize(1)):
-        w = idx % W
-        tt = idx // W
-        h = tt % H
-        nc = tt // H
-        acc = 0.0
-        for kr in range(3):
-            p = reflect_source(kr, h, H, t, b)
-            if p < 0:
-                continue
-            for kc in range(3):
-                q = reflect_source(kc, w, W, l, r)
-                if q >= 0:
-                    acc += dy[(nc * Hp + p) * Wp + q]
-        dx[idx] = acc

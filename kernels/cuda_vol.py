@@ -13,7 +13,8 @@ NumPy references (same layouts, same results):
   upsample_nearest3d_*_kernel              unet_np/nn/upsample.py upsample_nearest3d_*
   reflect_pad3d_*_kernel                   unet_np/nn/concat.py pad3d_forward / pad3d_backward
                                            ('reflect'; 'constant' and the centre crop are
-                                           cuda_elementwise.copy_box_kernel on (N*C, D, H, W) views)
+                                           cuda_elementwise.copy_box_kernel on (N*C, D, H, W) views);
+                                           pad2d_* too: an image is a volume of depth 1, f = k = 0
 
 Every kernel walks a flat index with a grid-stride loop (launch shapes: cuda_launch.grid_1d) over flat
 arrays. Every backward is a gather (one thread per input voxel sums what reached it, in a fixed order):
@@ -23,7 +24,7 @@ import math
 
 from numba import cuda
 
-from .cuda_elementwise import linear_taps, reflect_index, reflect_source
+from .cuda_elementwise import axis_taps, reflect_index, reflect_source, tap_weight
 
 
 @cuda.jit(device=True, inline=True)
@@ -168,42 +169,11 @@ def maxpool3d_backward_kernel(dy, arg, dx, g):
 
 
 # -- trilinear upsampling --------------------------------------------------------------------------------
-@cuda.jit(device=True, inline=True)
-def corner_taps(o, s, L):
-    """The two taps of output o along an axis of length L upsampled by s with align_corners=True, as a
-    row of upsample.align_corners_matrix: source position pos = o (L - 1) / (s L - 1), inputs
-    i0 = min(floor(pos), L - 2) and i0 + 1 with weights 1 - (pos - i0) and pos - i0 (L = 1: x[0])."""
-    if L == 1:
-        return 0, 0, 1.0, 0.0
-    pos = o * ((L - 1) / (s * L - 1))
-    i0 = min(int(math.floor(pos)), L - 2)
-    w = pos - i0
-    return i0, i0 + 1, 1 - w, w
-
-
-@cuda.jit(device=True, inline=True)
-def axis_taps(o, s, L, corners):
-    """(i0, i1, w0, w1): the taps of output o along one axis, align_corners True or False."""
-    if corners:
-        return corner_taps(o, s, L)
-    return linear_taps(o, s, L)
-
-
-@cuda.jit(device=True, inline=True)
-def axis_weight(o, i, s, L, corners):
-    """The weight with which output o (along one axis) reads input i: 0 when it does not."""
-    i0, i1, w0, w1 = axis_taps(o, s, L, corners)
-    w = 0.0
-    if i0 == i:
-        w += w0
-    if i1 == i:
-        w += w1
-    return w
-
-
+# The taps of one axis (axis_taps: align_corners False or True) and tap_weight are cuda_elementwise's,
+# shared with the 2-D bilinear kernels.
 @cuda.jit(device=True, inline=True)
 def axis_reach(i, s, L, corners):
-    """[lo, hi): the outputs along one axis that may read input i (a superset; axis_weight decides).
+    """[lo, hi): the outputs along one axis that may read input i (a superset; tap_weight decides).
     align_corners False: [s(i-1), s(i+2)); True: the outputs whose position lies in (i-1, i+1)."""
     So = s * L
     if not corners:
@@ -263,17 +233,17 @@ def upsample_trilinear3d_backward_kernel(dy, dx, g, corners):
         w_lo, w_hi = axis_reach(w, sw, W, corners)
         acc = 0.0
         for od in range(d_lo, d_hi):
-            a = axis_weight(od, z, sd, D, corners)
+            a = tap_weight(od, z, sd, D, corners)
             if a == 0:
                 continue
             plane = 0.0
             for oh in range(h_lo, h_hi):
-                b = axis_weight(oh, h, sh, H, corners)
+                b = tap_weight(oh, h, sh, H, corners)
                 if b == 0:
                     continue
                 row = 0.0
                 for ow in range(w_lo, w_hi):
-                    e = axis_weight(ow, w, sw, W, corners)
+                    e = tap_weight(ow, w, sw, W, corners)
                     if e != 0:
                         row += e * dy[((nc * Do + od) * Ho + oh) * Wo + ow]
                 plane += b * row

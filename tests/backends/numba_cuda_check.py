@@ -425,6 +425,17 @@ MODEL_CASES = [
 ]
 
 
+def check_gradients(tag, ref, g_got, g_ref, dt):
+    """Every parameter gradient g_got[name] against the reference model ref's g_ref[name]. The bias of
+    a convolution followed by batch-norm has a gradient of exactly 0 in exact arithmetic (the
+    normalisation removes any constant shift): both sides hold rounding noise there, so those are
+    compared relative to the model's largest gradient instead. (numba_cuda_check3d.py uses it too.)"""
+    big = max(np.abs(g).max() for g in g_ref.values())
+    before_bn = biases_before_batchnorm(ref)
+    for n in g_ref:
+        check(f"{tag} grad {n}", g_got[n], g_ref[n], dt, floor=big if n in before_bn else 0.0)
+
+
 def model_checks(dt):
     import unet_np
     from unet_np import optim
@@ -463,13 +474,7 @@ def model_checks(dt):
             check(f"{tag} dx", dx_g, dx_r, dt)
         else:
             check_equal(f"{tag} dx is None with input_grad=False", (dx_g is None, dx_r is None), (True, True))
-        # The bias of a convolution followed by batch-norm has a gradient of exactly 0 in exact
-        # arithmetic (the normalisation removes any constant shift): both sides hold rounding noise
-        # there, so those are compared relative to the model's largest gradient instead.
-        big = max(np.abs(g).max() for g in g_r.values())
-        before_bn = biases_before_batchnorm(ref)
-        for n in g_r:
-            check(f"{tag} grad {n}", g_g[n], g_r[n], dt, floor=big if n in before_bn else 0.0)
+        check_gradients(tag, ref, g_g, g_r, dt)
         for n in s_r:
             check(f"{tag} after {opt_name} step {n}", s_g[n], s_r[n], dt)
 

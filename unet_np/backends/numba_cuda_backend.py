@@ -88,7 +88,7 @@ def make_backend():
     xp = cupy if cupy is not None else np
 
     from ..kernels import (cuda_elementwise as ew, cuda_launch, cuda_loss, cuda_norm, cuda_optim,
-                           cuda_pool, cuda_reduce)
+                           cuda_pool, cuda_reduce, cuda_vol)
     from .numpy_backend import reference_ops
 
     dev = _Device(cuda, cupy)
@@ -247,7 +247,9 @@ def make_backend():
                 raise ValueError(f"pad2d_forward: reflect padding must be >= 0 and smaller than the padded "
                                  f"dimension, got pads (left, right, top, bottom) = {(l, r, t, b)} for an "
                                  f"input of {H}x{W}")
-            launch(ew.reflect_pad_forward_kernel, y.size, flat(x_d), flat(y), (N, C, H, W, l, r, t, b))
+            # an image is a volume of depth 1 (no front / back padding): the 3-D kernel's index map
+            launch(cuda_vol.reflect_pad3d_forward_kernel, y.size, flat(x_d), flat(y),
+                   (N, C, 1, H, W, l, r, t, b, 0, 0))
         else:
             raise ValueError(f"pad2d_forward: mode must be one of reflect, constant, got {mode!r}")
         return dev.get(y), ((l, r, t, b), mode)
@@ -261,7 +263,8 @@ def make_backend():
         if mode == "constant":
             copy_box(dy_d, dx, (N, C, H, W), (0, t, l), (0, 0, 0))
         else:
-            launch(ew.reflect_pad_backward_kernel, dx.size, flat(dy_d), flat(dx), (N, C, H, W, l, r, t, b))
+            launch(cuda_vol.reflect_pad3d_backward_kernel, dx.size, flat(dy_d), flat(dx),
+                   (N, C, 1, H, W, l, r, t, b, 0, 0))
         return dev.get(dx)
 
     # -- batch normalisation -------------------------------------------------------------------------
