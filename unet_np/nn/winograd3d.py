@@ -105,7 +105,7 @@ def winograd3d_forward(x, w, y, lead, wg, workspace, budget, b=None):
     ``lead`` (the trailing padding follows from y's size). wg: the kernel table's 2-D F(4x4, 3x3)
     transforms (weight_transform, input_transform, output_transform, grad_transform,
     weight_grad_transform) and matmul_stack; workspace(key, count, dtype): scratch arrays."""
-    N, C, D = x.shape[:3]
+    N, C = x.shape[:2]
     O, kd = w.shape[0], w.shape[2]
     Do, Ho, Wo = y.shape[2:]
     TH, TW = plane_tiles(Ho, Wo)
